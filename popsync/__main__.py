@@ -1,0 +1,5 @@
+"""``python -m popsync`` runs the command line."""
+
+from popsync.cli import main
+
+raise SystemExit(main())
