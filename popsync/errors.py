@@ -86,7 +86,7 @@ class TransportError(PopsyncError):
     temporary = True
 
 
-class TimeoutError_(TransportError):  # noqa: N801 - avoid shadowing the builtin
+class TimeoutError_(TransportError):  # trailing _ : the builtin keeps its name
     """A network operation did not finish within its deadline."""
 
 
@@ -157,18 +157,26 @@ class ServerError(PopsyncError):
     response code if any, ``command`` the name of the command that failed.
     """
 
-    def __init__(self, command: str, text: bytes, code: RespCode | None = None) -> None:
+    def __init__(
+        self,
+        command: str,
+        text: bytes,
+        code: RespCode | None = None,
+        *,
+        temporary: bool | None = None,
+    ) -> None:
         self.command = command
         self.text = text
         self.code = code
+        self._temporary = temporary
         shown = escape_server_text(text)
         super().__init__(f"server refused {command}: -ERR {shown}")
 
     @property
     def temporary(self) -> bool:  # type: ignore[override]
+        """A response code decides; else the caller's judgement; else "temporary"."""
         if self.code is not None and self.code.temporary is not None:
             return self.code.temporary
-        # Without a code we cannot tell; a failed login without [AUTH] is treated
-        # as permanent by the session (it raises with an AUTH code), anything
-        # else (a -ERR to UIDL, say) may be a passing fault.
+        if self._temporary is not None:
+            return self._temporary
         return True

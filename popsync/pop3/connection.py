@@ -1,0 +1,353 @@
+"""The sans-I/O POP3 client connection: commands in, bytes out; bytes in, events out.
+
+Usage (the session does the I/O)::
+
+    conn = Connection()
+    conn.receive_data(sock.recv(65536))       # b"" means the peer closed
+    event = conn.next_event()                 # Greeting(...) or NEED_DATA
+    sock.sendall(conn.send(Capa()))
+
+Invariants:
+
+* **Rule 1: every state transition lives in** :data:`_ALLOWED` **and**
+  :meth:`Connection._on_status` -- nowhere else.
+* Replies are matched to commands strictly in order through a FIFO of
+  outstanding commands (RFC 2449 §6.6).  Only pipelinable commands may join
+  a non-empty FIFO, and only once the caller has set :attr:`pipelining`
+  after seeing the capability.  USER, PASS, APOP, AUTH, STLS, CAPA and QUIT
+  always go alone, because their reply decides what may follow.
+* Everything the server controls is bounded: a status or listing line by
+  ``max_line``; a listing by ``max_listing_lines``; a body by the command's
+  ``limit``; buffered bytes by ``max_line`` (bodies are streamed).
+* Anything the server sends that the protocol does not allow raises
+  :class:`RemoteProtocolError`; after that the connection is dead (state
+  ``ERROR``) and every further call raises too.  A caller bug raises
+  :class:`LocalProtocolError` naming the state.
+* After ``+OK`` to STLS the connection waits in ``STARTTLS`` for
+  :meth:`start_tls`, which refuses to go on if the server already sent
+  more plaintext (the STARTTLS command-injection class, CVE-2021-39272).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from popsync.errors import LocalProtocolError, RemoteProtocolError, SecurityError
+from popsync.pop3.commands import (
+    Apop,
+    Auth,
+    AuthResponse,
+    Capa,
+    Command,
+    Dele,
+    List,
+    Noop,
+    Pass,
+    Quit,
+    Retr,
+    Rset,
+    Stat,
+    Stls,
+    Top,
+    Uidl,
+    User,
+)
+from popsync.pop3.events import (
+    NEED_DATA,
+    BodyData,
+    Challenge,
+    ConnectionClosed,
+    EndOfBody,
+    Err,
+    Event,
+    Greeting,
+    Listing,
+    NeedData,
+    Ok,
+    parse_resp_code,
+)
+from popsync.pop3.reader import BodyReader, read_listing_lines, take_line
+
+#: Lenient default for reply lines: RFC 1939 §3 says 512, real servers exceed it.
+DEFAULT_MAX_LINE = 64 * 1024
+#: Most lines one listing may hold (mpop's POP3_MAX_MESSAGES is of this order).
+DEFAULT_MAX_LISTING_LINES = 1_000_000
+
+
+class State(enum.Enum):
+    GREETING = "GREETING"  # waiting for the banner
+    AUTHORIZATION = "AUTHORIZATION"
+    STARTTLS = "STARTTLS"  # +OK to STLS seen; waiting for start_tls()
+    TRANSACTION = "TRANSACTION"
+    DONE = "DONE"  # QUIT answered, or the server closed where allowed
+    ERROR = "ERROR"  # a protocol error happened; nothing more may be done
+
+
+class _Phase(enum.Enum):
+    STATUS = "STATUS"
+    LISTING = "LISTING"
+    BODY = "BODY"
+
+
+_AUTH_COMMANDS: frozenset[type[Command]] = frozenset({User, Pass, Apop, Auth, Capa, Stls, Quit})
+_TRANSACTION_COMMANDS: frozenset[type[Command]] = frozenset(
+    {Stat, List, Uidl, Retr, Top, Dele, Noop, Rset, Capa, Quit}
+)
+#: Which commands each state accepts (RFC 1939 §§4-6, RFC 2449 §5, RFC 2595 §4).
+_ALLOWED: dict[State, frozenset[type[Command]]] = {
+    State.GREETING: frozenset(),
+    State.AUTHORIZATION: _AUTH_COMMANDS,
+    State.STARTTLS: frozenset(),
+    State.TRANSACTION: _TRANSACTION_COMMANDS,
+    State.DONE: frozenset(),
+    State.ERROR: frozenset(),
+}
+
+
+class Connection:
+    """One POP3 client connection's protocol state; does no I/O."""
+
+    def __init__(
+        self,
+        *,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_listing_lines: int = DEFAULT_MAX_LISTING_LINES,
+    ) -> None:
+        if max_line < 512:
+            raise LocalProtocolError("max_line must be at least 512 (RFC 1939 §3)")
+        self.max_line = max_line
+        self.max_listing_lines = max_listing_lines
+        #: Set by the caller once CAPA (over the final transport) lists PIPELINING.
+        self.pipelining = False
+        self._state = State.GREETING
+        self._buf = bytearray()
+        self._eof = False
+        self._pending: deque[Command] = deque()
+        self._phase = _Phase.STATUS
+        self._listing: list[bytes] = []
+        self._body: BodyReader | None = None
+        self._body_bytes = 0
+        self._body_octets = 0
+        self._body_ended = False  # terminator consumed, EndOfBody not yet returned
+        self._challenged = False  # an AUTH challenge awaits our AuthResponse
+
+    # -- inspection ---------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def pending(self) -> tuple[Command, ...]:
+        """Commands sent whose replies have not fully arrived, oldest first."""
+        return tuple(self._pending)
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received but not yet parsed (after STLS +OK this must be empty)."""
+        return bytes(self._buf)
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, command: Command) -> bytes:
+        """Queue *command* and return its bytes for the wire.
+
+        Raises LocalProtocolError if the command is not allowed in the
+        current state, or may not run ahead of the outstanding ones.
+        """
+        state = self._state
+        if type(command) not in _ALLOWED[state]:
+            raise LocalProtocolError(f"{command.name} is not allowed in state {state.value}")
+        if self._pending and not (self.pipelining and command.pipelinable):
+            waiting = self._pending[0].name
+            raise LocalProtocolError(
+                f"{command.name} cannot be sent while the reply to {waiting} is outstanding"
+            )
+        data = command.to_bytes()
+        self._pending.append(command)
+        return data
+
+    def send_auth_response(self, response: AuthResponse) -> bytes:
+        """Answer the AUTH challenge just received (RFC 5034 §4)."""
+        if not self._challenged:
+            raise LocalProtocolError("no AUTH challenge is waiting for a response")
+        self._challenged = False
+        return response.to_bytes()
+
+    def start_tls(self) -> None:
+        """Record that the TLS handshake is about to start (after STLS +OK).
+
+        Raises SecurityError if the server sent any byte after its ``+OK``:
+        those arrived in plaintext and could be an attacker's injected replies
+        (RFC 2595 §4; CVE-2021-39272).  Capabilities learnt before TLS are void
+        afterwards, so :attr:`pipelining` is reset: send CAPA again.
+        """
+        if self._state is not State.STARTTLS:
+            raise LocalProtocolError(f"start_tls() in state {self._state.value}")
+        if self._buf:
+            n = len(self._buf)
+            self._state = State.ERROR
+            raise SecurityError(
+                f"server sent {n} plaintext byte(s) after accepting STLS; refusing to "
+                "continue (possible STARTTLS injection attack)"
+            )
+        self.pipelining = False
+        self._state = State.AUTHORIZATION
+
+    # -- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the server; ``b""`` means the server closed."""
+        if self._eof and data:
+            raise LocalProtocolError("data received after end of stream")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | NeedData:
+        """The next complete event, or NEED_DATA.
+
+        Raises RemoteProtocolError when the server breaks the protocol.
+        """
+        if self._state is State.ERROR:
+            raise RemoteProtocolError("connection is unusable after an earlier protocol error")
+        try:
+            if self._phase is _Phase.BODY:
+                return self._next_body_event()
+            if self._phase is _Phase.LISTING:
+                return self._next_listing_event()
+            return self._next_status_event()
+        except RemoteProtocolError:
+            self._state = State.ERROR
+            raise
+
+    def _expected(self) -> str:
+        if self._state is State.GREETING:
+            return "the greeting"
+        return f"the reply to {self._pending[0].name}" if self._pending else "nothing"
+
+    def _check_eof(self) -> NeedData:
+        if self._eof:
+            raise RemoteProtocolError(
+                f"server closed the connection while we waited for {self._expected()}"
+            )
+        return NEED_DATA
+
+    def _next_status_event(self) -> Event | NeedData:
+        if self._state is State.STARTTLS:
+            raise LocalProtocolError("call start_tls() and do the handshake first")
+        if not self._pending and self._state is not State.GREETING:
+            # Bytes that answer no command yet are left alone (they may be the
+            # start of an early reply we pipelined for); at end of stream they
+            # are a violation.
+            if self._eof and self._buf:
+                raise RemoteProtocolError("server sent data that answers no command")
+            if self._eof:
+                if self._state is not State.DONE:
+                    self._state = State.DONE
+                return ConnectionClosed()
+            return NEED_DATA
+        line = take_line(self._buf, self.max_line)
+        if line is None:
+            return self._check_eof()
+        return self._on_status(line)
+
+    def _on_status(self, line: bytes) -> Event:
+        """Interpret one status line; all state transitions happen here."""
+        if self._state is State.GREETING:
+            if line[:3].upper() == b"+OK":
+                self._state = State.AUTHORIZATION
+                return Greeting(line[3:].lstrip(b" "))
+            if line[:4].upper() == b"-ERR":
+                self._state = State.DONE
+                text = line[4:].lstrip(b" ")
+                return Err(None, text, parse_resp_code(text))
+            raise RemoteProtocolError("greeting does not start with +OK or -ERR")
+
+        command = self._pending[0]
+        if isinstance(command, Auth) and (line == b"+" or line.startswith(b"+ ")):
+            # RFC 5034 §4: a continuation; the AUTH stays outstanding.
+            self._challenged = True
+            return Challenge(command, line[2:])
+        head = line[:4].upper()
+        if head[:3] == b"+OK" and (len(line) == 3 or line[3:4] == b" "):
+            self._challenged = False
+            self._on_ok(command)
+            return Ok(command, line[4:])
+        if head == b"-ERR" and (len(line) == 4 or line[4:5] == b" "):
+            self._challenged = False
+            self._pending.popleft()
+            if isinstance(command, Quit):
+                self._state = State.DONE
+            text = line[5:]
+            return Err(command, text, parse_resp_code(text))
+        # CPython gh-95252: a line that is not a status where one is due means
+        # the stream is out of step -- never guess, never DELE after this.
+        raise RemoteProtocolError(f"expected +OK or -ERR in reply to {command.name}")
+
+    def _on_ok(self, command: Command) -> None:
+        if command.multiline():
+            if isinstance(command, Retr | Top):
+                self._phase = _Phase.BODY
+                self._body = BodyReader()
+                self._body_bytes = 0
+                self._body_octets = 0
+            else:
+                self._phase = _Phase.LISTING
+                self._listing = []
+            return
+        self._pending.popleft()
+        if isinstance(command, Pass | Apop | Auth):
+            self._state = State.TRANSACTION
+        elif isinstance(command, Stls):
+            self._state = State.STARTTLS
+        elif isinstance(command, Quit):
+            self._state = State.DONE
+
+    def _next_listing_event(self) -> Event | NeedData:
+        lines, done = read_listing_lines(self._buf)
+        self._listing.extend(lines)
+        command = self._pending[0]
+        if len(self._listing) > self.max_listing_lines:
+            raise RemoteProtocolError(
+                f"{command.name} listing has more than {self.max_listing_lines} lines"
+            )
+        if not done:
+            if len(self._buf) >= self.max_line:
+                raise RemoteProtocolError(f"server sent a line longer than {self.max_line} octets")
+            return self._check_eof()
+        self._pending.popleft()
+        self._phase = _Phase.STATUS
+        listing, self._listing = tuple(self._listing), []
+        return Listing(command, listing)
+
+    def _next_body_event(self) -> Event | NeedData:
+        assert self._body is not None
+        command = self._pending[0]
+        assert isinstance(command, Retr | Top)
+        if self._body_ended:
+            return self._end_body(command)
+        chunk = self._body.read(self._buf)
+        self._body_bytes += len(chunk.data)
+        self._body_octets += chunk.octets
+        if command.limit is not None and self._body_bytes > command.limit:
+            raise RemoteProtocolError(
+                f"{command.name} {command.msg}: body exceeds its limit of "
+                f"{command.limit} bytes; cut off"
+            )
+        if chunk.data:
+            # With the end already consumed, EndOfBody comes on the next call.
+            self._body_ended = chunk.done
+            return BodyData(command, chunk.data)
+        if chunk.done:
+            return self._end_body(command)
+        return self._check_eof()
+
+    def _end_body(self, command: Retr | Top) -> EndOfBody:
+        self._pending.popleft()
+        self._phase = _Phase.STATUS
+        self._body = None
+        self._body_ended = False
+        return EndOfBody(command, self._body_octets)

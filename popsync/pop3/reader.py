@@ -1,0 +1,156 @@
+"""Bounded readers over the receive buffer: status lines and multi-line bodies.
+
+Contract (RFC 1939 §3):
+
+* A status line ends at LF (CRLF expected; a bare LF is tolerated, as mpop
+  and poplib do).  A line longer than ``max_line`` is a protocol violation
+  -- the buffer never grows past that while we wait for a line end.
+* A multi-line body ends with a line holding a single ``.`` -- ``.CRLF``,
+  or ``.LF``.  Every other line that starts with ``.`` had one ``.`` added
+  by the server (byte-stuffing); exactly one is removed.
+* Bodies are never held whole.  :func:`read_body` consumes whatever complete
+  lines the buffer holds and hands them out at once, so memory is bounded by
+  the receive chunk size, not by the message.  A body line with no line end
+  in sight is streamed too once it exceeds ``partial_flush`` bytes, so a
+  message with a 10 MB line neither fails nor buffers 10 MB.
+* Body line ends are stored as LF (the Maildir convention, DESIGN I5); bare
+  CR, lone LF and NUL bytes pass through untouched.
+
+Speed: all work is done with ``bytes.find`` / ``replace`` / ``count`` over
+the whole buffer -- a few C-level passes per receive, never a Python call
+per line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from popsync.errors import RemoteProtocolError
+
+#: A body line without a line end is streamed once it is this long.
+PARTIAL_FLUSH = 64 * 1024
+
+
+def take_line(buf: bytearray, max_line: int) -> bytes | None:
+    """Remove and return the first line of *buf* (without CRLF / LF), or None.
+
+    Raises :class:`RemoteProtocolError` if the line is longer than *max_line*
+    octets (its end counted), whether or not its end has arrived.
+    """
+    end = buf.find(b"\n", 0, max_line)
+    if end < 0:
+        if len(buf) >= max_line:
+            raise RemoteProtocolError(f"server sent a line longer than {max_line} octets")
+        return None
+    line = bytes(buf[:end])
+    del buf[: end + 1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    return line
+
+
+@dataclass(slots=True)
+class BodyChunk:
+    """What one call of :func:`read_body` produced."""
+
+    data: bytes  # unstuffed, LF line ends
+    octets: int  # the same data counted as on the wire (RFC 1939 §11)
+    done: bool  # the terminating ``.`` line was consumed
+
+
+def _find_terminator(buf: bytearray, at_line_start: bool) -> tuple[int, int]:
+    """(start of the terminator line, its length), or (-1, 0) if not yet seen."""
+    if at_line_start:
+        if buf.startswith(b".\r\n"):
+            return 0, 3
+        if buf.startswith(b".\n"):
+            return 0, 2
+    crlf = buf.find(b"\n.\r\n")
+    lf = buf.find(b"\n.\n", 0, crlf + 3 if crlf >= 0 else len(buf))
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf + 1, 2
+    if crlf >= 0:
+        return crlf + 1, 3
+    return -1, 0
+
+
+def _unstuff(raw: bytes, at_line_start: bool, crlf_to_lf: bool) -> tuple[bytes, int]:
+    """Remove the stuffing dot of every line start in *raw*; return (data, dots removed)."""
+    data = raw.replace(b"\r\n", b"\n") if crlf_to_lf else raw
+    dots = 0
+    if at_line_start and data.startswith(b"."):
+        data = data[1:]
+        dots = 1
+    stuffed = data.count(b"\n.")
+    if stuffed:
+        data = data.replace(b"\n.", b"\n")
+        dots += stuffed
+    return data, dots
+
+
+class BodyReader:
+    """Streams one multi-line body out of a receive buffer.
+
+    Holds only the "are we at the start of a line" bit between calls; the
+    buffer itself belongs to the connection.
+    """
+
+    __slots__ = ("at_line_start", "crlf_to_lf", "partial_flush")
+
+    def __init__(self, *, crlf_to_lf: bool = True, partial_flush: int = PARTIAL_FLUSH) -> None:
+        self.at_line_start = True
+        self.crlf_to_lf = crlf_to_lf
+        self.partial_flush = partial_flush
+
+    def read(self, buf: bytearray) -> BodyChunk:
+        """Consume what can be consumed of *buf*; the rest stays for later."""
+        term, term_len = _find_terminator(buf, self.at_line_start)
+        done = term >= 0
+        if done:
+            cut = term
+            next_line_start = True
+        else:
+            last_lf = buf.rfind(b"\n")
+            cut = last_lf + 1
+            next_line_start = cut > 0 or self.at_line_start
+            if len(buf) - cut > self.partial_flush:
+                # A very long line: stream it, but keep a trailing CR back so a
+                # CRLF split across receives is still recognised as one line end,
+                # and keep the line-start state honest (we are now mid-line).
+                cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+                next_line_start = False
+        raw = bytes(buf[:cut])
+        del buf[: cut + (term_len if done else 0)]
+        data, dots = _unstuff(raw, self.at_line_start, self.crlf_to_lf) if raw else (b"", 0)
+        self.at_line_start = next_line_start
+        return BodyChunk(data, len(raw) - dots, done)
+
+
+def read_listing_lines(buf: bytearray) -> tuple[list[bytes], bool]:
+    """Consume complete lines of a listing (CAPA, LIST, UIDL) from *buf*.
+
+    Returns (unstuffed lines without line ends, whether the listing ended).
+    Lines must be complete: the caller bounds the buffer by the line limit.
+    """
+    term, term_len = _find_terminator(buf, True)  # listings resume at line starts
+    if term >= 0:
+        raw = bytes(buf[:term])
+        del buf[: term + term_len]
+        done = True
+    else:
+        cut = buf.rfind(b"\n") + 1
+        raw = bytes(buf[:cut])
+        del buf[:cut]
+        done = False
+    if not raw:
+        return [], done
+    lines = raw.split(b"\n")
+    lines.pop()  # raw ends with LF: the last piece is empty
+    out = []
+    for line in lines:
+        if line.endswith(b"\r"):
+            line = line[:-1]  # noqa: PLW2901
+        if line.startswith(b"."):
+            line = line[1:]  # noqa: PLW2901
+        out.append(line)
+    return out, done

@@ -1,0 +1,394 @@
+"""A blocking POP3 client: pumps the sans-I/O core over a transport.
+
+One session, in the order DESIGN §4 prescribes::
+
+    session = Session.open(opts)        # connect, greeting, CAPA, [STLS, CAPA]
+    session.login(secret)               # auth; no credential without TLS unless allowed
+    uids, sizes = session.listings()    # UIDL and LIST, pipelined when allowed
+    for event in session.retrieve(reqs):  # RETR (and queued DELE) in a bounded window
+        ...
+    session.quit()                      # deletions happen only now (RFC 1939 §6)
+
+Security rules enforced here, before any credential is written:
+
+* ``tls: starttls`` -- STLS must succeed; plaintext bytes after its ``+OK``
+  abort the session (core :meth:`Connection.start_tls`); CAPA is sent again
+  over TLS and only that answer counts (RFC 2595 §4).
+* Without TLS, no USER/PASS/APOP/AUTH is sent unless the account says
+  ``allow_plaintext`` (RFC 8314 §5; DESIGN I3).
+* APOP is used only when configured: MD5 is broken.
+
+Errors: TransportError / TimeoutError_ (network), SecurityError (refusals),
+RemoteProtocolError (server misbehaved), ServerError (``-ERR``, with its
+response code).  :meth:`abort` closes without QUIT, so the server never
+enters UPDATE and deletes nothing (RFC 1939 §6).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from popsync.errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+    SecurityError,
+    ServerError,
+)
+from popsync.pop3 import (
+    NEED_DATA,
+    Apop,
+    Auth,
+    AuthResponse,
+    BodyData,
+    Capa,
+    Challenge,
+    Command,
+    Connection,
+    Dele,
+    EndOfBody,
+    Err,
+    Event,
+    Greeting,
+    List,
+    Listing,
+    Ok,
+    Pass,
+    Quit,
+    Retr,
+    State,
+    Stls,
+    Uidl,
+    User,
+)
+from popsync.pop3.auth import (
+    apop_digest,
+    apop_timestamp,
+    decode_challenge,
+    oauthbearer,
+    sasl_plain,
+    xoauth2,
+)
+from popsync.pop3.listing import (
+    Capabilities,
+    parse_capabilities,
+    parse_scan_listing,
+    parse_uidl_listing,
+)
+from popsync.transport import Transport
+
+TlsMode = Literal["implicit", "starttls", "none"]
+AuthMethod = Literal["auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"]
+
+#: Most challenges one AUTH exchange may send before we give up on it.
+MAX_AUTH_ROUNDS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    host: str
+    port: int
+    username: str
+    tls: TlsMode = "implicit"
+    ssl_context: ssl.SSLContext | None = None
+    auth: AuthMethod = "auto"
+    allow_plaintext: bool = False
+    timeout: float = 60.0
+    max_line: int = 64 * 1024
+    pipeline_window: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RetrRequest:
+    """Fetch message *msg*; a body longer than *limit* bytes is cut off (an error)."""
+
+    msg: int
+    limit: int | None = None
+
+
+class Session:
+    """One authenticated (or about to be) POP3 session over one transport."""
+
+    def __init__(self, transport: Transport, options: SessionOptions) -> None:
+        self.transport = transport
+        self.options = options
+        self.conn = Connection(max_line=options.max_line)
+        self.capabilities = Capabilities()
+        self.greeting = b""
+        self._dele_queue: deque[int] = deque()
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, options: SessionOptions) -> Session:
+        """Connect and negotiate TLS as configured; ready for :meth:`login`."""
+        ctx = options.ssl_context
+        if options.tls != "none" and ctx is None:
+            raise LocalProtocolError("a TLS mode needs an ssl_context")
+        transport = Transport.connect(
+            options.host,
+            options.port,
+            timeout=options.timeout,
+            ssl_context=ctx if options.tls == "implicit" else None,
+        )
+        session = cls(transport, options)
+        try:
+            session._greet()
+            session.capabilities = session._capa()
+            if options.tls == "starttls":
+                assert ctx is not None
+                session._starttls(ctx)
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    def _greet(self) -> None:
+        event = self._next()
+        if isinstance(event, Err):
+            raise ServerError("greeting", event.text, event.code)
+        assert isinstance(event, Greeting)
+        self.greeting = event.text
+
+    def _capa(self) -> Capabilities:
+        """CAPA (RFC 2449 §5); a server without it gets the RFC 1939 minimum."""
+        reply = self._command(Capa())
+        if isinstance(reply, Err):
+            return Capabilities()
+        return parse_capabilities(reply)
+
+    def _starttls(self, ctx: ssl.SSLContext) -> None:
+        # Try STLS even if not advertised: an attacker may have stripped it
+        # from the plaintext CAPA; a refusal means no TLS, and we stop.
+        reply = self._command(Stls())
+        if isinstance(reply, Err):
+            raise SecurityError("server refused STLS; not continuing without TLS")
+        self.conn.start_tls()  # raises SecurityError if plaintext was injected
+        self.transport.start_tls(ctx)
+        self.capabilities = self._capa()  # only the post-TLS list counts
+
+    # -- authentication -----------------------------------------------------------
+
+    @property
+    def secure(self) -> bool:
+        return self.transport.is_tls
+
+    def login(self, secret: str) -> None:
+        """Authenticate with the configured method.
+
+        Raises SecurityError (before sending anything) if that would put the
+        secret on an unencrypted connection without ``allow_plaintext``, and
+        ServerError if the server refuses.
+        """
+        opts = self.options
+        if not self.secure and not opts.allow_plaintext:
+            raise SecurityError(
+                "refusing to send credentials without TLS (set allow_plaintext: true to allow)"
+            )
+        method = self._choose_method()
+        if method == "user":
+            self._expect_ok(User(opts.username), login=True)
+            self._expect_ok(Pass(secret), login=True)
+        elif method == "apop":
+            stamp = apop_timestamp(self.greeting)
+            if stamp is None:
+                raise SecurityError("auth: apop configured, but the greeting has no timestamp")
+            self._expect_ok(Apop(opts.username, apop_digest(stamp, secret)), login=True)
+        elif method == "login":
+            self._sasl("LOGIN", None, [opts.username.encode(), secret.encode()])
+        else:
+            initial = {
+                "plain": sasl_plain(opts.username, secret),
+                "xoauth2": xoauth2(opts.username, secret),
+                "oauthbearer": oauthbearer(opts.username, secret),
+            }[method]
+            self._sasl(method.upper(), initial, [])
+        self.conn.pipelining = False
+        if self.capabilities.login_delay is not None or self.capabilities.expire is not None:
+            # RFC 2449 §6.5/6.7: the per-user values are shown only after login.
+            self.capabilities = self._capa()
+        self.conn.pipelining = self.capabilities.pipelining
+
+    def _choose_method(self) -> str:
+        opts = self.options
+        if opts.auth != "auto":
+            return opts.auth
+        # SASL PLAIN carries the same secret as PASS but in one round trip.
+        if "PLAIN" in self.capabilities.sasl:
+            return "plain"
+        return "user"
+
+    def _sasl(self, mechanism: str, initial: bytes | None, answers: list[bytes]) -> None:
+        """An RFC 5034 AUTH exchange; *answers* reply to successive challenges."""
+        command = Auth(mechanism, initial)
+        pending = deque(answers)
+        if initial is not None and not command.fits():
+            # RFC 5034 §4: too long for the command line; send it on request.
+            command = Auth(mechanism, None)
+            pending.appendleft(initial)
+        self.transport.send(self.conn.send(command))
+        for _ in range(MAX_AUTH_ROUNDS):
+            event = self._next()
+            if isinstance(event, Challenge):
+                decode_challenge(event.data)  # validates; content is not needed
+                reply = AuthResponse(pending.popleft() if pending else None)
+                self.transport.send(self.conn.send_auth_response(reply))
+                continue
+            self._check_login_reply(event)
+            return
+        raise RemoteProtocolError(f"AUTH {mechanism}: too many challenges")
+
+    def _expect_ok(self, command: Command, *, login: bool = False) -> bytes:
+        self.transport.send(self.conn.send(command))
+        event = self._next()
+        if login:
+            self._check_login_reply(event)
+            assert isinstance(event, Ok)
+            return event.text
+        if isinstance(event, Err):
+            raise ServerError(command.name, event.text, event.code)
+        assert isinstance(event, Ok)
+        return event.text
+
+    def _check_login_reply(self, event: Event) -> None:
+        if isinstance(event, Err):
+            assert event.command is not None
+            # RFC 3206 §6: with AUTH-RESP-CODE, a failure without [AUTH] is not
+            # about the credentials.  Without it we cannot tell, and retrying a
+            # wrong password gets accounts locked: treat it as permanent.
+            promised = self.capabilities.has("AUTH-RESP-CODE")
+            raise ServerError(event.command.name, event.text, event.code, temporary=promised)
+        if not isinstance(event, Ok):
+            raise RemoteProtocolError("unexpected reply during login")
+
+    # -- transaction ------------------------------------------------------------
+
+    def listings(self) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]]]:
+        """UIDL and LIST listings, pipelined when the server allows.
+
+        Raises ServerError if either is refused (a server without UIDL cannot
+        be synced safely: the caller reports that).
+        """
+        uidl, scan = Uidl(), List()
+        out = self.conn.send(uidl)
+        if self.conn.pipelining:
+            self.transport.send(out + self.conn.send(scan))
+            uid_lines = self._listing_reply(uidl)
+            scan_lines = self._listing_reply(scan)
+        else:
+            self.transport.send(out)
+            uid_lines = self._listing_reply(uidl)
+            self.transport.send(self.conn.send(scan))
+            scan_lines = self._listing_reply(scan)
+        return parse_uidl_listing(uid_lines), parse_scan_listing(scan_lines)
+
+    def _listing_reply(self, command: Command) -> tuple[bytes, ...]:
+        event = self._next()
+        if isinstance(event, Err):
+            # Keep the stream in step for a pipelined follower before raising.
+            raise ServerError(command.name, event.text, event.code)
+        listing = self._next()
+        assert isinstance(listing, Listing)
+        return listing.lines
+
+    def queue_dele(self, msg: int) -> None:
+        """Ask for DELE *msg* at the next chance inside :meth:`retrieve` (or :meth:`delete`)."""
+        self._dele_queue.append(msg)
+
+    def retrieve(self, requests: Iterable[RetrRequest]) -> Iterator[Event]:
+        """RETR every request, keeping up to ``pipeline_window`` commands in flight.
+
+        Yields the core's events for each command, in order: for a RETR
+        ``Ok``, ``BodyData``..., ``EndOfBody`` -- or ``Err``; for a DELE that
+        was queued with :meth:`queue_dele` meanwhile, ``Ok`` or ``Err``.
+        The caller may queue DELEs while iterating (after its ledger commit),
+        and they ride the same pipeline.  Raises on protocol/transport errors.
+        """
+        window = self.options.pipeline_window if self.conn.pipelining else 1
+        todo = iter(requests)
+        exhausted = False
+        while True:
+            out = bytearray()
+            while len(self.conn.pending) < window:
+                if self._dele_queue:
+                    out += self.conn.send(Dele(self._dele_queue.popleft()))
+                    continue
+                req = None if exhausted else next(todo, None)
+                if req is None:
+                    exhausted = True
+                    break
+                out += self.conn.send(Retr(req.msg, limit=req.limit))
+            if out:
+                self.transport.send(bytes(out))
+            if not self.conn.pending:
+                return
+            yield self._next()
+
+    def delete(self, msgs: Iterable[int]) -> dict[int, Err | None]:
+        """DELE each message (pipelined); returns msg -> None on +OK, or the Err."""
+        for msg in msgs:
+            self.queue_dele(msg)
+        results: dict[int, Err | None] = {}
+        for event in self.retrieve(()):
+            if isinstance(event, Ok | Err) and isinstance(event.command, Dele):
+                results[event.command.msg] = event if isinstance(event, Err) else None
+        return results
+
+    def quit(self) -> None:
+        """QUIT: the server now enters UPDATE and removes what was DELEd (RFC 1939 §6).
+
+        Raises ServerError on ``-ERR`` (e.g. "some deleted messages not
+        removed"), TransportError / RemoteProtocolError if the reply was lost
+        -- in both cases the outcome is unknown and the next UIDL settles it.
+        """
+        try:
+            self._expect_ok(Quit())
+        finally:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without QUIT: the server deletes nothing (RFC 1939 §6)."""
+        self.transport.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn.state is not State.DONE:
+            self.abort()
+
+    # -- the pump ---------------------------------------------------------------
+
+    def _command(self, command: Command) -> tuple[bytes, ...] | Err:
+        """Send a lone command and return its listing (multi-line) or Err."""
+        self.transport.send(self.conn.send(command))
+        event = self._next()
+        if isinstance(event, Err):
+            return event
+        if not command.multiline():
+            return ()
+        listing = self._next()
+        assert isinstance(listing, Listing)
+        return listing.lines
+
+    def _next(self) -> Event:
+        """The next event, reading from the transport as needed."""
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                assert not isinstance(event, type(NEED_DATA))
+                return event
+            conn.receive_data(self.transport.recv())
+
+
+__all__ = [
+    "BodyData",
+    "EndOfBody",
+    "RetrRequest",
+    "Session",
+    "SessionOptions",
+]
