@@ -1,0 +1,170 @@
+"""What one poll will do, decided before any side effect (STYLE habit 8).
+
+:func:`plan` is pure: from the server's listing, the ledger's rows and the
+account's policy it computes which messages to fetch, which to DELE, which
+to skip and why.  The executor (:mod:`popsync.sync`) only carries it out.
+
+Rules (DESIGN §4, PROTOCOL-NOTES §3):
+
+* A message is identified by ``(uid, occurrence)``: the k-th message the
+  server lists under one UID is occurrence k (RFC 1939 §7 lets identical
+  copies share a UID).  Every copy is fetched once.
+* Fetch: no ledger row, or a row still ``fetching`` (an earlier attempt did
+  not finish -- recovery already turned found files into ``delivered``), or
+  ``skipped`` and now allowed.  Too large for ``max_message_size``: skip.
+* DELE only rows ``delivered`` (or ``deleted`` yet still listed: a lost QUIT
+  reply, W6) whose LIST size still equals the size recorded at fetch time
+  (guards against UID reuse), whose UID is not ambiguous (listed once), and
+  whose delete policy is due.  ``delete_after_days`` None: never; 0: right
+  after durable delivery (the executor DELEs those after the ledger commit
+  that covers them); N: N days after delivery.
+* A row that was due for deletion and is no longer listed is settled as
+  ``gone`` (the deletion happened, whoever did it).  Other vanished rows
+  stay as they are: history, so a server that hides mail for a while never
+  causes re-downloads (DESIGN §4 step 6).
+* Messages in LIST but not in UIDL wait for the next poll.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from popsync.ledger import LedgerRow
+
+DAY = 86400.0
+
+Key = tuple[bytes, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMessage:
+    """One message as this session's listings show it."""
+
+    msg: int
+    uid: bytes
+    occurrence: int
+    size: int | None  # None if LIST did not mention it
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    delete_after_days: int | None = None
+    max_message_size: int | None = None
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    message: ServerMessage
+    #: The Maildir name of an earlier, unfinished attempt, to be reused.
+    existing_name: str | None
+    #: DELE this one as soon as the ledger commit covering it is done.
+    delete_after: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    message: ServerMessage
+    row_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    message: ServerMessage
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    fetch: tuple[Fetch, ...] = ()
+    delete: tuple[Delete, ...] = ()
+    skip: tuple[Skip, ...] = ()
+    #: Rows due for deletion that the server no longer lists.
+    gone: tuple[Key, ...] = ()
+    #: Message numbers in LIST without a UID; they wait for the next poll.
+    waiting: tuple[int, ...] = ()
+    #: UIDs the server lists more than once (never DELEd by that UID).
+    ambiguous: frozenset[bytes] = field(default_factory=frozenset)
+    listed: int = 0
+
+
+def join_listings(
+    uidl: Sequence[tuple[int, bytes]], scan: Sequence[tuple[int, int]]
+) -> tuple[list[ServerMessage], list[int]]:
+    """Pair UIDL and LIST by message number; number occurrences of each UID.
+
+    Returns (messages in message-number order, numbers listed by LIST only).
+    """
+    sizes = dict(scan)
+    seen: Counter[bytes] = Counter()
+    messages = []
+    for msg, uid in sorted(uidl):
+        messages.append(ServerMessage(msg, uid, seen[uid], sizes.get(msg)))
+        seen[uid] += 1
+    with_uid = {msg for msg, _ in uidl}
+    waiting = sorted(msg for msg in sizes if msg not in with_uid)
+    return messages, waiting
+
+
+def _due(row: LedgerRow, policy: Policy) -> bool:
+    days = policy.delete_after_days
+    if days is None or row.delivered_at is None:
+        return False
+    return row.delivered_at + days * DAY <= policy.now
+
+
+def plan(
+    messages: Sequence[ServerMessage],
+    rows: Mapping[Key, LedgerRow],
+    policy: Policy,
+    waiting: Sequence[int] = (),
+) -> Plan:
+    """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time)."""
+    counts = Counter(m.uid for m in messages)
+    ambiguous = frozenset(uid for uid, n in counts.items() if n > 1)
+    fetch: list[Fetch] = []
+    delete: list[Delete] = []
+    skip: list[Skip] = []
+    listed_keys: set[Key] = set()
+    limit = policy.max_message_size
+    for message in messages:
+        key = (message.uid, message.occurrence)
+        listed_keys.add(key)
+        row = rows.get(key)
+        state = row.state if row is not None else None
+        if state in (None, "fetching", "skipped"):
+            if limit is not None and message.size is not None and message.size > limit:
+                skip.append(Skip(message, f"larger than max_message_size ({limit} bytes)"))
+                continue
+            fetch.append(
+                Fetch(
+                    message,
+                    existing_name=row.maildir_name if row is not None else None,
+                    delete_after=policy.delete_after_days == 0 and message.uid not in ambiguous,
+                )
+            )
+        elif (
+            row is not None
+            and state in ("delivered", "deleted")
+            and message.uid not in ambiguous
+            and message.size is not None
+            and message.size == row.server_size
+            and _due(row, policy)
+        ):
+            delete.append(Delete(message, row.id))
+    gone = tuple(
+        key
+        for key, row in rows.items()
+        if row.state == "delivered" and key not in listed_keys and _due(row, policy)
+    )
+    return Plan(
+        fetch=tuple(fetch),
+        delete=tuple(delete),
+        skip=tuple(skip),
+        gone=gone,
+        waiting=tuple(waiting),
+        ambiguous=ambiguous,
+        listed=len(messages),
+    )
