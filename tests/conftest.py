@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+pytest_plugins = ["tests.dovecot_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tls_ca() -> trustme.CA:
