@@ -1,0 +1,51 @@
+"""The ledger: popsync's durable record of every message it fetched, and every poll.
+
+Public API (see :mod:`popsync.ledger.store` for the contract of each call)::
+
+    ledger = Ledger.open("sqlite:////var/lib/popsync/ledger.db")
+    rows = ledger.rows("home")                  # {(uid, occurrence): LedgerRow}
+    ledger.begin_fetch("home", [FetchIntent(...)])
+    ledger.mark_delivered("home", [Delivered(...)])
+    ledger.mark_deleted("home", [(uid, occurrence)], at=now)
+    ledger.mark_skipped("home", [Skipped(...)])
+    ledger.touch_seen("home", keys, now)
+    poll = ledger.start_poll("home", now)
+    ledger.finish_poll(poll, finished_at=..., result="ok", error=None,
+                       temporary=None, counts=PollCounts(...), next_poll_at=...)
+    ledger.last_polls(); ledger.counts("home"); ledger.close()
+
+Every failure surfaces as :class:`popsync.errors.LedgerError`.
+"""
+
+from popsync.errors import LedgerError
+from popsync.ledger.engine import SCHEMA_REVISION, create_ledger_engine, upgrade
+from popsync.ledger.models import MESSAGE_STATES, POLL_RESULTS, MessageState, PollResult
+from popsync.ledger.store import (
+    SEEN_REFRESH,
+    Delivered,
+    FetchIntent,
+    Ledger,
+    LedgerRow,
+    PollCounts,
+    PollRecord,
+    Skipped,
+)
+
+__all__ = [
+    "MESSAGE_STATES",
+    "POLL_RESULTS",
+    "SCHEMA_REVISION",
+    "SEEN_REFRESH",
+    "Delivered",
+    "FetchIntent",
+    "Ledger",
+    "LedgerError",
+    "LedgerRow",
+    "MessageState",
+    "PollCounts",
+    "PollRecord",
+    "PollResult",
+    "Skipped",
+    "create_ledger_engine",
+    "upgrade",
+]

@@ -1,0 +1,1 @@
+"""Ledger schema revisions, oldest first; ids are zero-padded sequence numbers."""

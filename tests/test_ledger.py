@@ -1,0 +1,577 @@
+"""The ledger against real SQLite files: schema, settings, semantics, threads, speed."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+
+from popsync.errors import LedgerError
+from popsync.ledger import (
+    SCHEMA_REVISION,
+    SEEN_REFRESH,
+    Delivered,
+    FetchIntent,
+    Ledger,
+    PollCounts,
+    Skipped,
+    create_ledger_engine,
+    upgrade,
+)
+from popsync.ledger.engine import migrations_dir
+from popsync.ledger.models import Base
+
+REPO = Path(__file__).resolve().parents[1]
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+def url_for(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "popsync" / "ledger.db"
+
+
+@pytest.fixture
+def ledger(db_path: Path):
+    led = Ledger.open(url_for(db_path))
+    yield led
+    led.close()
+
+
+def fetch(uid: bytes, name: str, *, occ: int = 0, size: int = 100, now: float = 1000.0):
+    return FetchIntent(uid=uid, occurrence=occ, server_size=size, maildir_name=name, now=now)
+
+
+def delivered(uid: bytes, *, occ: int = 0, size: int = 99, sha: str = SHA_A, at: float = 1001.0):
+    return Delivered(uid=uid, occurrence=occ, stored_size=size, sha256=sha, delivered_at=at)
+
+
+def raw_rows(path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Read the file with the stdlib driver, independently of popsync's code."""
+    con = sqlite3.connect(path)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def ledger_file(led: Ledger) -> Path:
+    return Path(led.engine.url.database or "")
+
+
+# -- schema and file -------------------------------------------------------
+
+
+def test_open_creates_private_directory_file_and_schema(db_path: Path) -> None:
+    led = Ledger.open(url_for(db_path))
+    try:
+        assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+        led.begin_fetch("acct", [fetch(b"1", "n1")])
+        # SQLite gives the WAL the database file's mode.
+        wal = db_path.with_name(db_path.name + "-wal")
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+        # No temporary file left behind by the creation dance.
+        assert sorted(p.name for p in db_path.parent.iterdir()) == [
+            "ledger.db",
+            "ledger.db-shm",
+            "ledger.db-wal",
+        ]
+    finally:
+        led.close()
+    tables = {r[0] for r in raw_rows(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"messages", "polls", "alembic_version"} <= tables
+    assert raw_rows(db_path, "SELECT version_num FROM alembic_version") == [(SCHEMA_REVISION,)]
+
+
+def test_pragmas_hold_on_every_connection(ledger: Ledger) -> None:
+    conns = [ledger.engine.connect() for _ in range(3)]  # three distinct pooled connections
+    try:
+        for conn in conns:
+            got = {
+                p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+                for p in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+            assert got == {
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL
+                "foreign_keys": 1,
+                "busy_timeout": 10000,
+            }
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_migration_matches_models(ledger: Ledger) -> None:
+    with ledger.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []
+        uniques = {u["name"] for u in inspect(conn).get_unique_constraints("messages")}
+    assert uniques == {"uq_messages_account_uid_occurrence", "uq_messages_account_maildir_name"}
+
+
+def test_schema_revision_constant_is_the_script_head() -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    assert ScriptDirectory.from_config(cfg).get_heads() == [SCHEMA_REVISION]
+
+
+def test_open_is_idempotent_and_keeps_data(db_path: Path) -> None:
+    with Ledger.open(url_for(db_path)) as first:
+        first.begin_fetch("acct", [fetch(b"u1", "n1")])
+        # A second ledger on the same file while the first is open.
+        with Ledger.open(url_for(db_path)) as second:
+            assert set(second.rows("acct")) == {(b"u1", 0)}
+    with Ledger.open(url_for(db_path)) as again:
+        assert again.rows("acct")[(b"u1", 0)].maildir_name == "n1"
+    assert raw_rows(db_path, "SELECT count(*) FROM alembic_version") == [(1,)]
+
+
+def test_upgrade_accepts_a_url_and_an_engine(db_path: Path) -> None:
+    upgrade(url_for(db_path))
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    engine = create_ledger_engine(url_for(db_path))
+    try:
+        upgrade(engine)  # already at head: nothing to do
+    finally:
+        engine.dispose()
+    assert raw_rows(db_path, "SELECT version_num FROM alembic_version") == [(SCHEMA_REVISION,)]
+
+
+def test_database_from_a_newer_popsync_is_refused(db_path: Path) -> None:
+    Ledger.open(url_for(db_path)).close()
+    con = sqlite3.connect(db_path)
+    con.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    con.commit()
+    con.close()
+    with pytest.raises(LedgerError, match=r"9999_from_the_future.*newer popsync"):
+        Ledger.open(url_for(db_path))
+    # Refused without touching it.
+    assert raw_rows(db_path, "SELECT version_num FROM alembic_version") == [
+        ("9999_from_the_future",)
+    ]
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    garbage = b"this is not SQLite\n" * 200
+    db_path.write_bytes(garbage)
+    with pytest.raises(LedgerError, match=str(db_path)):
+        Ledger.open(url_for(db_path))
+    assert db_path.read_bytes() == garbage
+
+
+def test_in_memory_ledger_is_refused() -> None:
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(LedgerError, match="in-memory"):
+            Ledger.open(url)
+
+
+def test_unusable_location_is_a_ledger_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LedgerError, match="cannot create the ledger file"):
+        Ledger.open(url_for(blocker / "sub" / "ledger.db"))
+
+
+def test_malformed_url_is_a_ledger_error() -> None:
+    with pytest.raises(LedgerError, match="not a database URL"):
+        Ledger.open("not a url at all")
+
+
+def test_two_processes_creating_one_ledger_at_once(db_path: Path) -> None:
+    code = (
+        "import sys; from popsync.ledger import Ledger; "
+        "led = Ledger.open(sys.argv[1]); led.begin_fetch('p', []); led.close()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url_for(db_path)],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    assert raw_rows(db_path, "SELECT version_num FROM alembic_version") == [(SCHEMA_REVISION,)]
+
+
+def test_closed_ledger_refuses_calls(ledger: Ledger) -> None:
+    ledger.close()
+    with pytest.raises(LedgerError, match="closed"):
+        ledger.rows("acct")
+
+
+# -- messages --------------------------------------------------------------
+
+
+def test_begin_fetch_and_deliver_round_trip(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"u1", "n1", size=120, now=1000.0)])
+    row = ledger.rows("acct")[(b"u1", 0)]
+    assert (row.state, row.maildir_name, row.server_size) == ("fetching", "n1", 120)
+    assert (row.first_seen, row.last_seen, row.stored_size, row.sha256) == (
+        1000.0,
+        1000.0,
+        None,
+        None,
+    )
+
+    ledger.mark_delivered("acct", [delivered(b"u1", size=117, sha=SHA_B, at=1005.5)])
+    row = ledger.rows("acct")[(b"u1", 0)]
+    assert (row.state, row.stored_size, row.sha256, row.delivered_at) == (
+        "delivered",
+        117,
+        SHA_B,
+        1005.5,
+    )
+    assert row.key == (b"u1", 0)
+    assert row.account == "acct"
+
+    ledger.mark_deleted("acct", [(b"u1", 0)], at=2000.0)
+    row = ledger.rows("acct")[(b"u1", 0)]
+    assert (row.state, row.deleted_at, row.maildir_name) == ("deleted", 2000.0, "n1")
+
+
+def test_uids_are_opaque_bytes_and_occurrences_distinct(ledger: Ledger) -> None:
+    uids = [b"abc", b"ABC", b"abc ", b"\x00\xff/..", b"x" * 200]
+    ledger.begin_fetch("acct", [fetch(u, f"n{i}") for i, u in enumerate(uids)])
+    ledger.begin_fetch("acct", [fetch(b"abc", "n-dup", occ=1)])
+    rows = ledger.rows("acct")
+    assert set(rows) == {(u, 0) for u in uids} | {(b"abc", 1)}
+    assert rows[(b"ABC", 0)].maildir_name == "n1"
+    assert rows[(b"abc", 1)].maildir_name == "n-dup"
+
+
+def test_accounts_are_separate(ledger: Ledger) -> None:
+    ledger.begin_fetch("one", [fetch(b"u", "same-name")])
+    ledger.begin_fetch("two", [fetch(b"u", "same-name")])  # names are unique per account
+    ledger.mark_delivered("one", [delivered(b"u")])
+    assert ledger.rows("one")[(b"u", 0)].state == "delivered"
+    assert ledger.rows("two")[(b"u", 0)].state == "fetching"
+    assert ledger.rows("three") == {}
+
+
+def test_skipped_becomes_fetching(ledger: Ledger) -> None:
+    ledger.mark_skipped("acct", [Skipped(b"big", 0, 10**9, "max_message_size", 1000.0)])
+    row = ledger.rows("acct")[(b"big", 0)]
+    assert (row.state, row.skip_reason, row.maildir_name) == ("skipped", "max_message_size", None)
+    ledger.begin_fetch("acct", [fetch(b"big", "n-big", size=500, now=3000.0)])
+    row = ledger.rows("acct")[(b"big", 0)]
+    assert (row.state, row.maildir_name, row.skip_reason) == ("fetching", "n-big", None)
+    assert (row.server_size, row.first_seen, row.last_seen) == (500, 1000.0, 3000.0)
+
+
+def test_fetching_row_keeps_its_name(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"u", "first", now=1000.0)])
+    ledger.begin_fetch("acct", [fetch(b"u", "first", size=101, now=1100.0)])  # a retry
+    row = ledger.rows("acct")[(b"u", 0)]
+    assert (row.state, row.maildir_name, row.server_size, row.last_seen) == (
+        "fetching",
+        "first",
+        101,
+        1100.0,
+    )
+    with pytest.raises(LedgerError, match="reserved as 'first'"):
+        ledger.begin_fetch("acct", [fetch(b"u", "second")])
+    assert ledger.rows("acct")[(b"u", 0)].maildir_name == "first"
+
+
+@pytest.mark.parametrize("final", ["delivered", "deleted"])
+def test_delivered_and_deleted_are_never_downgraded(ledger: Ledger, final: str) -> None:
+    ledger.begin_fetch("acct", [fetch(b"u", "n")])
+    ledger.mark_delivered("acct", [delivered(b"u")])
+    if final == "deleted":
+        ledger.mark_deleted("acct", [(b"u", 0)], at=5.0)
+    before = ledger.rows("acct")[(b"u", 0)]
+    with pytest.raises(LedgerError, match=f"already {final}"):
+        ledger.begin_fetch("acct", [fetch(b"u", "n")])
+    ledger.mark_skipped("acct", [Skipped(b"u", 0, 5, "too big now", 9999.0)])  # silently kept
+    assert ledger.rows("acct")[(b"u", 0)] == before
+
+
+def test_fetching_can_be_skipped_and_keeps_name(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"u", "n")])
+    ledger.mark_skipped("acct", [Skipped(b"u", 0, 100, "body overran LIST size", 2000.0)])
+    row = ledger.rows("acct")[(b"u", 0)]
+    assert (row.state, row.maildir_name, row.skip_reason) == (
+        "skipped",
+        "n",
+        "body overran LIST size",
+    )
+    with pytest.raises(LedgerError, match="reserved as 'n'"):
+        ledger.begin_fetch("acct", [fetch(b"u", "other")])
+    ledger.begin_fetch("acct", [fetch(b"u", "n")])
+    assert ledger.rows("acct")[(b"u", 0)].state == "fetching"
+
+
+def test_a_batch_is_all_or_nothing(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"a", "na")])
+    # "na" is taken by another UID: the UNIQUE constraint rejects the batch.
+    with pytest.raises(LedgerError, match="UNIQUE"):
+        ledger.begin_fetch("acct", [fetch(b"b", "nb"), fetch(b"c", "na")])
+    assert set(ledger.rows("acct")) == {(b"a", 0)}
+
+    ledger.begin_fetch("acct", [fetch(b"b", "nb")])
+    with pytest.raises(LedgerError, match="no row"):
+        ledger.mark_delivered("acct", [delivered(b"a"), delivered(b"b"), delivered(b"zzz")])
+    assert {r.state for r in ledger.rows("acct").values()} == {"fetching"}
+
+    with pytest.raises(LedgerError, match="twice"):
+        ledger.begin_fetch("acct", [fetch(b"d", "nd"), fetch(b"d", "nd2")])
+    assert (b"d", 0) not in ledger.rows("acct")
+
+
+def test_mark_delivered_rules(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"u", "n")])
+    with pytest.raises(LedgerError, match="SHA-256"):
+        ledger.mark_delivered("acct", [delivered(b"u", sha="A" * 64)])
+    ledger.mark_delivered("acct", [delivered(b"u", sha=SHA_A, at=10.0)])
+    # Reported again (crash recovery) with the same digest: accepted, unchanged.
+    ledger.mark_delivered("acct", [delivered(b"u", sha=SHA_A, at=20.0)])
+    assert ledger.rows("acct")[(b"u", 0)].delivered_at == 10.0
+    with pytest.raises(LedgerError, match="state delivered"):
+        ledger.mark_delivered("acct", [delivered(b"u", sha=SHA_B)])
+    ledger.mark_skipped("acct", [Skipped(b"s", 0, 1, "policy", 1.0)])
+    with pytest.raises(LedgerError, match="state skipped"):
+        ledger.mark_delivered("acct", [delivered(b"s")])
+
+
+def test_mark_deleted_rules(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"f", "nf"), fetch(b"d", "nd")])
+    ledger.mark_delivered("acct", [delivered(b"d")])
+    with pytest.raises(LedgerError, match="state fetching"):
+        ledger.mark_deleted("acct", [(b"d", 0), (b"f", 0)], at=50.0)
+    assert ledger.rows("acct")[(b"d", 0)].state == "delivered"  # batch rolled back
+    with pytest.raises(LedgerError, match="no row"):
+        ledger.mark_deleted("acct", [(b"missing", 0)], at=50.0)
+    ledger.mark_deleted("acct", [(b"d", 0)], at=50.0)
+    ledger.mark_deleted("acct", [(b"d", 0)], at=60.0)  # idempotent
+    assert ledger.rows("acct")[(b"d", 0)].deleted_at == 50.0
+
+
+def test_rows_survive_when_the_server_forgets_them(ledger: Ledger) -> None:
+    uids = [b"a", b"b", b"c"]
+    ledger.begin_fetch("acct", [fetch(u, u.decode()) for u in uids])
+    ledger.mark_delivered("acct", [delivered(u) for u in uids])
+    before = ledger.rows("acct")
+    # Later polls only list "a".
+    ledger.touch_seen("acct", [(b"a", 0)], now=1000.0 + 2 * SEEN_REFRESH)
+    ledger.begin_fetch("acct", [fetch(b"new", "new")])
+    after = ledger.rows("acct")
+    assert after[(b"b", 0)] == before[(b"b", 0)]
+    assert after[(b"c", 0)] == before[(b"c", 0)]
+    assert after[(b"a", 0)].last_seen == 1000.0 + 2 * SEEN_REFRESH
+
+
+def test_touch_seen_rewrites_only_stale_rows(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"old", "o", now=0.0), fetch(b"recent", "r", now=50_000.0)])
+    now = 90_000.0  # "old" last seen 25 h ago, "recent" 11 h ago
+    n = ledger.touch_seen("acct", [(b"old", 0), (b"recent", 0), (b"unknown", 0)], now)
+    rows = ledger.rows("acct")
+    assert n == 1
+    assert rows[(b"old", 0)].last_seen == now
+    assert rows[(b"recent", 0)].last_seen == 50_000.0
+    assert (b"unknown", 0) not in rows
+    assert ledger.touch_seen("acct", [(b"old", 0), (b"recent", 0)], now + 1.0) == 0
+
+
+def test_counts(ledger: Ledger) -> None:
+    assert ledger.counts("acct") == {"fetching": 0, "delivered": 0, "deleted": 0, "skipped": 0}
+    ledger.begin_fetch("acct", [fetch(b"1", "1"), fetch(b"2", "2"), fetch(b"3", "3")])
+    ledger.mark_delivered("acct", [delivered(b"1"), delivered(b"2")])
+    ledger.mark_deleted("acct", [(b"1", 0)], at=1.0)
+    ledger.mark_skipped("acct", [Skipped(b"4", 0, 9, "big", 1.0), Skipped(b"5", 0, 9, "big", 1.0)])
+    ledger.begin_fetch("other", [fetch(b"1", "1")])
+    assert ledger.counts("acct") == {"fetching": 1, "delivered": 1, "deleted": 1, "skipped": 2}
+
+
+def test_empty_batches_are_no_ops(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [])
+    ledger.mark_delivered("acct", [])
+    ledger.mark_deleted("acct", [], at=1.0)
+    ledger.mark_skipped("acct", [])
+    assert ledger.touch_seen("acct", [], now=1e9) == 0
+    assert ledger.rows("acct") == {}
+
+
+# -- polls -----------------------------------------------------------------
+
+
+def test_polls_round_trip_and_latest_per_account(ledger: Ledger) -> None:
+    assert ledger.last_polls() == {}
+    p1 = ledger.start_poll("home", 100.0)
+    ledger.finish_poll(
+        p1,
+        finished_at=101.0,
+        result="error",
+        error="server refused UIDL: -ERR [SYS/TEMP] busy",
+        temporary=True,
+        counts=PollCounts(listed=3),
+        next_poll_at=160.0,
+    )
+    p2 = ledger.start_poll("home", 200.0)
+    p3 = ledger.start_poll("work", 150.0)
+    ledger.finish_poll(
+        p3,
+        finished_at=152.5,
+        result="ok",
+        error=None,
+        temporary=None,
+        counts=PollCounts(listed=10, new=4, fetched=3, deleted=2, skipped=1, bytes=5 * 2**31),
+        next_poll_at=None,
+    )
+    assert len({p1, p2, p3}) == 3
+    polls = ledger.last_polls()
+    assert set(polls) == {"home", "work"}
+    home, work = polls["home"], polls["work"]
+    assert (home.id, home.result, home.finished_at, home.counts) == (
+        p2,
+        "running",
+        None,
+        PollCounts(),
+    )
+    assert (work.id, work.result, work.started_at, work.finished_at) == (p3, "ok", 150.0, 152.5)
+    assert work.counts == PollCounts(10, 4, 3, 2, 1, 5 * 2**31)
+    assert (work.error, work.temporary, work.next_poll_at) == (None, None, None)
+    # The older "home" poll kept its outcome.
+    got = raw_rows(
+        ledger_file(ledger),
+        "SELECT result, error, temporary, next_poll_at FROM polls WHERE id=?",
+        p1,
+    )
+    assert got == [("error", "server refused UIDL: -ERR [SYS/TEMP] busy", 1, 160.0)]
+
+
+def test_finish_poll_errors(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="no poll 4242"):
+        ledger.finish_poll(
+            4242,
+            finished_at=1.0,
+            result="ok",
+            error=None,
+            temporary=None,
+            counts=PollCounts(),
+            next_poll_at=None,
+        )
+    pid = ledger.start_poll("a", 1.0)
+    with pytest.raises(LedgerError, match="CHECK"):
+        ledger.finish_poll(
+            pid,
+            finished_at=1.0,
+            result="maybe",  # type: ignore[arg-type]
+            error=None,
+            temporary=None,
+            counts=PollCounts(),
+            next_poll_at=None,
+        )
+    ledger.finish_poll(
+        pid,
+        finished_at=2.0,
+        result="error",
+        error="x" * 100_000,
+        temporary=False,
+        counts=PollCounts(),
+        next_poll_at=None,
+    )
+    error = ledger.last_polls()["a"].error
+    assert error is not None and 100 < len(error) <= 2_000 and error.endswith("...")
+
+
+# -- concurrency -----------------------------------------------------------
+
+
+def test_threads_write_concurrently(ledger: Ledger) -> None:
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(40):
+                uid = f"t{t}-{i}".encode()
+                ledger.begin_fetch("acct", [fetch(uid, f"n-{t}-{i}")])
+                ledger.mark_delivered("acct", [delivered(uid)])
+                ledger.rows("acct")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert errors == []
+    rows = ledger.rows("acct")
+    assert len(rows) == 160
+    assert {r.state for r in rows.values()} == {"delivered"}
+
+
+def test_writer_waits_for_another_writer_instead_of_failing(ledger: Ledger, db_path: Path) -> None:
+    # Another process-like writer holds the write lock with an uncommitted row.
+    # With a deferred BEGIN the ledger would read a snapshot, then fail to
+    # upgrade it to a write (SQLITE_BUSY_SNAPSHOT); BEGIN IMMEDIATE waits.
+    other = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute(
+        "INSERT INTO messages (account, uid, occurrence, state, server_size, maildir_name, "
+        "first_seen, last_seen) VALUES ('acct', x'41', 0, 'fetching', 1, 'taken', 0, 0)"
+    )
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            ledger.begin_fetch("acct", [fetch(b"A", "taken")])  # same key: must see the row
+        except BaseException as exc:
+            failure.append(exc)
+        done.set()
+
+    th = threading.Thread(target=write)
+    th.start()
+    assert not done.wait(0.5)  # blocked on the lock, not failed
+    other.execute("COMMIT")
+    other.close()
+    assert done.wait(10)
+    th.join()
+    assert failure == []
+    assert ledger.rows("acct")[(b"A", 0)].state == "fetching"
+
+
+# -- speed -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rows_loads_100k_quickly(ledger: Ledger) -> None:
+    n = 100_000
+    ledger.begin_fetch("big", [fetch(b"%d" % i, f"n{i}", size=i) for i in range(n)])
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        rows = ledger.rows("big")
+        best = min(best, time.perf_counter() - start)
+    assert len(rows) == n
+    row = rows[(b"4711", 0)]
+    assert (row.state, row.server_size, row.maildir_name) == ("fetching", 4711, "n4711")
+    assert best < 3.0, f"rows() of 100k took {best:.2f}s"
+    # A nothing-new poll touches nothing.
+    start = time.perf_counter()
+    assert ledger.touch_seen("big", rows.keys(), now=1000.0 + 60) == 0
+    assert time.perf_counter() - start < 2.0
