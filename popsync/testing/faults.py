@@ -1,0 +1,100 @@
+"""Faults the test POP3 server can inject; every one is off by default.
+
+A :class:`Faults` value is immutable and is captured by each session when the
+connection is accepted, so a test can switch faults between sessions
+(``srv.faults = Faults(...)``) without racing a session in progress.
+
+Command names in :attr:`Faults.stall` and :attr:`Faults.errors` are matched
+case-insensitively (RFC 1939 §3: keywords are case-insensitive).  Besides the
+POP3 keywords, the pseudo-command ``GREETING`` is understood by both: stall
+before the greeting, or send the given line as the greeting and hang up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["OVERLONG_PLACES", "Faults", "OverlongPlace"]
+
+OverlongPlace = Literal["greeting", "uidl", "retr_status", "capa"]
+OVERLONG_PLACES: frozenset[str] = frozenset({"greeting", "uidl", "retr_status", "capa"})
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What the server should do wrong.  All off by default.
+
+    Attributes:
+        drop_during_retr: ``(n, k)``: on ``RETR n`` send the status line and the
+            first *k* bytes of the (stuffed) body, then close the socket without
+            a terminator, without TLS close_notify and without UPDATE.
+        stall: command name -> seconds to sleep before answering it (ended
+            early by ``stop()``).
+        errors: command name -> the full ``-ERR ...`` line (CRLF optional) sent
+            instead of the real answer; the command has no other effect.  An
+            error to ``QUIT`` also ends the session without UPDATE.
+        changing_uids: every session lists different UIDs for the same messages.
+        ignore_dele: DELE says ``+OK`` but QUIT removes nothing.
+        endless_body: ``RETR n`` for this *n* streams body lines forever, until
+            the client disconnects or the server stops.
+        overlong_line: where to send one line of :attr:`overlong_length` bytes
+            (CRLF included): the greeting, a UIDL line, the RETR status line,
+            or a CAPA line.
+        overlong_length: length of that line (default 1 MiB).
+        inject_after_stls: bytes sent in the same ``send()`` right after
+            ``+OK Begin TLS\\r\\n``, in clear, as a man in the middle would.
+        drop_quit_reply: apply the deletions at QUIT, then close without a reply.
+        quit_error: remove only the first half (in message-number order) of the
+            marked messages and answer ``-ERR some deleted messages not removed``
+            (RFC 1939 §6 allows "some or none").
+        unstuffed_dot_line: message *n* is sent with one unstuffed lone ``.``
+            line in the middle of its body (CPython gh-95252); LIST counts that
+            line as part of the message.
+        wrong_list_size: message number -> size that LIST (and STAT's total)
+            report instead of the true size.
+        no_uidl: UIDL answers ``-ERR`` and CAPA does not list UIDL.
+    """
+
+    drop_during_retr: tuple[int, int] | None = None
+    stall: Mapping[str, float] = field(default_factory=dict)
+    errors: Mapping[str, bytes] = field(default_factory=dict)
+    changing_uids: bool = False
+    ignore_dele: bool = False
+    endless_body: int | None = None
+    overlong_line: OverlongPlace | None = None
+    overlong_length: int = 1 << 20
+    inject_after_stls: bytes = b""
+    drop_quit_reply: bool = False
+    quit_error: bool = False
+    unstuffed_dot_line: int | None = None
+    wrong_list_size: Mapping[int, int] = field(default_factory=dict)
+    no_uidl: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate and normalise; raises ValueError on a nonsensical fault."""
+        if self.overlong_line is not None and self.overlong_line not in OVERLONG_PLACES:
+            raise ValueError(f"overlong_line must be one of {sorted(OVERLONG_PLACES)}")
+        if self.overlong_length < 64:
+            raise ValueError("overlong_length must be at least 64 bytes")
+        if self.drop_during_retr is not None:
+            number, after = self.drop_during_retr
+            if number < 1 or after < 0:
+                raise ValueError("drop_during_retr is (message number >= 1, bytes >= 0)")
+        if any(seconds < 0 for seconds in self.stall.values()):
+            raise ValueError("stall times must not be negative")
+        # Frozen: normalise through object.__setattr__ (keys upper-cased, line
+        # ends stripped, and private copies so a caller's dict cannot change us).
+        object.__setattr__(self, "stall", {k.upper(): v for k, v in self.stall.items()})
+        errors = {k.upper(): v.rstrip(b"\r\n") for k, v in self.errors.items()}
+        object.__setattr__(self, "errors", errors)
+        object.__setattr__(self, "wrong_list_size", dict(self.wrong_list_size))
+
+    def stall_for(self, command: str) -> float:
+        """Seconds to wait before answering *command* (0.0 if none)."""
+        return self.stall.get(command.upper(), 0.0)
+
+    def error_for(self, command: str) -> bytes | None:
+        """The ``-ERR`` line (without CRLF) to send instead of answering *command*."""
+        return self.errors.get(command.upper())
