@@ -104,8 +104,10 @@ class POP3TestServer:
         before normal handling; bytes it returns are sent verbatim instead of
         the server's answer, None lets the server answer.  Capability switches
         also switch the command off (``user=False`` refuses USER/PASS,
-        ``top=False`` refuses TOP, ``uidl=False`` refuses UIDL).  Raises ValueError when the options contradict each
-        other (implicit TLS or STLS without a context, an unknown ``tls``).
+        ``top=False`` refuses TOP, ``uidl=False`` refuses UIDL).
+
+        Raises ValueError when the options contradict each other (implicit
+        TLS or STLS without a context, an unknown ``tls``).
         """
         if stls is None:
             stls = ssl_context is not None and tls == "none"
