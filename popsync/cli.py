@@ -1,0 +1,273 @@
+"""The command line (DESIGN §5).
+
+    popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
+    popsync [-c CONFIG] run                  the daemon, in the foreground
+    popsync [-c CONFIG] check                validate the config
+    popsync [-c CONFIG] status [--json]      per account: last poll, result, counts
+    popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
+    popsync demo                             a built-in server, sample mail, a real sync
+
+Exit status: 0 all good; 1 at least one account's poll did not complete;
+2 the config or the command line is wrong.  Every problem is one line on
+stderr naming the account -- never a traceback for a user mistake or a
+server fault.  Imports are lazy so that a cron ``popsync sync`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from popsync import __version__
+from popsync.errors import ConfigError, PopsyncError
+
+if TYPE_CHECKING:
+    from popsync.config import Config
+    from popsync.ledger import Ledger, PollRecord
+    from popsync.sync import PollReport
+
+EXIT_OK = 0
+EXIT_POLL_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 (argparse's own default code)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"popsync: {message} (see popsync --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="popsync", description="Fetch POP3 mail exactly once into Maildirs.")
+    parser.add_argument("--version", action="version", version=f"popsync {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $POPSYNC_CONFIG, else $XDG_CONFIG_HOME/popsync/config.yaml)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    p_sync = sub.add_parser("sync", help="poll all (or the named) accounts once, then exit")
+    p_sync.add_argument("accounts", nargs="*", metavar="ACCOUNT")
+    p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("run", help="run the daemon in the foreground")
+    sub.add_parser("check", help="validate the config file")
+    p_status = sub.add_parser("status", help="show each account's last poll")
+    p_status.add_argument("--json", action="store_true", help="machine-readable output")
+    p_db = sub.add_parser("db", help="ledger maintenance")
+    p_db.add_argument("action", choices=("upgrade",))
+    p_demo = sub.add_parser("demo", help="sync sample mail from a built-in server")
+    p_demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
+    args = build_parser().parse_args(argv)
+    from popsync.logs import setup_logging
+
+    setup_logging(verbosity=-1 if args.quiet else args.verbose, fmt=args.log_format)
+    try:
+        if args.command == "demo":
+            from popsync.demo import run_demo
+
+            return run_demo(Path(args.dir) if args.dir else None)
+        config = _load(args.config)
+        if args.command == "check":
+            return _check(config)
+        if args.command == "sync":
+            return _sync(config, args.accounts, progress=not args.no_progress)
+        if args.command == "status":
+            return _status(config, as_json=args.json)
+        if args.command == "db":
+            _open_ledger(config).close()
+            print(f"ledger {config.ledger_url}: schema is up to date")
+            return EXIT_OK
+        if args.command == "run":
+            from popsync.daemon import run_daemon
+
+            status: int = run_daemon(config, config_path=_config_path(args.config))
+            return status
+    except ConfigError as exc:
+        _problem(str(exc))
+        return EXIT_USAGE
+    except PopsyncError as exc:
+        _problem(str(exc))
+        return EXIT_POLL_FAILED
+    except KeyboardInterrupt:
+        _problem("interrupted")
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _problem(text: str) -> None:
+    for line in text.splitlines() or [text]:
+        print(f"popsync: {line}", file=sys.stderr)
+
+
+def _config_path(cli_value: str | None) -> Path:
+    from popsync.config import resolve_config_path
+
+    return resolve_config_path(cli_value)
+
+
+def _load(cli_value: str | None) -> Config:
+    from popsync.config import load_config
+
+    return load_config(_config_path(cli_value))
+
+
+def _open_ledger(config: Config) -> Ledger:
+    from popsync.ledger import Ledger
+
+    return Ledger.open(config.ledger_url)
+
+
+def _check(config: Config) -> int:
+    names = ", ".join(a.name for a in config.accounts)
+    print(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
+    return EXIT_OK
+
+
+def _sync(config: Config, names: list[str], *, progress: bool) -> int:
+    from popsync.sync import run_account
+
+    accounts = config.select(names) if names else list(config.accounts)
+    ledger = _open_ledger(config)
+    failed = 0
+    try:
+        for account in accounts:
+            bar = _ProgressBar(account.name, sys.stderr) if progress else None
+            report = run_account(
+                account,
+                ledger,
+                config.state_dir,
+                progress=bar.update if bar and bar.enabled else None,
+            )
+            if bar:
+                bar.close()
+            print(format_report(report), file=sys.stdout if report.ok else sys.stderr)
+            failed += not report.ok
+    finally:
+        ledger.close()
+    return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_report(report: PollReport) -> str:
+    """The one summary line of a poll."""
+    c = report.counts
+    if not report.ok:
+        kind = "temporary" if report.temporary else "needs attention"
+        return f"popsync: {report.account}: FAILED ({kind}): {report.error}"
+    return (
+        f"{report.account}: {c.listed} on server, {c.new} new, {c.fetched} fetched "
+        f"({format_size(c.bytes)}), {c.deleted} deleted, {c.skipped} skipped, "
+        f"{report.seconds:.1f} s"
+    )
+
+
+class _ProgressBar:
+    """A one-line progress display on a terminal, for long polls only."""
+
+    def __init__(self, account: str, stream: TextIO) -> None:
+        self.account = account
+        self.stream = stream
+        self.enabled = stream.isatty() and os.environ.get("TERM") != "dumb"
+        self.shown = False
+
+    def update(self, done: int, total: int, nbytes: int) -> None:
+        if total < 50:  # short polls need no bar
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        line = (
+            f"\r{self.account}: [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done}/{total} {format_size(nbytes)}"
+        )
+        self.stream.write(line)
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _status(config: Config, *, as_json: bool) -> int:
+    import time
+
+    ledger = _open_ledger(config)
+    try:
+        polls = ledger.last_polls()
+        known = {a.name: ledger.counts(a.name) for a in config.accounts}
+    finally:
+        ledger.close()
+    names = [a.name for a in config.accounts]
+    if as_json:
+        entries = [_status_entry(n, polls.get(n), known[n]) for n in names]
+        print(json.dumps({"accounts": entries}, indent=2))
+    else:
+        now = time.time()
+        for name in names:
+            print(_status_line(name, polls.get(name), known[name], now))
+    return EXIT_OK
+
+
+def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> dict[str, object]:
+    entry: dict[str, object] = {"account": name, "ledger": known, "last_poll": None}
+    if poll is not None:
+        entry["last_poll"] = {
+            "started_at": poll.started_at,
+            "finished_at": poll.finished_at,
+            "result": poll.result,
+            "error": poll.error,
+            "temporary": poll.temporary,
+            "counts": dataclasses.asdict(poll.counts),
+            "next_poll_at": poll.next_poll_at,
+        }
+    return entry
+
+
+def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now: float) -> str:
+    ledger_text = ", ".join(f"{n} {state}" for state, n in sorted(known.items()) if n) or "empty"
+    if poll is None:
+        return f"{name}: never polled; ledger: {ledger_text}"
+    line = f"{name}: last poll {_ago(now - poll.started_at)} ago: {poll.result}"
+    if poll.error:
+        line += f" ({poll.error})"
+    line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
+    if poll.next_poll_at is not None:
+        line += f"; next poll in {_ago(max(0.0, poll.next_poll_at - now))}"
+    return f"{line}; ledger: {ledger_text}"
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
