@@ -17,6 +17,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
 from popsync.errors import LedgerError
 from popsync.ledger import (
@@ -30,7 +31,7 @@ from popsync.ledger import (
     create_ledger_engine,
     upgrade,
 )
-from popsync.ledger.engine import migrations_dir
+from popsync.ledger.engine import ledger_error, migrations_dir
 from popsync.ledger.models import Base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,9 +192,33 @@ def test_unusable_location_is_a_ledger_error(tmp_path: Path) -> None:
         Ledger.open(url_for(blocker / "sub" / "ledger.db"))
 
 
+def test_directory_in_place_of_the_file_is_a_ledger_error(tmp_path: Path) -> None:
+    (tmp_path / "ledger.db").mkdir()
+    with pytest.raises(LedgerError, match=r"ledger\.db"):
+        Ledger.open(url_for(tmp_path / "ledger.db"))
+
+
 def test_malformed_url_is_a_ledger_error() -> None:
     with pytest.raises(LedgerError, match="not a database URL"):
         Ledger.open("not a url at all")
+
+
+def test_missing_driver_is_a_ledger_error_without_the_password() -> None:
+    with pytest.raises(LedgerError) as info:
+        Ledger.open("mysql+nosuchdriver://alice:hunter2@db.example/popsync")
+    assert "hunter2" not in str(info.value)
+    assert "alice:***@db.example" in str(info.value)
+
+
+def test_busy_database_errors_are_temporary() -> None:
+    # Waiting out the real 10 s busy timeout would make a slow test; the
+    # translation is what matters: "locked" means retry later.
+    busy = OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked"))
+    err = ledger_error("/x/ledger.db", "record fetches", busy)
+    assert err.temporary is True
+    assert str(err) == "ledger /x/ledger.db: cannot record fetches: database is locked"
+    broken = OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+    assert ledger_error("/x/ledger.db", "read", broken).temporary is False
 
 
 def test_two_processes_creating_one_ledger_at_once(db_path: Path) -> None:

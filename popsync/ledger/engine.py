@@ -213,13 +213,19 @@ def create_ledger_engine(url: str | URL) -> Engine:
     Nothing is connected yet; the pragmas are applied to every new connection.
 
     Raises:
-        LedgerError: the URL is malformed, in-memory, or its driver is missing.
+        LedgerError: the URL is malformed or in-memory, or its driver is not installed.
     """
     parsed = parse_url(url)
-    with translate_errors(describe_url(parsed), "create a database engine"):
-        if parsed.get_backend_name() != "sqlite":
-            return create_engine(parsed)
-        engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    shown = describe_url(parsed)
+    try:
+        with translate_errors(shown, "create a database engine"):
+            if parsed.get_backend_name() != "sqlite":
+                return create_engine(parsed)
+            engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    except ImportError as exc:
+        raise LedgerError(
+            f"ledger {shown}: the database driver is not installed ({exc.name or exc})"
+        ) from exc
     event.listen(engine, "connect", _set_sqlite_pragmas)
     event.listen(engine, "begin", _begin)
     return engine
