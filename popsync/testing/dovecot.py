@@ -5,7 +5,8 @@ Contract
 :class:`Dovecot` runs Debian's ``dovecot-pop3d`` (``/usr/sbin/dovecot``) in the
 foreground as a child process, with *everything* it touches under one scratch
 directory chosen by the caller: its own config file, ``base_dir``,
-``state_dir``, log file, a passwd-file user database and the users' Maildirs.
+``state_dir``, log file, the user database (one passwd-file per user, so a
+user added while Dovecot runs is known at once) and the users' Maildirs.
 Nothing of the system's Dovecot configuration is read or changed.
 
 Invariants
@@ -16,6 +17,9 @@ Invariants
 * CAPA always offers ``TOP``, ``UIDL``, ``USER``, ``PIPELINING`` and
   ``SASL PLAIN LOGIN``; plaintext authentication is allowed on the plain port
   (tests exercise that path on purpose).
+* Failed logins do not slow later ones: Dovecot's per-IP auth penalty (2 s
+  and doubling) is off.  A failed login itself still takes up to 0.5 s, as
+  Dovecot answers failures in batches twice a second.
 * The UIDL format is pinned (:data:`UIDL_FORMAT`), so a server upgrade cannot
   silently change the unique-ids tests rely on.
 * After :meth:`Dovecot.stop` (or leaving the ``with`` block, or interpreter
@@ -388,6 +392,7 @@ class Dovecot:
             except DovecotError:
                 log = self.log_tail()
                 self.stop()
+                self._ports = None
                 if "Address already in use" in log and attempt + 1 < _PORT_ATTEMPTS:
                     continue
                 raise
