@@ -44,7 +44,9 @@ def server_ssl_context(server_cert: trustme.LeafCert) -> ssl.SSLContext:
 
 
 @pytest.fixture(scope="session")
-def cert_files(server_cert: trustme.LeafCert, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def cert_files(
+    server_cert: trustme.LeafCert, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path]]:
     """(certificate chain PEM, private key PEM) files, for servers such as Dovecot."""
     d = tmp_path_factory.mktemp("cert")
     chain, key = d / "cert.pem", d / "key.pem"
