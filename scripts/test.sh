@@ -6,8 +6,8 @@
 #
 # Steps:
 #   1. Debian packages, only if missing: dovecot-pop3d (the real POP3 server of
-#      the interop tests), python3 and python3-venv.  apt-get runs directly as
-#      root, through sudo otherwise; "apt-get update" runs once, only then.
+#      the interop tests), python3 and python3-venv.  apt-get (after an
+#      "apt-get update") runs directly as root, through sudo otherwise.
 #   2. The virtualenv .venv in the repository (created or reused), with
 #      `pip install -e '.[test]'`.
 #   3. ruff check, ruff format --check, mypy (strict, on popsync/), pytest.
@@ -19,55 +19,17 @@
 # Environment: PYTHON picks the interpreter for the virtualenv (default
 # python3, which must be 3.11 or newer).
 
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
+# --- 1. system packages: the real POP3 server of the interop tests ------------
 
-python="${PYTHON:-python3}"
-venv="$repo/.venv"
-export DEBIAN_FRONTEND=noninteractive
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-
-say() { printf '\n==> %s\n' "$*"; }
-
-# --- 1. system packages ------------------------------------------------------
-
-missing=()
-[ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/pop3 ] || missing+=(dovecot-pop3d)
-if ! command -v "$python" >/dev/null 2>&1; then
-    missing+=(python3 python3-venv)
-elif ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    missing+=(python3-venv)  # Debian splits venv/ensurepip out of python3
-fi
-
-if [ "${#missing[@]}" -gt 0 ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-        as_root=()
-    elif command -v sudo >/dev/null 2>&1; then
-        as_root=(sudo)
-    else
-        echo "error: need ${missing[*]}, but not root and no sudo to install them" >&2
-        exit 1
-    fi
-    say "installing Debian packages: ${missing[*]}"
-    "${as_root[@]}" apt-get update
-    "${as_root[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+if ! { [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/pop3 ]; }; then
+    apt_install dovecot-pop3d
 fi
 
 # --- 2. virtualenv -----------------------------------------------------------
 
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-    echo "error: $python is $("$python" -V 2>&1); popsync needs Python 3.11 or newer" >&2
-    exit 1
-fi
-if ! "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    say "creating virtualenv $venv"
-    rm -rf "$venv"
-    "$python" -m venv "$venv"
-fi
-say "installing popsync and its test tools into .venv"
-"$venv/bin/python" -m pip install --quiet -e '.[test]'
+ensure_venv '.[test]'
 
 # The tools run from the virtualenv, whatever else is on PATH.
 export PATH="$venv/bin:$PATH"
