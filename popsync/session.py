@@ -83,6 +83,9 @@ from popsync.transport import Transport
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"]
 
+#: What :meth:`Session.retrieve` yields: the core's events for RETR and DELE.
+Reply = Ok | Err | BodyData | EndOfBody
+
 #: Most challenges one AUTH exchange may send before we give up on it.
 MAX_AUTH_ROUNDS = 8
 
@@ -298,7 +301,7 @@ class Session:
         """Ask for DELE *msg* at the next chance inside :meth:`retrieve` (or :meth:`delete`)."""
         self._dele_queue.append(msg)
 
-    def retrieve(self, requests: Iterable[RetrRequest]) -> Iterator[Event]:
+    def retrieve(self, requests: Iterable[RetrRequest]) -> Iterator[Reply]:
         """RETR every request, keeping up to ``pipeline_window`` commands in flight.
 
         Yields the core's events for each command, in order: for a RETR
@@ -325,7 +328,10 @@ class Session:
                 self.transport.send(bytes(out))
             if not self.conn.pending:
                 return
-            yield self._next()
+            event = self._next()
+            if not isinstance(event, Ok | Err | BodyData | EndOfBody):
+                raise RemoteProtocolError("unexpected reply to RETR or DELE")
+            yield event
 
     def delete(self, msgs: Iterable[int]) -> dict[int, Err | None]:
         """DELE each message (pipelined); returns msg -> None on +OK, or the Err."""

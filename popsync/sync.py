@@ -30,6 +30,7 @@ stays, and its DELE is simply repeated next time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,8 +68,8 @@ from popsync.maildir import (
     unique_name,
 )
 from popsync.plan import Fetch, Plan, Policy, join_listings, plan
-from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Event, Ok, Retr
-from popsync.session import RetrRequest, Session, SessionOptions
+from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr
+from popsync.session import Reply, RetrRequest, Session, SessionOptions
 from popsync.transport import make_ssl_context
 
 log = logging.getLogger("popsync.sync")
@@ -308,7 +309,7 @@ class _Poll:
         tmp: TmpMessage | None = None
         try:
             for event in session.retrieve(requests):
-                command = event.command  # type: ignore[union-attr]
+                command = event.command
                 if isinstance(command, Dele):
                     self.on_dele(event)
                     continue
@@ -335,7 +336,10 @@ class _Poll:
                 tmp.abort()
             # What is linked is durable once new/ is fsynced: record it, so the
             # next poll needs no recovery -- but queue no DELE on a broken session.
-            self.flush(batch, None)
+            # If that fails too, the first error is the one to report; the
+            # next poll's recovery finds the linked files.
+            with contextlib.suppress(PopsyncError):
+                self.flush(batch, None)
             raise
         self.flush(batch, session)
         self.report_progress(len(fetches))
@@ -367,7 +371,7 @@ class _Poll:
                 session.queue_dele(msg)
         batch.clear()
 
-    def on_dele(self, event: Event) -> None:
+    def on_dele(self, event: Reply) -> None:
         assert isinstance(event, Ok | Err) and isinstance(event.command, Dele)
         if isinstance(event, Ok):
             self.dele_ok.add(event.command.msg)
