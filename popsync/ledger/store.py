@@ -628,6 +628,28 @@ class Ledger:
             if conn.execute(stmt).rowcount != 1:
                 raise LedgerError(f"ledger {self._shown}: there is no poll {poll_id} to finish")
 
+    def set_next_poll(self, account: str, at: float | None) -> bool:
+        """Record when the daemon will poll *account* next, on its most recent poll.
+
+        The row updated is the one :meth:`last_polls` reports for *account*
+        (latest ``started_at``, then highest id), so ``popsync status`` shows
+        the time. *at* is None while the account is paused. Returns False,
+        writing nothing, when the account has no poll yet.
+
+        Raises:
+            LedgerError: the database fails.
+        """
+        latest = (
+            select(_p.id)
+            .where(_p.account == account)
+            .order_by(_p.started_at.desc(), _p.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        stmt = update(_polls).where(_p.id == latest).values(next_poll_at=at)
+        with self._transaction(f"record the next poll of account {account}", write=True) as conn:
+            return bool(conn.execute(stmt).rowcount == 1)
+
     def last_polls(self) -> dict[str, PollRecord]:
         """The most recently started poll of every account that has one.
 
