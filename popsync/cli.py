@@ -60,7 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_sync = sub.add_parser("sync", help="poll all (or the named) accounts once, then exit")
     p_sync.add_argument("accounts", nargs="*", metavar="ACCOUNT")
     p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sub.add_parser("run", help="run the daemon in the foreground")
+    p_run = sub.add_parser("run", help="run the daemon in the foreground")
+    p_run.add_argument(
+        "--max-concurrent", type=int, default=4, metavar="N", help="polls at once (default 4)"
+    )
+    p_run.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long polls in flight may finish after SIGTERM (default 30)",
+    )
     sub.add_parser("check", help="validate the config file")
     p_status = sub.add_parser("status", help="show each account's last poll")
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -95,7 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
         if args.command == "run":
             from popsync.daemon import run_daemon
 
-            status: int = run_daemon(config, config_path=_config_path(args.config))
+            if not args.quiet:  # a daemon's default output is one line per poll
+                setup_logging(verbosity=args.verbose + 1, fmt=args.log_format)
+            status: int = run_daemon(
+                config,
+                config_path=_config_path(args.config),
+                max_concurrent=args.max_concurrent,
+                grace=args.grace,
+            )
             return status
     except ConfigError as exc:
         _problem(str(exc))
