@@ -179,25 +179,14 @@ def _sync(config: Config, names: list[str], *, progress: bool) -> int:
     return EXIT_POLL_FAILED if failed else EXIT_OK
 
 
-def format_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def format_report(report: PollReport) -> str:
     """The one summary line of a poll."""
-    c = report.counts
+    from popsync.sync import format_summary
+
     if not report.ok:
         kind = "temporary" if report.temporary else "needs attention"
         return f"popsync: {report.account}: FAILED ({kind}): {report.error}"
-    return (
-        f"{report.account}: {c.listed} on server, {c.new} new, {c.fetched} fetched "
-        f"({format_size(c.bytes)}), {c.deleted} deleted, {c.skipped} skipped, "
-        f"{report.seconds:.1f} s"
-    )
+    return f"{report.account}: {format_summary(report)}"
 
 
 class _ProgressBar:
@@ -210,6 +199,8 @@ class _ProgressBar:
         self.shown = False
 
     def update(self, done: int, total: int, nbytes: int) -> None:
+        from popsync.sync import format_size
+
         if total < 50:  # short polls need no bar
             return
         width = 30

@@ -79,7 +79,7 @@ from popsync.config import Account, Config, load_config
 from popsync.errors import ConfigError, PopsyncError, ServerError
 from popsync.ledger import Ledger
 from popsync.locks import AccountBusy
-from popsync.sync import PollReport, run_account
+from popsync.sync import PollReport, format_summary, run_account
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -304,22 +304,6 @@ def _human(seconds: float) -> str:
     if seconds < 5940:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _summary(report: PollReport) -> str:
-    c = report.counts
-    return (
-        f"{c.listed} on server, {c.new} new, {c.fetched} fetched ({_size(c.bytes)}), "
-        f"{c.deleted} deleted, {c.skipped} skipped, {report.seconds:.1f} s"
-    )
 
 
 class Daemon:
@@ -571,7 +555,13 @@ class Daemon:
         report: PollReport | None = None
         try:
             assert self._ledger is not None
-            report = run_account(account, self._ledger, self._state_dir, lock_wait=False)
+            report = run_account(
+                account,
+                self._ledger,
+                self._state_dir,
+                lock_wait=False,
+                should_stop=lambda: self._stopping,
+            )
         except Exception as exc:  # a bug, not a fault: keep the daemon (and the others) alive
             log.exception(
                 "%s: internal error during the poll", name, extra={"account": name, "event": "bug"}
@@ -707,7 +697,7 @@ class Daemon:
         else:
             nxt = "no further polls"
         if outcome.kind == "ok":
-            log.info("%s: ok: %s; %s", name, _summary(report), nxt, extra=extra)
+            log.info("%s: ok: %s; %s", name, format_summary(report), nxt, extra=extra)
         elif outcome.kind == "busy":
             holder = getattr(report.exception, "holder", None)
             who = f"process {holder}" if holder is not None else "another popsync"

@@ -31,6 +31,7 @@ stays, and its DELE is simply repeated next time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -102,6 +103,26 @@ class PollReport:
     login_delay: int | None = None
     #: The error object, for callers that classify by type.
     exception: PopsyncError | None = None
+    #: A stop request cut the poll short (it still ended cleanly with QUIT).
+    interrupted: bool = False
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: ``812 B``, ``3.4 MB``."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_summary(report: PollReport) -> str:
+    """What a completed poll did, as the summary line and the daemon's log show it."""
+    c = report.counts
+    return (
+        f"{c.listed} on server, {c.new} new, {c.fetched} fetched ({format_size(c.bytes)}), "
+        f"{c.deleted} deleted, {c.skipped} skipped, {report.seconds:.1f} s"
+    )
 
 
 def body_limit(size: int | None, max_message_size: int | None) -> int:
@@ -141,8 +162,10 @@ class _Poll:
         report: PollReport,
         now: Callable[[], float],
         progress: Progress | None,
+        should_stop: Callable[[], bool],
     ) -> None:
         self.account = account
+        self.should_stop = should_stop
         self.name = account.name
         self.ledger = ledger
         self.maildir = maildir
@@ -164,6 +187,9 @@ class _Poll:
         secret = self.account.secret()  # a bad secret source fails before connecting
         with session_factory(opts) as session:
             self.session = session
+            # LOGIN-DELAY before login is the largest any user gets (RFC 2449
+            # §6.5); kept even if the login itself is refused for it.
+            self.report.login_delay = session.capabilities.login_delay
             session.login(secret)
             self.report.login_delay = session.capabilities.login_delay
             if session.capabilities.expire_zero and self.account.delete_after_days is None:
@@ -301,9 +327,14 @@ class _Poll:
     def fetch(self, session: Session, fetches: list[tuple[Fetch, str]]) -> None:
         limit = self.account.max_message_size
         by_msg = {item.message.msg: (item, name) for item, name in fetches}
-        requests = (
-            RetrRequest(item.message.msg, body_limit(item.message.size, limit))
-            for item, _ in fetches
+        # A stop request ends the stream of new RETRs; those in flight finish,
+        # their batch is committed and its DELEs sent, then QUIT as usual.
+        requests = itertools.takewhile(
+            lambda _: not self.stopped(),
+            (
+                RetrRequest(item.message.msg, body_limit(item.message.size, limit))
+                for item, _ in fetches
+            ),
         )
         batch = _Batch()
         tmp: TmpMessage | None = None
@@ -343,6 +374,14 @@ class _Poll:
             raise
         self.flush(batch, session)
         self.report_progress(len(fetches))
+
+    def stopped(self) -> bool:
+        if self.should_stop():
+            if not self.report.interrupted:
+                self.report.interrupted = True
+                self.warn("stop requested: finishing the messages in flight, then QUIT")
+            return True
+        return False
 
     def complete(self, tmp: TmpMessage, item: Fetch, batch: _Batch) -> None:
         tmp.finish(fsync=True)
@@ -434,8 +473,13 @@ def run_account(
     lock_wait: bool | float = False,
     progress: Progress | None = None,
     session_factory: Callable[[SessionOptions], Session] = Session.open,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> PollReport:
-    """Poll *account* once; never raises for faults of the network, server or disk."""
+    """Poll *account* once; never raises for faults of the network, server or disk.
+
+    *should_stop* is asked between messages; once it says True no further
+    RETR is sent, and the poll finishes what is in flight and QUITs cleanly.
+    """
     report = PollReport(account.name)
     started = time.monotonic()
     poll_id: int | None = None
@@ -445,9 +489,10 @@ def run_account(
             poll_id = ledger.start_poll(account.name, now())
             maildir = stack.enter_context(Maildir(account.maildir))
             maildir.sweep_tmp()
+            poll = _Poll(account, ledger, maildir, report, now, progress, should_stop)
             if maildir.is_on_nfs():
-                report.warnings.append("the Maildir is on a network file system; see README")
-            _Poll(account, ledger, maildir, report, now, progress).run(session_factory)
+                poll.warn("the Maildir is on a network file system; see README")
+            poll.run(session_factory)
         report.ok = True
     except PopsyncError as exc:
         report.error = str(exc)
@@ -475,6 +520,7 @@ def _finish_poll(ledger: Ledger, poll_id: int, report: PollReport, at: float) ->
         )
     except PopsyncError as exc:  # the poll's own outcome matters more
         report.warnings.append(f"could not record the poll: {exc}")
+        log.warning("%s: could not record the poll: %s", report.account, exc)
 
 
 def run_accounts(

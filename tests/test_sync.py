@@ -384,3 +384,21 @@ def test_password_command_with_injection_sends_nothing(tmp_path: Path) -> None:
         assert cli_main(["-c", str(cfg), "sync"]) == 1
         assert srv.sessions == []
     assert len(srv.store) == len(sample_messages())
+
+
+def test_stop_request_finishes_in_flight_then_quits(make_env: Any) -> None:
+    messages = list(generate_messages(60, 1500, seed=12))
+    env = make_env(messages, delete_after_days=0)
+    asked = {"n": 0}
+
+    def should_stop() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 10  # ten RETRs may start, then the stop request arrives
+
+    report = run_account(env.account, env.ledger, env.config.state_dir, should_stop=should_stop)
+    assert report.ok and report.interrupted
+    assert report.counts.fetched == 10 and report.counts.deleted == 10
+    assert len(env.store) == 50 and env.server.sessions[0].quit_received
+    rest = env.poll()
+    assert rest.ok and rest.counts.fetched == 50 and not rest.interrupted
+    env.expect_exactly_once(messages)
