@@ -15,9 +15,11 @@ Rules (DESIGN §4, PROTOCOL-NOTES §3):
 * DELE only rows ``delivered`` (or ``deleted`` yet still listed: a lost QUIT
   reply, W6) whose LIST size still equals the size recorded at fetch time
   (guards against UID reuse), whose UID is not ambiguous (listed once), and
-  whose delete policy is due.  ``delete_after_days`` None: never; 0: right
-  after durable delivery (the executor DELEs those after the ledger commit
-  that covers them); N: N days after delivery.
+  whose delete policy is due.  The executor also compares ``TOP n 0`` with
+  the header hash recorded at delivery before sending such a DELE.
+  ``delete_after_days`` None: never; 0: right after durable delivery (the
+  executor DELEs those after the ledger commit that covers them); N: N days
+  after delivery.
 * A row that was due for deletion and is no longer listed is settled as
   ``gone`` (the deletion happened, whoever did it).  Other vanished rows
   stay as they are: history, so a server that hides mail for a while never
@@ -68,6 +70,9 @@ class Fetch:
 class Delete:
     message: ServerMessage
     row_id: int
+    #: Hash of the header section stored at delivery; ``TOP n 0`` must match it
+    #: before the DELE (a guard against UID reuse).  None: size check only.
+    header_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +158,7 @@ def plan(
             and message.size == row.server_size
             and _due(row, policy)
         ):
-            delete.append(Delete(message, row.id))
+            delete.append(Delete(message, row.id, row.header_sha256))
     gone = tuple(
         key
         for key, row in rows.items()

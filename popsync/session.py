@@ -61,6 +61,7 @@ from popsync.pop3 import (
     Retr,
     State,
     Stls,
+    Top,
     Uidl,
     User,
 )
@@ -106,10 +107,15 @@ class SessionOptions:
 
 @dataclass(frozen=True, slots=True)
 class RetrRequest:
-    """Fetch message *msg*; a body longer than *limit* bytes is cut off (an error)."""
+    """Fetch message *msg*; a body longer than *limit* bytes is cut off (an error).
+
+    With *top* set, send ``TOP msg top`` instead: the headers and that many
+    body lines (RFC 1939 §7).
+    """
 
     msg: int
     limit: int | None = None
+    top: int | None = None
 
 
 class Session:
@@ -323,7 +329,10 @@ class Session:
                 if req is None:
                     exhausted = True
                     break
-                out += self.conn.send(Retr(req.msg, limit=req.limit))
+                if req.top is None:
+                    out += self.conn.send(Retr(req.msg, limit=req.limit))
+                else:
+                    out += self.conn.send(Top(req.msg, req.top, limit=req.limit))
             if out:
                 self.transport.send(bytes(out))
             if not self.conn.pending:

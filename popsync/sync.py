@@ -31,10 +31,11 @@ stays, and its DELE is simply repeated next time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,8 @@ from popsync.maildir import (
     name_hash,
     unique_name,
 )
-from popsync.plan import Fetch, Plan, Policy, join_listings, plan
-from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr
+from popsync.plan import Delete, Fetch, Plan, Policy, join_listings, plan
+from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr, Top
 from popsync.session import Reply, RetrRequest, Session, SessionOptions
 from popsync.transport import make_ssl_context
 
@@ -84,6 +85,8 @@ BATCH_SECONDS = 1.0
 SIZE_SLACK = 64 * 1024
 #: Cap for a message whose size the server did not tell and no limit is set.
 HARD_CAP = 1 << 30
+#: Longest header section hashed for the UID-reuse check.
+HEADER_CAP = 256 * 1024
 
 Progress = Callable[[int, int, int], None]  # (messages done, messages planned, bytes)
 
@@ -204,7 +207,7 @@ class _Poll:
             the_plan = plan(messages, rows, policy, waiting)
             self.describe(the_plan)
             fetches = self.claim_names(the_plan, rows, now)
-            for item in the_plan.delete:
+            for item in self.verify_headers(session, the_plan.delete):
                 session.queue_dele(item.message.msg)
                 self.to_record[item.message.msg] = (item.message.uid, item.message.occurrence)
             self.fetch(session, fetches)
@@ -322,6 +325,41 @@ class _Poll:
         failpoints.failpoint("after_begin_fetch")
         return fetches
 
+    def verify_headers(self, session: Session, deletes: Sequence[Delete]) -> list[Delete]:
+        """Keep the DELEs whose ``TOP n 0`` still hashes as at delivery.
+
+        RFC 1939 §7 only says a server *should* not reuse a UID; if one does,
+        the size check in :func:`plan` may still match by chance.  A message
+        delivered in an earlier session is DELEd only if its header section
+        is unchanged.  Rows from before migration 0002 (no hash), and servers
+        without TOP, fall back to the size check alone.
+        """
+        to_check = [d for d in deletes if d.header_sha256 is not None]
+        if not to_check or not session.capabilities.has("TOP"):
+            return list(deletes)
+        seen: dict[int, str | None] = {}
+        hasher = _HeaderHasher()
+        requests = (
+            RetrRequest(d.message.msg, body_limit(d.message.size, None), top=0) for d in to_check
+        )
+        for event in session.retrieve(requests):
+            if isinstance(event, Ok):
+                hasher = _HeaderHasher()
+            elif isinstance(event, BodyData):
+                hasher.feed(event.data)
+            elif isinstance(event, EndOfBody) and isinstance(event.command, Top):
+                seen[event.command.msg] = hasher.hexdigest()
+        kept = []
+        for item in deletes:
+            if item.header_sha256 is None or seen.get(item.message.msg) == item.header_sha256:
+                kept.append(item)
+            else:
+                self.warn(
+                    f"message {item.message.msg}: its headers differ from the copy delivered "
+                    "earlier under this unique-id (reused by the server?); not deleted"
+                )
+        return kept
+
     # -- fetching (step 6) ------------------------------------------------------------
 
     def fetch(self, session: Session, fetches: list[tuple[Fetch, str]]) -> None:
@@ -338,6 +376,7 @@ class _Poll:
         )
         batch = _Batch()
         tmp: TmpMessage | None = None
+        headers = _HeaderHasher()
         try:
             for event in session.retrieve(requests):
                 command = event.command
@@ -348,13 +387,15 @@ class _Poll:
                 item, name = by_msg[command.msg]
                 if isinstance(event, Ok):
                     tmp = self.maildir.open_tmp(name)
+                    headers = _HeaderHasher()
                 elif isinstance(event, BodyData):
                     assert tmp is not None
                     tmp.write(event.data)
+                    headers.feed(event.data)
                     failpoints.failpoint("mid_body")
                 elif isinstance(event, EndOfBody):
                     assert tmp is not None
-                    self.complete(tmp, item, batch)
+                    self.complete(tmp, item, batch, headers.hexdigest())
                     tmp = None
                     if batch.due():
                         self.flush(batch, session)
@@ -383,14 +424,14 @@ class _Poll:
             return True
         return False
 
-    def complete(self, tmp: TmpMessage, item: Fetch, batch: _Batch) -> None:
+    def complete(self, tmp: TmpMessage, item: Fetch, batch: _Batch, header_sha: str | None) -> None:
         tmp.finish(fsync=True)
         failpoints.failpoint("after_tmp_fsync")
         self.maildir.deliver(tmp)
         failpoints.failpoint("after_link")
         m = item.message
         batch.add(
-            Delivered(m.uid, m.occurrence, tmp.size, tmp.sha256_hex, self.now()),
+            Delivered(m.uid, m.occurrence, tmp.size, tmp.sha256_hex, self.now(), header_sha),
             m.msg if item.delete_after else None,
         )
 
@@ -420,6 +461,41 @@ class _Poll:
     def report_progress(self, planned: int) -> None:
         if self.progress is not None:
             self.progress(self.fetched, planned, self.bytes)
+
+
+class _HeaderHasher:
+    """SHA-256 of a message's header section: up to and including the first
+    empty line (LF form), or the whole message if it has none.
+
+    Fed the stored bytes as they stream; keeps at most HEADER_CAP bytes, and
+    gives up (None) on a header section longer than that.
+    """
+
+    __slots__ = ("_buf", "_digest", "_done")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._digest: str | None = None
+        self._done = False
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            return
+        start = max(0, len(self._buf) - 1)
+        self._buf += data
+        end = self._buf.find(b"\n\n", start)
+        if end >= 0:
+            self._digest = hashlib.sha256(self._buf[: end + 2]).hexdigest()
+            self._done = True
+            self._buf = bytearray()
+        elif len(self._buf) > HEADER_CAP:
+            self._done = True
+            self._buf = bytearray()
+
+    def hexdigest(self) -> str | None:
+        if not self._done:
+            return hashlib.sha256(self._buf).hexdigest()
+        return self._digest
 
 
 class _Batch:

@@ -134,6 +134,26 @@ def test_schema_revision_constant_is_the_script_head() -> None:
     assert ScriptDirectory.from_config(cfg).get_heads() == [SCHEMA_REVISION]
 
 
+def test_a_0001_ledger_is_upgraded_in_place_keeping_its_rows(db_path: Path) -> None:
+    """An installed popsync upgrades the ledger an older release wrote."""
+    from alembic import command
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", url_for(db_path))
+    command.upgrade(cfg, "0001")
+    sqlite3.connect(db_path).execute(
+        "INSERT INTO messages (account, uid, occurrence, state, server_size, maildir_name,"
+        " first_seen, last_seen) VALUES ('acct', x'6f6c64', 0, 'fetching', 10, 'n-old', 1, 1)"
+    ).connection.commit()
+    with Ledger.open(url_for(db_path)) as led:
+        row = led.rows("acct")[(b"old", 0)]
+        assert row.maildir_name == "n-old" and row.header_sha256 is None
+        led.mark_delivered("acct", [Delivered(b"old", 0, 9, SHA_A, 2.0, header_sha256=SHA_A)])
+        assert led.rows("acct")[(b"old", 0)].header_sha256 == SHA_A
+    assert raw_rows(db_path, "SELECT version_num FROM alembic_version") == [(SCHEMA_REVISION,)]
+
+
 def test_open_is_idempotent_and_keeps_data(db_path: Path) -> None:
     with Ledger.open(url_for(db_path)) as first:
         first.begin_fetch("acct", [fetch(b"u1", "n1")])

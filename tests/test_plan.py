@@ -35,6 +35,7 @@ def row(
         deleted_at=None,
         last_seen=NOW - DAY,
         skip_reason=None,
+        header_sha256=None,
     )
 
 

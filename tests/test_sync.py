@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def test_delete_after_days_waits(make_env: Any) -> None:
         env.account,
         env.ledger,
         env.config.state_dir,
-        now=lambda: __import__("time").time() + 4 * 86400,
+        now=lambda: time.time() + 4 * 86400,
     )
     assert later.ok and later.counts.deleted == len(sample_messages()) and len(env.store) == 0
 
@@ -402,3 +403,24 @@ def test_stop_request_finishes_in_flight_then_quits(make_env: Any) -> None:
     rest = env.poll()
     assert rest.ok and rest.counts.fetched == 50 and not rest.interrupted
     env.expect_exactly_once(messages)
+
+
+def test_reused_uid_with_other_headers_is_not_deleted(make_env: Any) -> None:
+    """RFC 1939 §7 only says a server *should* not reuse a unique-id."""
+    env = make_env([], delete_after_days=3)
+    original = b"Subject: first\nFrom: a@example.org\n\nbody\n"
+    impostor = b"Subject: other\nFrom: a@example.org\n\nbody\n"  # same size, new headers
+    env.store.add(original, uid=b"reused")
+    env.store.add(sample_messages()[0], uid=b"honest")
+    assert env.poll().ok
+    env.store.remove(b"reused")
+    env.store.add(impostor, uid=b"reused")
+    later = run_account(
+        env.account, env.ledger, env.config.state_dir, now=lambda: time.time() + 4 * 86400
+    )
+    assert later.ok and later.counts.deleted == 1
+    assert any("headers differ" in w for w in later.warnings)
+    assert env.store.uids() == [b"reused"]  # the impostor, never fetched, is still there
+    rows = env.ledger.rows("acct")
+    assert rows[(b"honest", 0)].state == "deleted"
+    assert rows[(b"reused", 0)].header_sha256 is not None

@@ -20,8 +20,8 @@ Schema invariants (enforced by constraints where the database can):
 * All timestamps are UTC seconds since the epoch as floats (``time.time()``),
   everywhere, so comparisons and arithmetic need no time-zone handling.
 
-The revision that creates this schema is ``migrations/versions/0001_initial.py``;
-a test checks that migration and models agree.
+The revisions that create this schema are in ``migrations/versions/``; a test
+checks that the newest one and the models agree.
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ class MessageRecord(Base):
     deleted_at: Mapped[float | None] = mapped_column(Double)
     last_seen: Mapped[float] = mapped_column(Double)
     skip_reason: Mapped[str | None] = mapped_column(Text)
+    #: SHA-256 (hex) of the stored header section (up to the first blank line),
+    #: compared with ``TOP n 0`` before a later DELE (migration 0002).
+    header_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class PollRow(Base):

@@ -102,6 +102,7 @@ class LedgerRow:
     deleted_at: float | None
     last_seen: float
     skip_reason: str | None
+    header_sha256: str | None
 
     @property
     def key(self) -> Key:
@@ -131,6 +132,8 @@ class Delivered:
     stored_size: int
     sha256: str  # lower-case hex of the stored bytes
     delivered_at: float
+    #: lower-case hex of the stored header section (see :func:`header_section`)
+    header_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +234,7 @@ _DELIVER: Final = (
         stored_size=bindparam("b_size"),
         sha256=bindparam("b_sha"),
         delivered_at=bindparam("b_at"),
+        header_sha256=bindparam("b_hsha"),
     )
 )
 _DELETE: Final = (
@@ -463,8 +467,9 @@ class Ledger:
         if not keys:
             return
         for item in items:
-            if not _SHA256_HEX.fullmatch(item.sha256):
-                raise LedgerError(f"account {account}: {item.sha256!r} is not a SHA-256 hex digest")
+            for digest in (item.sha256, item.header_sha256):
+                if digest is not None and not _SHA256_HEX.fullmatch(digest):
+                    raise LedgerError(f"account {account}: {digest!r} is not a SHA-256 hex digest")
         with self._transaction(f"record deliveries for account {account}", write=True) as conn:
             prior = self._prior(conn, account, keys)
             params: list[dict[str, Any]] = []
@@ -478,6 +483,7 @@ class Ledger:
                             "b_size": item.stored_size,
                             "b_sha": item.sha256,
                             "b_at": item.delivered_at,
+                            "b_hsha": item.header_sha256,
                         }
                     )
                 elif row is None or row.state != "delivered" or row.sha256 != item.sha256:
