@@ -189,3 +189,20 @@ def test_unknown_size_is_fetched_but_never_deleted() -> None:
     rows = {(b"a", 0): row(b"a", "delivered", delivered_days_ago=5)}
     assert plan(listing, rows, Policy(delete_after_days=0, now=NOW)).delete == ()
     assert keys(plan(listing, {}, Policy(max_message_size=1, now=NOW)).fetch) == [(1, b"a")]
+
+
+def test_plan_is_set_based_and_fast_at_100k() -> None:
+    import time
+
+    n = 100_000
+    uidl = [(i, b"UID%08d" % i) for i in range(1, n + 1)]
+    listing, _ = join_listings(uidl, [(i, 100) for i in range(1, n + 1)])
+    rows = {
+        (uid, 0): row(uid, "delivered", delivered_days_ago=1)
+        for _, uid in uidl[: n - 10]  # the last ten are new
+    }
+    started = time.perf_counter()
+    result = plan(listing, rows, Policy(delete_after_days=None, now=NOW))
+    elapsed = time.perf_counter() - started
+    assert [f.message.msg for f in result.fetch] == list(range(n - 9, n + 1))
+    assert elapsed < 2.0, f"plan() took {elapsed:.2f} s for {n} messages"
