@@ -191,6 +191,14 @@ def run_measured(
         watchdog.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            # Ctrl-C (the child is in its own session, so it did not get it)
+            # or any other way out: the client must not outlive the benchmark.
+            kill_group()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, 0)
+            proc.returncode = -1
+            raise
         finally:
             watchdog.cancel()
         wall = time.perf_counter() - start
