@@ -12,9 +12,9 @@ What happens (see benchmarks/README.md for how to read the output):
    (popsync.testing.samples.generate_messages), then one untimed pipelined
    RETR of everything, so Dovecot's first-session work is charged to no client.
 3. Per run, each client in turn as a separate process (``os.wait4``: its wall
-   time, CPU time and peak RSS), with a fresh Maildir and fresh UIDL state for
-   a first fetch; for dataset C each client syncs once untimed and the timed
-   runs are nothing-new polls on that kept state.
+   and CPU time; GNU time as the launcher: its own peak RSS), with a fresh
+   Maildir and fresh UIDL state for a first fetch; for dataset C each client
+   syncs once untimed and the timed runs are nothing-new polls on that state.
 4. Each run is verified: the Maildir must hold exactly the stored form of
    what Dovecot holds (SHA-256 multiset); in delete mode the server must end
    empty.  A failed or unverified run is reported, never averaged in.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -92,17 +93,11 @@ class Dataset:
 
     def scaled(self, count: int, size: int | None = None) -> Dataset:
         """The same dataset, smaller (for ``--quick``)."""
-        return Dataset(
-            self.key,
-            self.title,
-            count,
-            self.size if size is None else size,
-            self.seed,
-            self.poll,
-            self.delay,
-            self.delete,
-            min(self.timeout, 300.0),
-            self.mailbox,
+        return dataclasses.replace(
+            self,
+            count=count,
+            size=self.size if size is None else size,
+            timeout=min(self.timeout, 300.0),
         )
 
 
