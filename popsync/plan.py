@@ -29,9 +29,11 @@ Rules (DESIGN §4, PROTOCOL-NOTES §3):
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from popsync.ledger import LedgerRow
 
@@ -40,9 +42,9 @@ DAY = 86400.0
 Key = tuple[bytes, int]
 
 
-@dataclass(frozen=True, slots=True)
-class ServerMessage:
-    """One message as this session's listings show it."""
+class ServerMessage(NamedTuple):
+    """One message as this session's listings show it (a NamedTuple: one per
+    listed message is built on every poll, so construction must be cheap)."""
 
     msg: int
     uid: bytes
@@ -95,20 +97,33 @@ class Plan:
     listed: int = 0
 
 
+#: A listing entry as :func:`join_listings` builds it: (msg, uid, occurrence,
+#: size).  Plain tuples, built at C speed; :class:`ServerMessage` is the same
+#: shape with names, made only for the messages a plan acts on.
+Listed = tuple[int, bytes, int, int | None]
+
+
 def join_listings(
     uidl: Sequence[tuple[int, bytes]], scan: Sequence[tuple[int, int]]
-) -> tuple[list[ServerMessage], list[int]]:
+) -> tuple[list[Listed], list[int]]:
     """Pair UIDL and LIST by message number; number occurrences of each UID.
 
-    Returns (messages in message-number order, numbers listed by LIST only).
+    Returns (entries in message-number order, numbers listed by LIST only).
     """
     sizes = dict(scan)
-    seen: Counter[bytes] = Counter()
-    messages = []
-    for msg, uid in sorted(uidl):
-        messages.append(ServerMessage(msg, uid, seen[uid], sizes.get(msg)))
-        seen[uid] += 1
-    with_uid = {msg for msg, _ in uidl}
+    ordered = sorted(uidl)  # linear when already in order, as servers send it
+    msgs = [msg for msg, _ in ordered]
+    uids = [uid for _, uid in ordered]
+    if len(set(uids)) == len(uids):  # the usual case: no UID listed twice
+        occurrences: Iterable[int] = itertools.repeat(0)
+    else:
+        seen: Counter[bytes] = Counter()
+        occurrences = []
+        for uid in uids:
+            occurrences.append(seen[uid])
+            seen[uid] += 1
+    messages = list(zip(msgs, uids, occurrences, map(sizes.get, msgs), strict=False))
+    with_uid = set(msgs)
     waiting = sorted(msg for msg in sizes if msg not in with_uid)
     return messages, waiting
 
@@ -121,48 +136,54 @@ def _due(row: LedgerRow, policy: Policy) -> bool:
 
 
 def plan(
-    messages: Sequence[ServerMessage],
+    messages: Sequence[Listed],
     rows: Mapping[Key, LedgerRow],
     policy: Policy,
     waiting: Sequence[int] = (),
 ) -> Plan:
     """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time)."""
-    counts = Counter(m.uid for m in messages)
+    counts = Counter(uid for _, uid, _, _ in messages)
     ambiguous = frozenset(uid for uid, n in counts.items() if n > 1)
     fetch: list[Fetch] = []
     delete: list[Delete] = []
     skip: list[Skip] = []
     listed_keys: set[Key] = set()
     limit = policy.max_message_size
-    for message in messages:
-        key = (message.uid, message.occurrence)
+    deleting = policy.delete_after_days is not None
+    get_row = rows.get
+    for msg, uid, occurrence, size in messages:
+        key = (uid, occurrence)
         listed_keys.add(key)
-        row = rows.get(key)
+        row = get_row(key)
         state = row.state if row is not None else None
-        if state in (None, "fetching", "skipped"):
-            if limit is not None and message.size is not None and message.size > limit:
-                skip.append(Skip(message, f"larger than max_message_size ({limit} bytes)"))
-                continue
-            fetch.append(
-                Fetch(
-                    message,
-                    existing_name=row.maildir_name if row is not None else None,
-                    delete_after=policy.delete_after_days == 0 and message.uid not in ambiguous,
+        if state in ("delivered", "deleted"):
+            if (
+                deleting
+                and row is not None
+                and uid not in ambiguous
+                and size is not None
+                and size == row.server_size
+                and _due(row, policy)
+            ):
+                delete.append(
+                    Delete(ServerMessage(msg, uid, occurrence, size), row.id, row.header_sha256)
                 )
+            continue
+        message = ServerMessage(msg, uid, occurrence, size)
+        if limit is not None and size is not None and size > limit:
+            skip.append(Skip(message, f"larger than max_message_size ({limit} bytes)"))
+            continue
+        fetch.append(
+            Fetch(
+                message,
+                existing_name=row.maildir_name if row is not None else None,
+                delete_after=policy.delete_after_days == 0 and uid not in ambiguous,
             )
-        elif (
-            row is not None
-            and state in ("delivered", "deleted")
-            and message.uid not in ambiguous
-            and message.size is not None
-            and message.size == row.server_size
-            and _due(row, policy)
-        ):
-            delete.append(Delete(message, row.id, row.header_sha256))
+        )
     gone = tuple(
         key
         for key, row in rows.items()
-        if row.state == "delivered" and key not in listed_keys and _due(row, policy)
+        if deleting and row.state == "delivered" and key not in listed_keys and _due(row, policy)
     )
     return Plan(
         fetch=tuple(fetch),

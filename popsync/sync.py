@@ -220,11 +220,11 @@ class _Poll:
         deleted = [self.to_record[msg] for msg in sorted(self.dele_ok)]
         self.ledger.mark_deleted(self.name, [*deleted, *the_plan.gone], self.now())
         self.count(the_plan, deleted=len(deleted))
+        stale_before = now - SEEN_REFRESH
         stale = [
-            (m.uid, m.occurrence)
-            for m in messages
-            if (row := rows.get((m.uid, m.occurrence))) is not None
-            and row.last_seen < now - SEEN_REFRESH
+            (uid, occurrence)
+            for _, uid, occurrence, _ in messages
+            if (row := rows.get((uid, occurrence))) is not None and row.last_seen < stale_before
         ]
         if stale:
             self.ledger.touch_seen(self.name, stale, now)

@@ -54,7 +54,7 @@ def test_join_numbers_occurrences_and_waiting() -> None:
     listing, waiting = join_listings(
         [(2, b"x"), (1, b"x"), (3, b"y")], [(1, 10), (2, 20), (3, 30), (4, 40)]
     )
-    assert [(m.msg, m.uid, m.occurrence, m.size) for m in listing] == [
+    assert listing == [
         (1, b"x", 0, 10),
         (2, b"x", 1, 20),
         (3, b"y", 0, 30),

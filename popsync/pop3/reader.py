@@ -144,13 +144,12 @@ def read_listing_lines(buf: bytearray) -> tuple[list[bytes], bool]:
         done = False
     if not raw:
         return [], done
+    # Whole-buffer operations; a Python step per line only for the rare
+    # stuffed line (a listing line never legitimately starts with ".").
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n")
     lines = raw.split(b"\n")
     lines.pop()  # raw ends with LF: the last piece is empty
-    out = []
-    for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]  # noqa: PLW2901
-        if line.startswith(b"."):
-            line = line[1:]  # noqa: PLW2901
-        out.append(line)
-    return out, done
+    if raw.startswith(b".") or b"\n." in raw:
+        lines = [line[1:] if line.startswith(b".") else line for line in lines]
+    return lines, done
