@@ -21,10 +21,10 @@ from alembic import context
 from sqlalchemy import Connection
 
 from popsync.ledger.engine import WRITE_OPTION, create_ledger_engine, parse_url, prepare_sqlite_file
-from popsync.ledger.models import Base
+from popsync.ledger.models import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _configure(**kwargs: object) -> None:

@@ -32,7 +32,7 @@ from popsync.ledger import (
     upgrade,
 )
 from popsync.ledger.engine import ledger_error, migrations_dir
-from popsync.ledger.models import Base
+from popsync.ledger.models import metadata
 
 REPO = Path(__file__).resolve().parents[1]
 SHA_A = "a" * 64
@@ -123,7 +123,7 @@ def test_pragmas_hold_on_every_connection(ledger: Ledger) -> None:
 def test_migration_matches_models(ledger: Ledger) -> None:
     with ledger.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        assert compare_metadata(ctx, Base.metadata) == []
+        assert compare_metadata(ctx, metadata) == []
         uniques = {u["name"] for u in inspect(conn).get_unique_constraints("messages")}
     assert uniques == {"uq_messages_account_uid_occurrence", "uq_messages_account_maildir_name"}
 

@@ -51,7 +51,7 @@ from popsync.ledger.engine import (
     translate_errors,
     upgrade,
 )
-from popsync.ledger.models import MESSAGE_STATES, Base, MessageState, PollResult
+from popsync.ledger.models import MESSAGE_STATES, MessageState, PollResult, messages, polls
 
 __all__ = [
     "SEEN_REFRESH",
@@ -76,8 +76,8 @@ _IN_CHUNK: Final = 500
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
-_messages = Base.metadata.tables["messages"]
-_polls = Base.metadata.tables["polls"]
+_messages = messages
+_polls = polls
 _m = _messages.c
 _p = _polls.c
 
