@@ -20,8 +20,8 @@ _REMAINING = int(_COUNT) if _COUNT.isdigit() else 1
 POINTS = (
     "after_begin_fetch",  # names committed, no RETR yet
     "mid_body",  # part of a body written to tmp/
-    "after_tmp_fsync",  # file complete and fsynced, not linked
-    "after_link",  # linked into new/, directory not yet fsynced
+    "after_tmp_fsync",  # a batch of files complete and fsynced, none linked
+    "after_link",  # the batch linked into new/, directory not yet fsynced
     "after_dir_fsync",  # durable in the Maildir, ledger not yet committed
     "after_commit",  # ledger says delivered, no DELE sent
     "after_dele",  # DELE answered +OK, QUIT not sent

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from popsync import failpoints
 from popsync.config import Account
+from popsync.delivery import DeliveryPipeline
 from popsync.errors import (
     DeliveryError,
     PopsyncError,
@@ -365,55 +365,68 @@ class _Poll:
     def fetch(self, session: Session, fetches: list[tuple[Fetch, str]]) -> None:
         limit = self.account.max_message_size
         by_msg = {item.message.msg: (item, name) for item, name in fetches}
-        # A stop request ends the stream of new RETRs; those in flight finish,
-        # their batch is committed and its DELEs sent, then QUIT as usual.
-        requests = itertools.takewhile(
-            lambda _: not self.stopped(),
-            (
-                RetrRequest(item.message.msg, body_limit(item.message.size, limit))
-                for item, _ in fetches
-            ),
-        )
         batch = _Batch()
         tmp: TmpMessage | None = None
         headers = _HeaderHasher()
-        try:
-            for event in session.retrieve(requests):
-                command = event.command
-                if isinstance(command, Dele):
-                    self.on_dele(event)
-                    continue
-                assert isinstance(command, Retr)
-                item, name = by_msg[command.msg]
-                if isinstance(event, Ok):
-                    tmp = self.maildir.open_tmp(name)
-                    headers = _HeaderHasher()
-                elif isinstance(event, BodyData):
-                    assert tmp is not None
-                    tmp.write(event.data)
-                    headers.feed(event.data)
-                    failpoints.failpoint("mid_body")
-                elif isinstance(event, EndOfBody):
-                    assert tmp is not None
-                    self.complete(tmp, item, batch, headers.hexdigest())
-                    tmp = None
-                    if batch.due():
-                        self.flush(batch, session)
-                        self.report_progress(len(fetches))
-                elif isinstance(event, Err):
-                    text = escape_server_text(event.text)
-                    self.failed.append(f"RETR {command.msg}: -ERR {text}")
-        except BaseException:
-            if tmp is not None:
-                tmp.abort()
-            # What is linked is durable once new/ is fsynced: record it, so the
-            # next poll needs no recovery -- but queue no DELE on a broken session.
-            # If that fails too, the first error is the one to report; the
-            # next poll's recovery finds the linked files.
-            with contextlib.suppress(PopsyncError):
-                self.flush(batch, None)
-            raise
-        self.flush(batch, session)
+        with DeliveryPipeline(self.maildir) as pipeline:
+
+            def requests() -> Iterator[RetrRequest]:
+                for item, name in fetches:
+                    # A stop request ends the stream of new RETRs; those in
+                    # flight finish, their batch is committed and its DELEs
+                    # sent, then QUIT as usual.
+                    if self.stopped():
+                        return
+                    pipeline.reserve(name)  # tmp/<name> is created meanwhile
+                    yield RetrRequest(item.message.msg, body_limit(item.message.size, limit))
+
+            try:
+                for event in session.retrieve(requests()):
+                    command = event.command
+                    if isinstance(command, Dele):
+                        self.on_dele(event)
+                        continue
+                    assert isinstance(command, Retr)
+                    item, name = by_msg[command.msg]
+                    if isinstance(event, Ok):
+                        tmp = pipeline.open(name)
+                        headers = _HeaderHasher()
+                    elif isinstance(event, BodyData):
+                        assert tmp is not None
+                        tmp.write(event.data)
+                        headers.feed(event.data)
+                        failpoints.failpoint("mid_body")
+                    elif isinstance(event, EndOfBody):
+                        assert tmp is not None
+                        pipeline.finish(tmp)  # flush + fsync + close, in the background
+                        m = item.message
+                        delivered = Delivered(
+                            m.uid,
+                            m.occurrence,
+                            tmp.size,
+                            tmp.sha256_hex,
+                            self.now(),
+                            headers.hexdigest(),
+                        )
+                        batch.add(tmp, delivered, m.msg if item.delete_after else None)
+                        tmp = None
+                        if batch.due():
+                            self.flush(batch, pipeline, session)
+                            self.report_progress(len(fetches))
+                    elif isinstance(event, Err):
+                        text = escape_server_text(event.text)
+                        self.failed.append(f"RETR {command.msg}: -ERR {text}")
+            except BaseException:
+                if tmp is not None:
+                    tmp.abort()
+                # Complete messages become durable and recorded, so the next poll
+                # needs no recovery -- but no DELE is queued on a broken session.
+                # If that fails too, the first error is the one to report; the
+                # next poll's recovery finds whatever was linked.
+                with contextlib.suppress(PopsyncError):
+                    self.flush(batch, pipeline, None)
+                raise
+            self.flush(batch, pipeline, session)
         self.report_progress(len(fetches))
 
     def stopped(self) -> bool:
@@ -424,32 +437,33 @@ class _Poll:
             return True
         return False
 
-    def complete(self, tmp: TmpMessage, item: Fetch, batch: _Batch, header_sha: str | None) -> None:
-        tmp.finish(fsync=True)
-        failpoints.failpoint("after_tmp_fsync")
-        self.maildir.deliver(tmp)
-        failpoints.failpoint("after_link")
-        m = item.message
-        batch.add(
-            Delivered(m.uid, m.occurrence, tmp.size, tmp.sha256_hex, self.now(), header_sha),
-            m.msg if item.delete_after else None,
-        )
+    def flush(self, batch: _Batch, pipeline: DeliveryPipeline, session: Session | None) -> None:
+        """Make the batch durable, record it in one commit, then allow its DELEs.
 
-    def flush(self, batch: _Batch, session: Session | None) -> None:
-        """Make the batch durable (new/ fsync, one commit), then allow its DELEs."""
-        if not batch.items:
+        The order is the promise (DESIGN §4): every file fsynced, then linked
+        into new/, then new/ fsynced, then the ledger commit, then DELE.
+        """
+        entries = batch.take()
+        if not entries:
             return
+        finished = pipeline.complete()  # raises if any fsync failed: nothing linked
+        assert [t for t, _, _ in entries] == finished
+        failpoints.failpoint("after_tmp_fsync")
+        for tmp, _, _ in entries:
+            self.maildir.deliver(tmp)
+        failpoints.failpoint("after_link")
         self.maildir.sync_new()
         failpoints.failpoint("after_dir_fsync")
-        self.ledger.mark_delivered(self.name, batch.items)
+        items = [delivered for _, delivered, _ in entries]
+        self.ledger.mark_delivered(self.name, items)
         failpoints.failpoint("after_commit")
-        self.fetched += len(batch.items)
-        self.bytes += sum(d.stored_size for d in batch.items)
+        self.fetched += len(items)
+        self.bytes += sum(d.stored_size for d in items)
         if session is not None:
-            for msg, key in batch.deletes:
-                self.to_record[msg] = key
-                session.queue_dele(msg)
-        batch.clear()
+            for _, delivered, msg in entries:
+                if msg is not None:
+                    self.to_record[msg] = (delivered.uid, delivered.occurrence)
+                    session.queue_dele(msg)
 
     def on_dele(self, event: Reply) -> None:
         assert isinstance(event, Ok | Err) and isinstance(event.command, Dele)
@@ -499,33 +513,30 @@ class _HeaderHasher:
 
 
 class _Batch:
-    """Delivered files waiting for their directory fsync and ledger commit."""
+    """Complete messages waiting for their fsync, link, directory fsync and commit."""
 
     def __init__(self) -> None:
-        self.items: list[Delivered] = []
-        self.deletes: list[tuple[int, tuple[bytes, int]]] = []
+        self.entries: list[tuple[TmpMessage, Delivered, int | None]] = []
         self.bytes = 0
         self.started = time.monotonic()
 
-    def add(self, delivered: Delivered, dele_msg: int | None) -> None:
-        if not self.items:
+    def add(self, tmp: TmpMessage, delivered: Delivered, dele_msg: int | None) -> None:
+        if not self.entries:
             self.started = time.monotonic()
-        self.items.append(delivered)
+        self.entries.append((tmp, delivered, dele_msg))
         self.bytes += delivered.stored_size
-        if dele_msg is not None:
-            self.deletes.append((dele_msg, (delivered.uid, delivered.occurrence)))
 
     def due(self) -> bool:
         return (
-            len(self.items) >= BATCH_MESSAGES
+            len(self.entries) >= BATCH_MESSAGES
             or self.bytes >= BATCH_BYTES
             or time.monotonic() - self.started >= BATCH_SECONDS
         )
 
-    def clear(self) -> None:
-        self.items = []
-        self.deletes = []
-        self.bytes = 0
+    def take(self) -> list[tuple[TmpMessage, Delivered, int | None]]:
+        """Empty the batch and return what it held (so a failure never replays it)."""
+        entries, self.entries, self.bytes = self.entries, [], 0
+        return entries
 
 
 class _Incomplete(PopsyncError):

@@ -58,7 +58,7 @@ def assert_no_loss(store: MailStore, maildir: Path) -> None:
 
 # Every step once, and a few at a later batch so the crash lands mid-session
 # with earlier batches committed and their DELEs in flight.
-CRASHES = [*POINTS, "mid_body:70", "after_link:100", "after_dir_fsync:2", "after_commit:2"]
+CRASHES = [*POINTS, "mid_body:70", "after_link:2", "after_dir_fsync:2", "after_commit:2"]
 
 
 @pytest.mark.parametrize("failpoint", CRASHES)

@@ -120,8 +120,31 @@ def test_pragmas_hold_on_every_connection(ledger: Ledger) -> None:
             conn.close()
 
 
-def test_migration_matches_models(ledger: Ledger) -> None:
-    with ledger.engine.connect() as conn:
+def test_migrations_match_models(db_path: Path) -> None:
+    """The migrations (run for real) and the models (a fresh ledger's fast path) agree."""
+    from alembic import command
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", url_for(db_path))
+    command.upgrade(cfg, "head")
+    migrated = sqlite3.connect(db_path)
+    fresh_path = db_path.with_name("fresh.db")
+    Ledger.open(url_for(fresh_path)).close()
+    fresh = sqlite3.connect(fresh_path)
+    schema = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+
+    def normalized(db: sqlite3.Connection) -> list[tuple[object, ...]]:
+        # ALTER TABLE ADD COLUMN (a later migration) lays out whitespace differently.
+        return [(*r[:3], " ".join(str(r[3]).split())) for r in db.execute(schema)]
+
+    assert normalized(migrated) == normalized(fresh)
+    for table in ("messages", "polls", "alembic_version"):
+        columns = f"PRAGMA table_info({table})"
+        assert migrated.execute(columns).fetchall() == fresh.execute(columns).fetchall()
+    version = "SELECT version_num FROM alembic_version"
+    assert migrated.execute(version).fetchall() == fresh.execute(version).fetchall()
+    with Ledger.open(url_for(db_path)) as ledger, ledger.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, metadata) == []
         uniques = {u["name"] for u in inspect(conn).get_unique_constraints("messages")}

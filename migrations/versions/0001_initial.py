@@ -6,7 +6,8 @@ Create Date: 2025-01-01
 
 Timestamps are UTC epoch seconds (floats). UIDs are BLOBs, compared exactly.
 UNIQUE(account, uid, occurrence) is also the index behind every per-account
-lookup. Constraint names follow ``popsync.ledger.models.NAMING_CONVENTION``.
+lookup. Constraint names follow ``popsync.ledger.models.NAMING_CONVENTION``
+(``op.f`` marks a name as final, so the convention is not applied twice).
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def upgrade() -> None:
         ),
         sa.UniqueConstraint("account", "maildir_name", name="uq_messages_account_maildir_name"),
         sa.CheckConstraint(
-            "state IN ('fetching', 'delivered', 'deleted', 'skipped')", name="ck_messages_state"
+            "state IN ('fetching', 'delivered', 'deleted', 'skipped')",
+            name=op.f("ck_messages_state"),
         ),
-        sa.CheckConstraint("occurrence >= 0", name="ck_messages_occurrence"),
+        sa.CheckConstraint("occurrence >= 0", name=op.f("ck_messages_occurrence")),
     )
     op.create_table(
         "polls",
@@ -68,7 +70,7 @@ def upgrade() -> None:
         sa.Column("bytes", sa.BigInteger(), server_default=_ZERO, nullable=False),
         sa.Column("next_poll_at", sa.Double(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_polls"),
-        sa.CheckConstraint("result IN ('ok', 'error', 'running')", name="ck_polls_result"),
+        sa.CheckConstraint("result IN ('ok', 'error', 'running')", name=op.f("ck_polls_result")),
     )
     op.create_index("ix_polls_account_started_at", "polls", ["account", "started_at"])
 
