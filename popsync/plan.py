@@ -135,6 +135,25 @@ def _due(row: LedgerRow, policy: Policy) -> bool:
     return row.delivered_at + days * DAY <= policy.now
 
 
+def needs_size(
+    messages: Sequence[Listed], rows: Mapping[Key, LedgerRow], policy: Policy
+) -> list[int]:
+    """Message numbers whose LIST size :func:`plan` will use.
+
+    New or unfinished messages (for ``max_message_size`` and the body cap),
+    and delivered ones whose deletion is due (the size check).  A poll where
+    this is empty -- the usual mirror poll with nothing new -- needs no LIST.
+    """
+    wanted = []
+    deleting = policy.delete_after_days is not None
+    get_row = rows.get
+    for msg, uid, occurrence, _ in messages:
+        row = get_row((uid, occurrence))
+        if row is None or row.state in ("fetching", "skipped") or (deleting and _due(row, policy)):
+            wanted.append(msg)
+    return wanted
+
+
 def plan(
     messages: Sequence[Listed],
     rows: Mapping[Key, LedgerRow],

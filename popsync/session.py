@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +76,7 @@ from popsync.pop3.auth import (
 from popsync.pop3.listing import (
     Capabilities,
     parse_capabilities,
+    parse_scan_line,
     parse_scan_listing,
     parse_uidl_listing,
 )
@@ -293,6 +294,39 @@ class Session:
             self.transport.send(self.conn.send(scan))
             scan_lines = self._listing_reply(scan)
         return parse_uidl_listing(uid_lines), parse_scan_listing(scan_lines)
+
+    def uidl(self) -> list[tuple[int, bytes]]:
+        """The UIDL listing (RFC 1939 §7); ServerError if refused."""
+        command = Uidl()
+        self.transport.send(self.conn.send(command))
+        return parse_uidl_listing(self._listing_reply(command))
+
+    def scan(self, msgs: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """Sizes: the whole LIST listing, or ``LIST n`` for just *msgs* (pipelined).
+
+        A ``-ERR`` to one ``LIST n`` leaves that message out; a refused whole
+        LIST raises ServerError.
+        """
+        if msgs is None:
+            command = List()
+            self.transport.send(self.conn.send(command))
+            return parse_scan_listing(self._listing_reply(command))
+        window = self.options.pipeline_window if self.conn.pipelining else 1
+        sizes: list[tuple[int, int]] = []
+        todo = iter(msgs)
+        while True:
+            out = bytearray()
+            while len(self.conn.pending) < window and (msg := next(todo, None)) is not None:
+                out += self.conn.send(List(msg))
+            if out:
+                self.transport.send(bytes(out))
+            if not self.conn.pending:
+                return sizes
+            event = self._next()
+            if isinstance(event, Ok):
+                sizes.append(parse_scan_line(event.text))
+            elif not isinstance(event, Err):
+                raise RemoteProtocolError("unexpected reply to LIST")
 
     def _listing_reply(self, command: Command) -> tuple[bytes, ...]:
         event = self._next()

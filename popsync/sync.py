@@ -69,7 +69,7 @@ from popsync.maildir import (
     name_hash,
     unique_name,
 )
-from popsync.plan import Delete, Fetch, Plan, Policy, join_listings, plan
+from popsync.plan import Delete, Fetch, Plan, Policy, join_listings, needs_size, plan
 from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr, Top
 from popsync.session import Reply, RetrRequest, Session, SessionOptions
 from popsync.transport import make_ssl_context
@@ -85,6 +85,8 @@ BATCH_SECONDS = 1.0
 SIZE_SLACK = 64 * 1024
 #: Cap for a message whose size the server did not tell and no limit is set.
 HARD_CAP = 1 << 30
+#: Up to this many sizes are asked with pipelined LIST n, above it one LIST.
+SCAN_ONE_BY_ONE = 64
 #: Longest header section hashed for the UID-reuse check.
 HEADER_CAP = 256 * 1024
 
@@ -200,10 +202,20 @@ class _Poll:
                     "server advertises EXPIRE 0: it may delete every message popsync "
                     "retrieves, so mail cannot be left on this server (RFC 2449 §6.7)"
                 )
-            uidl, scan = session.listings()
-            messages, waiting = join_listings(uidl, scan)
+            uidl = session.uidl()
             now = self.now()
             policy = Policy(self.account.delete_after_days, self.account.max_message_size, now)
+            unsized, _ = join_listings(uidl, ())
+            wanted = needs_size(unsized, rows, policy)
+            # Sizes only where the plan uses them: nothing for a poll with
+            # nothing to do, LIST n for a few, the whole LIST for many.
+            if not wanted:
+                scan: list[tuple[int, int]] = []
+            elif len(wanted) <= SCAN_ONE_BY_ONE:
+                scan = session.scan(wanted)
+            else:
+                scan = session.scan()
+            messages, waiting = join_listings(uidl, scan)
             the_plan = plan(messages, rows, policy, waiting)
             self.describe(the_plan)
             fetches = self.claim_names(the_plan, rows, now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from popsync.ledger import LedgerRow
-from popsync.plan import DAY, Policy, ServerMessage, join_listings, plan
+from popsync.plan import DAY, Policy, ServerMessage, join_listings, needs_size, plan
 
 NOW = 1_700_000_000.0
 
@@ -206,3 +206,16 @@ def test_plan_is_set_based_and_fast_at_100k() -> None:
     elapsed = time.perf_counter() - started
     assert [f.message.msg for f in result.fetch] == list(range(n - 9, n + 1))
     assert elapsed < 2.0, f"plan() took {elapsed:.2f} s for {n} messages"
+
+
+def test_needs_size_only_where_the_plan_uses_it() -> None:
+    listing = msgs(b"new", b"old", b"half", b"due")
+    rows = {
+        (b"old", 0): row(b"old", "delivered", delivered_days_ago=1),
+        (b"half", 0): row(b"half", "fetching"),
+        (b"due", 0): row(b"due", "delivered", delivered_days_ago=9),
+    }
+    assert needs_size(listing, rows, Policy(now=NOW)) == [1, 3]
+    assert needs_size(listing, rows, Policy(delete_after_days=5, now=NOW)) == [1, 3, 4]
+    settled = {r.key: r for r in rows.values() if r.state == "delivered"}
+    assert needs_size(msgs(b"old", b"due"), settled, Policy(now=NOW)) == []

@@ -424,3 +424,15 @@ def test_reused_uid_with_other_headers_is_not_deleted(make_env: Any) -> None:
     rows = env.ledger.rows("acct")
     assert rows[(b"honest", 0)].state == "deleted"
     assert rows[(b"reused", 0)].header_sha256 is not None
+
+
+def test_list_only_when_sizes_matter(make_env: Any) -> None:
+    env = make_env(list(generate_messages(80, 500, seed=21)))
+    assert env.poll().counts.fetched == 80  # many new: one whole LIST
+    assert env.poll().counts.fetched == 0  # nothing new: no LIST at all
+    env.store.add(sample_messages()[0])
+    assert env.poll().counts.fetched == 1  # one new: LIST n for it alone
+    first, second, third = (s.commands for s in env.server.sessions)
+    assert [line for line, _ in first if line.startswith(b"LIST")] == [b"LIST"]
+    assert not any(line.startswith(b"LIST") for line, _ in second)
+    assert [line for line, _ in third if line.startswith(b"LIST")] == [b"LIST 81"]
