@@ -377,6 +377,11 @@ class Daemon:
         self._requests.poll_now = True
         self._wake()
 
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the pipe that wakes the main loop (non-blocking)."""
+        return self._wake_w
+
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full pipe: a wake-up is pending anyway
             os.write(self._wake_w, b"\0")
@@ -838,6 +843,12 @@ def _signals(daemon: Daemon) -> Iterator[None]:
         actions[signum]()  # sets a flag and writes to a pipe: nothing more
 
     previous = {}
+    # The kernel may deliver a signal to any thread (the poll and I/O worker
+    # threads included), and then the main thread's select() is not
+    # interrupted; Python runs the handler only when the main thread next
+    # executes.  The wakeup fd is written by the C-level handler whatever
+    # thread took the signal, so the main loop wakes at once.
+    old_wakeup = signal.set_wakeup_fd(daemon.wake_fd)
     try:
         for signum in actions:
             previous[signum] = signal.signal(signum, handler)
@@ -845,6 +856,7 @@ def _signals(daemon: Daemon) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        signal.set_wakeup_fd(old_wakeup)
 
 
 def run_daemon(
