@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from popsync.errors import RemoteProtocolError
+
+_V = TypeVar("_V")
 
 #: Longest UID accepted (RFC 1939 §7 says 70; be lenient, but bounded).
 MAX_UID_LENGTH = 512
@@ -71,7 +74,7 @@ def parse_stat(text: bytes) -> tuple[int, int]:
     return _number(parts[0], "STAT count"), _number(parts[1], "STAT size")
 
 
-def _unique(pairs: list[tuple[int, bytes]] | list[tuple[int, int]], what: str) -> None:
+def _unique(pairs: Sequence[tuple[int, object]], what: str) -> None:
     seen = {msg for msg, _ in pairs}
     if len(seen) != len(pairs):
         raise RemoteProtocolError(f"{what}: the same message number is listed twice")
@@ -88,28 +91,33 @@ def _canonical(lines: Sequence[bytes], pattern: re.Pattern[bytes]) -> bool:
     return pattern.fullmatch(b"\n".join(lines) + b"\n" if lines else b"") is not None
 
 
+def _parse_listing(
+    lines: Sequence[bytes],
+    what: str,
+    canonical: re.Pattern[bytes],
+    value: Callable[[bytes], _V],
+    lenient: Callable[[bytes], tuple[int, _V]],
+) -> list[tuple[int, _V]]:
+    """``(n, value)`` pairs: one regex pass when every line is canonical,
+    else the lenient per-line parser (which names what is wrong)."""
+    if _canonical(lines, canonical):
+        pairs = [(int(n), value(rest)) for n, rest in (line.split(b" ") for line in lines)]
+        if any(n == 0 for n, _ in pairs):
+            raise RemoteProtocolError(f"{what}: message number 0")
+    else:
+        pairs = [lenient(line) for line in lines]
+    _unique(pairs, what)
+    return pairs
+
+
 def parse_uidl_listing(lines: Sequence[bytes]) -> list[tuple[int, bytes]]:
     """All ``(n, uid)`` pairs of a UIDL listing, in server order."""
-    if _canonical(lines, _UIDL_LISTING_RE):
-        pairs = [(int(n), uid) for n, uid in (line.split(b" ") for line in lines)]
-        if any(n == 0 for n, _ in pairs):
-            raise RemoteProtocolError("UIDL: message number 0")
-    else:
-        pairs = [parse_uidl_line(line) for line in lines]
-    _unique(pairs, "UIDL")
-    return pairs
+    return _parse_listing(lines, "UIDL", _UIDL_LISTING_RE, bytes, parse_uidl_line)
 
 
 def parse_scan_listing(lines: Sequence[bytes]) -> list[tuple[int, int]]:
     """All ``(n, size)`` pairs of a LIST listing, in server order."""
-    if _canonical(lines, _SCAN_LISTING_RE):
-        pairs = [(int(n), int(size)) for n, size in (line.split(b" ") for line in lines)]
-        if any(n == 0 for n, _ in pairs):
-            raise RemoteProtocolError("LIST: message number 0")
-    else:
-        pairs = [parse_scan_line(line) for line in lines]
-    _unique(pairs, "LIST")
-    return pairs
+    return _parse_listing(lines, "LIST", _SCAN_LISTING_RE, int, parse_scan_line)
 
 
 @dataclass(frozen=True, slots=True)
