@@ -4,7 +4,8 @@ One session, in the order DESIGN §4 prescribes::
 
     session = Session.open(opts)        # connect, greeting, CAPA, [STLS, CAPA]
     session.login(secret)               # auth; no credential without TLS unless allowed
-    uids, sizes = session.listings()    # UIDL and LIST, pipelined when allowed
+    uids = session.uidl()               # UIDL; sizes with scan(): LIST, or LIST n
+                                        # (listings() sends both, pipelined)
     for event in session.retrieve(reqs):  # RETR (and queued DELE) in a bounded window
         ...
     session.quit()                      # deletions happen only now (RFC 1939 §6)

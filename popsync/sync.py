@@ -177,7 +177,6 @@ class _Poll:
         self.report = report
         self.now = now
         self.progress = progress
-        self.session: Session | None = None
         self.fetched = 0
         self.bytes = 0
         self.failed: list[str] = []
@@ -191,7 +190,6 @@ class _Poll:
         opts = session_options(self.account)
         secret = self.account.secret()  # a bad secret source fails before connecting
         with session_factory(opts) as session:
-            self.session = session
             # LOGIN-DELAY before login is the largest any user gets (RFC 2449
             # §6.5); kept even if the login itself is refused for it.
             self.report.login_delay = session.capabilities.login_delay
