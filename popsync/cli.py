@@ -261,6 +261,10 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
     line = f"{name}: last poll {_ago(now - poll.started_at)} ago: {poll.result}"
     if poll.error:
         line += f" ({poll.error})"
+    if poll.result == "error" and poll.temporary is False:
+        # [AUTH], [SYS/PERM], a TLS refusal...: retrying will not help, and the
+        # daemon pauses the account until its config entry changes.
+        line += "; needs attention: retrying will not help (`popsync run` pauses it)"
     line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
     if poll.next_poll_at is not None:
         line += f"; next poll in {_ago(max(0.0, poll.next_poll_at - now))}"

@@ -436,3 +436,19 @@ def test_list_only_when_sizes_matter(make_env: Any) -> None:
     assert [line for line, _ in first if line.startswith(b"LIST")] == [b"LIST"]
     assert not any(line.startswith(b"LIST") for line, _ in second)
     assert [line for line, _ in third if line.startswith(b"LIST")] == [b"LIST 81"]
+
+
+def test_status_says_when_an_account_needs_attention(
+    make_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = make_env(faults=Faults(errors={"PASS": b"-ERR [AUTH] invalid credentials"}), auth="user")
+    cfg = str(env.config_path)
+    assert cli_main(["-c", cfg, "sync"]) == 1
+    capsys.readouterr()
+    assert cli_main(["-c", cfg, "status"]) == 0
+    assert "needs attention: retrying will not help" in capsys.readouterr().out
+    env.server.faults = Faults()
+    assert cli_main(["-c", cfg, "sync"]) == 0
+    capsys.readouterr()
+    assert cli_main(["-c", cfg, "status"]) == 0
+    assert "needs attention" not in capsys.readouterr().out
