@@ -643,3 +643,14 @@ def test_rows_loads_100k_quickly(ledger: Ledger) -> None:
     start = time.perf_counter()
     assert ledger.touch_seen("big", rows.keys(), now=1000.0 + 60) == 0
     assert time.perf_counter() - start < 2.0
+
+
+def test_poll_history_is_pruned_per_account(ledger: Ledger, db_path: Path) -> None:
+    day = 86_400.0
+    old = ledger.start_poll("acct", 1_000.0)
+    other = ledger.start_poll("other", 1_000.0)
+    recent = ledger.start_poll("acct", 1_000.0 + 80 * day)
+    newest = ledger.start_poll("acct", 1_000.0 + 91 * day)  # prunes acct's polls > 90 days old
+    ids = {r[0] for r in raw_rows(db_path, "SELECT id FROM polls")}
+    assert old not in ids
+    assert {other, recent, newest} <= ids  # the other account's history is its own

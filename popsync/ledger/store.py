@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, cast
 
-from sqlalchemy import URL, Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import URL, Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -67,6 +67,9 @@ __all__ = [
 #: ``last_seen`` is refreshed at most this often (seconds), so a poll that
 #: finds nothing new does not rewrite every row of a large mailbox.
 SEEN_REFRESH: Final = 86_400.0
+
+#: How long poll records are kept (seconds): 90 days.
+POLL_HISTORY: Final = 90 * 86_400.0
 
 #: Longest poll error text stored (it is already escaped by the caller).
 MAX_ERROR_TEXT: Final = 2_000
@@ -593,7 +596,14 @@ class Ledger:
             LedgerError: the database fails.
         """
         stmt = insert(_polls).values(account=account, started_at=started_at, result="running")
+        # Poll history is kept for POLL_HISTORY seconds; without this the table
+        # grows by ~100,000 rows a year per account at 5-minute polls.  The
+        # (account, started_at) index makes it a range delete.
+        prune = delete(_polls).where(
+            _p.account == account, _p.started_at < started_at - POLL_HISTORY
+        )
         with self._transaction(f"record a poll of account {account}", write=True) as conn:
+            conn.execute(prune)
             pk = conn.execute(stmt).inserted_primary_key
         if pk is None or pk[0] is None:
             raise LedgerError(f"ledger {self._shown}: the new poll got no id")
