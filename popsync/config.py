@@ -24,7 +24,8 @@ Invariants
   absent); ``Account.interval`` is whole seconds, ``Account.timeout`` seconds.
 * Each account has exactly one secret source, and a secret never reaches a
   message, a ``repr`` or a log line: ``password`` is a :class:`SecretStr`, the
-  file and command sources are only read by :meth:`Account.secret`, and error
+  file and command sources are only read by :meth:`Account.secret` (through
+  :mod:`popsync.credentials`), and error
   texts never quote input values.
 * Credentials never go out in clear by accident: ``tls: none`` is refused unless
   ``allow_plaintext: true`` (DESIGN I3). A config file holding a ``password``
@@ -38,7 +39,6 @@ and ``difflib`` are imported where they are needed, to keep start-up fast.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -64,6 +64,13 @@ from pydantic import (
     model_validator,
 )
 
+from popsync.credentials import (
+    GROUP_OTHER_READ,
+    LINE_BREAKERS,
+    mode_problem,
+    read_password_file,
+    run_password_command,
+)
 from popsync.errors import ConfigError, escape_server_text
 
 __all__ = [
@@ -90,22 +97,16 @@ DEFAULT_PIPELINE_WINDOW: Final = 32
 PASSWORD_COMMAND_TIMEOUT: Final = 30.0
 #: A config file larger than this is surely not a config file.
 MAX_CONFIG_BYTES: Final = 1 << 20
-#: Only the first line of a password file is used; this bounds the read.
-MAX_PASSWORD_FILE_BYTES: Final = 64 << 10
 #: Longest duration accepted for ``interval`` and ``timeout`` (366 days), so a
 #: typo cannot overflow a socket timeout or a scheduler's timedelta.
 MAX_DURATION: Final = 366 * 86400
 
-_GROUP_OTHER_READ: Final = stat.S_IRGRP | stat.S_IROTH
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DURATION_RE: Final = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
 _SIZE_RE: Final = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE | re.ASCII)
 _VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))?")
 _SQLITE_RE: Final = re.compile(r"(sqlite(?:\+\w+)?)://(/[^?]*)?(\?.*)?", re.ASCII)
 _URL_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
-# A secret or a name that goes onto the wire must not smuggle in a line break
-# (command injection: "secret\r\nDELE 1") or a NUL.
-_LINE_BREAKERS: Final = frozenset("\r\n\0")
 
 
 class TlsMode(StrEnum):
@@ -341,108 +342,6 @@ _Window = Annotated[int, BeforeValidator(_whole), AfterValidator(_between(1, 256
 
 
 # --------------------------------------------------------------------------
-# Secrets
-
-
-def _mode_problem(path: Path, mode: int) -> str | None:
-    if not stat.S_ISREG(mode):
-        return f"{path} is not a regular file"
-    if mode & _GROUP_OTHER_READ:
-        return f"{path} is readable by group or others; run: chmod 600 {shlex.quote(str(path))}"
-    return None
-
-
-def _read_password_file(path: Path) -> str:
-    """The first line of *path*, its line ending stripped; ValueError on any problem.
-
-    The mode is checked on the open descriptor, so a file swapped in after the
-    load-time check is still caught. O_NONBLOCK keeps a FIFO from hanging us.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    try:
-        problem = _mode_problem(path, os.fstat(fd).st_mode)
-        if problem:
-            raise ValueError(problem)
-        data = b""
-        while b"\n" not in data and len(data) <= MAX_PASSWORD_FILE_BYTES:
-            chunk = os.read(fd, 8192)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    line, newline, _ = data.partition(b"\n")
-    if not newline and len(data) > MAX_PASSWORD_FILE_BYTES:
-        raise ValueError(f"{path}: the first line is too long")
-    try:
-        secret = line.removesuffix(b"\r").decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: the first line is not UTF-8 text") from None
-    if not secret:
-        raise ValueError(f"{path} is empty (the password goes on its first line)")
-    if _LINE_BREAKERS.intersection(secret):
-        raise ValueError(f"{path}: the first line contains a CR or NUL character")
-    return secret
-
-
-def _run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
-    """Run a password command without a shell; its one line of output is the secret.
-
-    The child gets a closed stdin and its own session, so on timeout the whole
-    process group (a shell script's children too) is killed, not only the
-    direct child. Raises ValueError with a reason that never quotes stdout.
-    """
-    import signal
-    import subprocess
-
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise ValueError(f"cannot run {escape_server_text(argv[0])}: {exc.strerror}") from None
-    with proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise ValueError(f"did not finish within {timeout:g} seconds") from None
-    if out.endswith(b"\n"):
-        out = out[:-1].removesuffix(b"\r")
-    if proc.returncode != 0:
-        how = (
-            f"was killed by signal {-proc.returncode}"
-            if proc.returncode < 0
-            else f"exited with status {proc.returncode}"
-        )
-        said = next((line.strip() for line in err.splitlines() if line.strip()), b"")
-        # Show the command's own complaint, unless it might echo the secret.
-        if said and not (out.strip() and out.strip() in said):
-            how += f": {escape_server_text(said)}"
-        raise ValueError(how)
-    if not out:
-        raise ValueError("printed nothing (the secret must be its first output line)")
-    if _LINE_BREAKERS.intersection(out.decode("latin-1")):
-        raise ValueError("printed more than one line, or a CR or NUL; the secret must be one line")
-    try:
-        return out.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("printed something that is not UTF-8 text") from None
-
-
-# --------------------------------------------------------------------------
 # The models
 
 
@@ -502,7 +401,7 @@ class Account(BaseModel):
                 mode = value.stat().st_mode
             except OSError as exc:
                 raise ValueError(f"{value}: {exc.strerror}") from None
-            problem = _mode_problem(value, mode)
+            problem = mode_problem(value, mode)
             if problem:
                 raise ValueError(problem)
         return value
@@ -514,7 +413,7 @@ class Account(BaseModel):
             secret = value.get_secret_value()
             if not secret:
                 raise ValueError("must not be empty")
-            if _LINE_BREAKERS.intersection(secret):
+            if LINE_BREAKERS.intersection(secret):
                 raise ValueError("must not contain line breaks or NUL characters")
         return value
 
@@ -580,11 +479,11 @@ class Account(BaseModel):
             if self.password is not None:
                 return self.password.get_secret_value()
             if self.password_file is not None:
-                return _read_password_file(self.password_file)
+                return read_password_file(self.password_file)
             if self.password_command is not None:
                 limit = PASSWORD_COMMAND_TIMEOUT if timeout is None else timeout
                 argv = shlex.split(self.password_command)
-                return _run_password_command(argv, self._base_dir, limit)
+                return run_password_command(argv, self._base_dir, limit)
         except ValueError as exc:
             key = "password_file" if self.password_file is not None else "password_command"
             raise ConfigError(f"account {self.name!r}: {key}: {exc}") from None
@@ -912,7 +811,7 @@ def load_config(path: Path) -> Config:
             f"{path}: the top level must be a mapping with 'accounts' (and optionally 'ledger')"
         )
     problems: list[str] = []
-    if _holds_password(data) and mode & _GROUP_OTHER_READ:
+    if _holds_password(data) and mode & GROUP_OTHER_READ:
         problems.append(
             f"{path}: holds a password but is readable by group or others; "
             f"run: chmod 600 {shlex.quote(str(path))} (or use password_file or password_command)"
