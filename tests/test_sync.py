@@ -5,6 +5,7 @@ what is in the Maildir, what is left on the server, what the ledger says."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import time
@@ -452,3 +453,35 @@ def test_status_says_when_an_account_needs_attention(
     capsys.readouterr()
     assert cli_main(["-c", cfg, "status"]) == 0
     assert "needs attention" not in capsys.readouterr().out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_reported_per_batch_and_drawn_on_a_terminal(
+    make_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from popsync.cli import _ProgressBar
+
+    env = make_env(list(generate_messages(150, 800, seed=31)))
+    seen: list[tuple[int, int, int]] = []
+    report = run_account(
+        env.account, env.ledger, env.config.state_dir, progress=lambda *a: seen.append(a)
+    )
+    assert report.ok and seen
+    assert [done for done, _, _ in seen] == sorted(done for done, _, _ in seen)
+    assert seen[-1][:2] == (150, 150) and seen[-1][2] == report.counts.bytes
+
+    monkeypatch.setenv("TERM", "xterm")
+    screen = _Terminal()
+    bar = _ProgressBar("acct", screen)
+    assert bar.enabled
+    bar.update(3, 10, 100)  # a short poll draws nothing
+    assert screen.getvalue() == ""
+    bar.update(75, 150, 2_000_000)
+    assert "acct: [###############...............] 75/150 2.0 MB" in screen.getvalue()
+    bar.close()
+    assert screen.getvalue().endswith("\r\x1b[K")  # the line is cleared for the summary
+    assert not _ProgressBar("acct", io.StringIO()).enabled  # not a terminal: no bar
