@@ -5,7 +5,7 @@ One session, in the order DESIGN §4 prescribes::
     session = Session.open(opts)        # connect, greeting, CAPA, [STLS, CAPA]
     session.login(secret)               # auth; no credential without TLS unless allowed
     uids = session.uidl()               # UIDL; sizes with scan(): LIST, or LIST n
-                                        # (listings() sends both, pipelined)
+                                        # (listings() gives both)
     for event in session.retrieve(reqs):  # RETR (and queued DELE) in a bounded window
         ...
     session.quit()                      # deletions happen only now (RFC 1939 §6)
@@ -278,23 +278,12 @@ class Session:
     # -- transaction ------------------------------------------------------------
 
     def listings(self) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]]]:
-        """UIDL and LIST listings, pipelined when the server allows.
+        """The UIDL listing and the whole LIST listing: :meth:`uidl`, then :meth:`scan`.
 
         Raises ServerError if either is refused (a server without UIDL cannot
         be synced safely: the caller reports that).
         """
-        uidl, scan = Uidl(), List()
-        out = self.conn.send(uidl)
-        if self.conn.pipelining:
-            self.transport.send(out + self.conn.send(scan))
-            uid_lines = self._listing_reply(uidl)
-            scan_lines = self._listing_reply(scan)
-        else:
-            self.transport.send(out)
-            uid_lines = self._listing_reply(uidl)
-            self.transport.send(self.conn.send(scan))
-            scan_lines = self._listing_reply(scan)
-        return parse_uidl_listing(uid_lines), parse_scan_listing(scan_lines)
+        return self.uidl(), self.scan()
 
     def uidl(self) -> list[tuple[int, bytes]]:
         """The UIDL listing (RFC 1939 §7); ServerError if refused."""

@@ -213,7 +213,8 @@ class _Poll:
                 scan = session.scan(wanted)
             else:
                 scan = session.scan()
-            messages, waiting = join_listings(uidl, scan)
+            # Nothing sized: the entries already joined serve as they are.
+            messages, waiting = join_listings(uidl, scan) if scan else (unsized, [])
             the_plan = plan(messages, rows, policy, waiting)
             self.describe(the_plan)
             fetches = self.claim_names(the_plan, rows, now)
