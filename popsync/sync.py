@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -619,14 +619,3 @@ def _finish_poll(ledger: Ledger, poll_id: int, report: PollReport, at: float) ->
     except PopsyncError as exc:  # the poll's own outcome matters more
         report.warnings.append(f"could not record the poll: {exc}")
         log.warning("%s: could not record the poll: %s", report.account, exc)
-
-
-def run_accounts(
-    accounts: Iterable[Account],
-    ledger: Ledger,
-    state_dir: Path,
-    **kwargs: object,
-) -> Iterator[PollReport]:
-    """Poll each account in turn; one account's failure never stops the others."""
-    for account in accounts:
-        yield run_account(account, ledger, state_dir, **kwargs)  # type: ignore[arg-type]
