@@ -104,6 +104,18 @@ class RemoteProtocolError(ProtocolError):
     temporary = True
 
 
+class BodyLimitExceeded(RemoteProtocolError):
+    """A RETR or TOP body ran past the limit set for it and was cut off.
+
+    The session is unusable afterwards (the rest of the body is unread), but
+    the fault belongs to one message: the poll skips it and goes on.
+    """
+
+    def __init__(self, text: str, msg: int) -> None:
+        super().__init__(text)
+        self.msg = msg
+
+
 class SecurityError(PopsyncError):
     """popsync refused to go on because that would expose credentials or mail."""
 

@@ -12,14 +12,20 @@ Rules (DESIGN §4, PROTOCOL-NOTES §3):
 * Fetch: no ledger row, or a row still ``fetching`` (an earlier attempt did
   not finish -- recovery already turned found files into ``delivered``), or
   ``skipped`` and now allowed.  Too large for ``max_message_size``: skip.
-* DELE only rows ``delivered`` (or ``deleted`` yet still listed: a lost QUIT
-  reply, W6) whose LIST size still equals the size recorded at fetch time
-  (guards against UID reuse), whose UID is not ambiguous (listed once), and
-  whose delete policy is due.  The executor also compares ``TOP n 0`` with
-  the header hash recorded at delivery before sending such a DELE.
-  ``delete_after_days`` None: never; 0: right after durable delivery (the
-  executor DELEs those after the ledger commit that covers them); N: N days
-  after delivery.
+  A message cut off earlier for running past its LIST size stays skipped
+  while the server lists it with the same size.  Messages whose fetch
+  failed before come after all the others, so one message that always
+  fails (too slow, cut off, broken) cannot starve the rest.
+* DELE candidates (:attr:`Plan.delete`): rows ``delivered`` (or ``deleted``
+  yet still listed: a lost QUIT reply) whose UID is not ambiguous (listed
+  once), whose LIST size is known, and whose delete policy is due.  They are
+  only candidates: the executor DELEs one only after
+  :func:`popsync.identity.judge` confirmed, from ``TOP n 0`` and the LIST
+  size, that it is still the message stored, and that the stored copy is
+  complete.  ``delete_after_days`` None: never; 0: right after durable
+  delivery (the executor DELEs those after the ledger commit that covers
+  them, in the same session: no confirmation needed); N: N days after
+  delivery.
 * A row that was due for deletion and is no longer listed is settled as
   ``gone`` (the deletion happened, whoever did it).  Other vanished rows
   stay as they are: history, so a server that hides mail for a while never
@@ -38,6 +44,10 @@ from typing import NamedTuple
 from popsync.ledger import LedgerRow
 
 DAY = 86400.0
+
+#: The start of the skip reason of a message whose body ran past its LIST
+#: size and was cut off: it stays skipped while listed with the same size.
+CUT_OFF = "cut off: its body ran past the size the server announced"
 
 Key = tuple[bytes, int]
 
@@ -70,11 +80,10 @@ class Fetch:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """A DELE that is due, once the message is confirmed to be the one stored."""
+
     message: ServerMessage
-    row_id: int
-    #: Hash of the header section stored at delivery; ``TOP n 0`` must match it
-    #: before the DELE (a guard against UID reuse).  None: size check only.
-    header_sha256: str | None = None
+    row: LedgerRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,9 @@ class Plan:
     waiting: tuple[int, ...] = ()
     #: UIDs the server lists more than once (never DELEd by that UID).
     ambiguous: frozenset[bytes] = field(default_factory=frozenset)
+    #: The ambiguous UIDs listed with a copy the ledger has not seen yet:
+    #: worth a warning now; the others were reported when they appeared.
+    new_ambiguous: frozenset[bytes] = field(default_factory=frozenset)
     listed: int = 0
 
 
@@ -164,52 +176,64 @@ def plan(
     counts = Counter(uid for _, uid, _, _ in messages)
     ambiguous = frozenset(uid for uid, n in counts.items() if n > 1)
     fetch: list[Fetch] = []
+    retry: list[Fetch] = []  # failed before: after the others
     delete: list[Delete] = []
     skip: list[Skip] = []
     listed_keys: set[Key] = set()
     limit = policy.max_message_size
     deleting = policy.delete_after_days is not None
     get_row = rows.get
+    new_ambiguous: set[bytes] = set()
     for msg, uid, occurrence, size in messages:
         key = (uid, occurrence)
         listed_keys.add(key)
         row = get_row(key)
+        if row is None and uid in ambiguous:
+            new_ambiguous.add(uid)
         state = row.state if row is not None else None
         if state in ("delivered", "deleted"):
-            if (
-                deleting
-                and row is not None
-                and uid not in ambiguous
-                and size is not None
-                and size == row.server_size
-                and _due(row, policy)
-            ):
-                delete.append(
-                    Delete(ServerMessage(msg, uid, occurrence, size), row.id, row.header_sha256)
-                )
+            assert row is not None
+            if deleting and uid not in ambiguous and size is not None and _due(row, policy):
+                delete.append(Delete(ServerMessage(msg, uid, occurrence, size), row))
             continue
         message = ServerMessage(msg, uid, occurrence, size)
         if limit is not None and size is not None and size > limit:
             skip.append(Skip(message, f"larger than max_message_size ({limit} bytes)"))
             continue
-        fetch.append(
-            Fetch(
-                message,
-                existing_name=row.maildir_name if row is not None else None,
-                delete_after=policy.delete_after_days == 0 and uid not in ambiguous,
-            )
+        if _still_cut_off(row, size):
+            continue
+        item = Fetch(
+            message,
+            existing_name=row.maildir_name if row is not None else None,
+            delete_after=policy.delete_after_days == 0 and uid not in ambiguous,
         )
+        (retry if row is not None and row.attempts else fetch).append(item)
     gone = tuple(
         key
         for key, row in rows.items()
         if deleting and row.state == "delivered" and key not in listed_keys and _due(row, policy)
     )
     return Plan(
-        fetch=tuple(fetch),
+        fetch=(*fetch, *sorted(retry, key=lambda f: (rows[_key(f)].attempts, f.message.msg))),
         delete=tuple(delete),
         skip=tuple(skip),
         gone=gone,
         waiting=tuple(waiting),
         ambiguous=ambiguous,
+        new_ambiguous=frozenset(new_ambiguous),
         listed=len(messages),
+    )
+
+
+def _key(item: Fetch) -> Key:
+    return (item.message.uid, item.message.occurrence)
+
+
+def _still_cut_off(row: LedgerRow | None, size: int | None) -> bool:
+    """A message cut off before, listed with the size it had then: leave it."""
+    return (
+        row is not None
+        and row.state == "skipped"
+        and (row.skip_reason or "").startswith(CUT_OFF)
+        and size == row.server_size
     )

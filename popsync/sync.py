@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -43,12 +45,23 @@ from popsync import failpoints
 from popsync.config import Account
 from popsync.delivery import DeliveryPipeline
 from popsync.errors import (
+    BodyLimitExceeded,
     DeliveryError,
     PopsyncError,
     RemoteProtocolError,
     ServerError,
     TransportError,
     escape_server_text,
+)
+from popsync.identity import (
+    HEADER_CAP,
+    HeaderDigest,
+    HeaderHasher,
+    Stored,
+    Verdict,
+    digest_headers,
+    is_short,
+    judge,
 )
 from popsync.ledger import (
     SEEN_REFRESH,
@@ -65,11 +78,10 @@ from popsync.maildir import (
     MaildirIndex,
     TmpMessage,
     delivery_hash,
-    file_digest,
     name_hash,
     unique_name,
 )
-from popsync.plan import Delete, Fetch, Plan, Policy, join_listings, needs_size, plan
+from popsync.plan import CUT_OFF, Delete, Fetch, Plan, Policy, join_listings, needs_size, plan
 from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr, Top
 from popsync.session import Reply, RetrRequest, Session, SessionOptions
 from popsync.transport import make_ssl_context
@@ -87,8 +99,9 @@ SIZE_SLACK = 64 * 1024
 HARD_CAP = 1 << 30
 #: Up to this many sizes are asked with pipelined LIST n, above it one LIST.
 SCAN_ONE_BY_ONE = 64
-#: Longest header section hashed for the UID-reuse check.
-HEADER_CAP = 256 * 1024
+#: Sessions one poll may open: a message cut off for running past its size
+#: is skipped and the poll goes on with a fresh session.
+MAX_SESSIONS = 4
 
 Progress = Callable[[int, int, int], None]  # (messages done, messages planned, bytes)
 
@@ -141,6 +154,9 @@ def body_limit(size: int | None, max_message_size: int | None) -> int:
 
 
 def session_options(account: Account) -> SessionOptions:
+    """The session settings of *account*, its time limits included: ``timeout``
+    per read and status line, ``min_rate`` for listings and bodies, and
+    ``poll_timeout`` for the whole session (see :mod:`popsync.pace`)."""
     tls = str(account.tls)
     return SessionOptions(
         host=account.host,
@@ -153,6 +169,8 @@ def session_options(account: Account) -> SessionOptions:
         timeout=account.timeout,
         max_line=account.max_line_length,
         pipeline_window=account.pipeline_window,
+        poll_timeout=account.poll_timeout,
+        min_rate=account.min_rate,
     )
 
 
@@ -179,6 +197,7 @@ class _Poll:
         self.progress = progress
         self.fetched = 0
         self.bytes = 0
+        self.skipped = 0
         self.failed: list[str] = []
         self.dele_ok: set[int] = set()
         self.to_record: dict[int, tuple[bytes, int]] = {}  # msg -> key, for DELEs
@@ -186,9 +205,33 @@ class _Poll:
     # -- the algorithm ---------------------------------------------------------
 
     def run(self, session_factory: Callable[[SessionOptions], Session]) -> None:
-        rows = self.recover(self.ledger.rows(self.name))
-        opts = session_options(self.account)
+        """One session, or a few: a message cut off for running past its size
+        is skipped and the poll goes on with a fresh session (the cut-off
+        leaves the old one mid-body), at most :data:`MAX_SESSIONS` times."""
         secret = self.account.secret()  # a bad secret source fails before connecting
+        for attempt in range(MAX_SESSIONS):
+            rows = self.recover(self.ledger.rows(self.name))
+            skipped = self.skipped
+            try:
+                self.session(session_factory, rows, secret)
+            except BodyLimitExceeded:
+                # Go on only if the culprit is now skipped (not, say, a TOP).
+                if self.skipped == skipped or attempt == MAX_SESSIONS - 1:
+                    raise
+                continue
+            break
+        if self.failed:
+            raise _Incomplete(self.failed)
+
+    def session(
+        self,
+        session_factory: Callable[[SessionOptions], Session],
+        rows: dict[tuple[bytes, int], LedgerRow],
+        secret: str,
+    ) -> None:
+        self.dele_ok.clear()
+        self.to_record.clear()
+        opts = session_options(self.account)
         with session_factory(opts) as session:
             # LOGIN-DELAY before login is the largest any user gets (RFC 2449
             # §6.5); kept even if the login itself is refused for it.
@@ -217,8 +260,9 @@ class _Poll:
             messages, waiting = join_listings(uidl, scan) if scan else (unsized, [])
             the_plan = plan(messages, rows, policy, waiting)
             self.describe(the_plan)
-            fetches = self.claim_names(the_plan, rows, now)
-            for item in self.verify_headers(session, the_plan.delete):
+            confirmed, reused = self.confirm_deletes(session, the_plan.delete)
+            fetches = self.claim_names((*the_plan.fetch, *reused), rows, now)
+            for item in confirmed:
                 session.queue_dele(item.message.msg)
                 self.to_record[item.message.msg] = (item.message.uid, item.message.occurrence)
             self.fetch(session, fetches)
@@ -239,8 +283,6 @@ class _Poll:
         ]
         if stale:
             self.ledger.touch_seen(self.name, stale, now)
-        if self.failed:
-            raise _Incomplete(self.failed)
 
     def count(self, the_plan: Plan, *, deleted: int) -> None:
         self.report.counts = PollCounts(
@@ -248,7 +290,7 @@ class _Poll:
             new=len(the_plan.fetch),
             fetched=self.fetched,
             deleted=deleted,
-            skipped=len(the_plan.skip),
+            skipped=len(the_plan.skip) + self.skipped,
             bytes=self.bytes,
         )
 
@@ -257,10 +299,12 @@ class _Poll:
         log.warning("%s: %s", self.name, text)
 
     def describe(self, the_plan: Plan) -> None:
-        if the_plan.ambiguous:
+        if the_plan.new_ambiguous:
+            shown = ", ".join(escape_server_text(uid) for uid in sorted(the_plan.new_ambiguous)[:3])
             self.warn(
-                f"server lists {len(the_plan.ambiguous)} unique-id(s) more than once; "
-                "each copy is fetched once and none of them is deleted"
+                f"server lists {len(the_plan.new_ambiguous)} unique-id(s) for more than one "
+                f"message ({shown}), against RFC 1939 §7: each copy is fetched once and none "
+                "of them is ever deleted by popsync (see README, 'Duplicate unique-ids')"
             )
         if the_plan.waiting:
             self.warn(f"{len(the_plan.waiting)} message(s) have no unique-id yet; next poll")
@@ -280,7 +324,11 @@ class _Poll:
     def recover(
         self, rows: dict[tuple[bytes, int], LedgerRow]
     ) -> dict[tuple[bytes, int], LedgerRow]:
-        """Turn ``fetching`` rows whose file reached new/ or cur/ into ``delivered`` (W3)."""
+        """Turn ``fetching`` rows whose file reached new/ or cur/ into ``delivered``.
+
+        A crash after ``link()`` but before the ledger commit leaves exactly
+        this; the file is complete (it was fsynced before the link).
+        """
         pending = [r for r in rows.values() if r.state == "fetching" and r.maildir_name]
         if not pending:
             return rows
@@ -300,20 +348,37 @@ class _Poll:
 
     @staticmethod
     def delivered_from_file(uid: bytes, occurrence: int, path: Path) -> Delivered:
-        size, sha = file_digest(path)
-        return Delivered(uid, occurrence, size, sha, path.stat().st_mtime)
+        """What the ledger records of a file found after a crash or a lost ledger."""
+        measured = measure_file(path)
+        headers = digest_headers(measured.header_section)
+        return Delivered(
+            uid,
+            occurrence,
+            measured.size,
+            measured.sha256,
+            path.stat().st_mtime,
+            headers.full,
+            measured.wire_size,
+            headers.stable,
+            headers.mutable_octets,
+            headers.mutable_lines,
+        )
 
     def claim_names(
-        self, the_plan: Plan, rows: dict[tuple[bytes, int], LedgerRow], now: float
+        self, fetch: Sequence[Fetch], rows: dict[tuple[bytes, int], LedgerRow], now: float
     ) -> list[tuple[Fetch, str]]:
-        """Choose and commit every Maildir name before any RETR (DESIGN §4 step 4)."""
-        if not the_plan.fetch:
+        """Choose and commit every Maildir name before any RETR.
+
+        The name is derived from a hash of account, UID and occurrence, so no
+        server byte reaches a path and a crashed fetch is found again.
+        """
+        if not fetch:
             return []
         index: MaildirIndex | None = None
         intents: list[FetchIntent] = []
         already: list[Delivered] = []
         fetches: list[tuple[Fetch, str]] = []
-        for item in the_plan.fetch:
+        for item in fetch:
             m = item.message
             name = item.existing_name
             if name is None:
@@ -336,109 +401,157 @@ class _Poll:
         failpoints.failpoint("after_begin_fetch")
         return fetches
 
-    def verify_headers(self, session: Session, deletes: Sequence[Delete]) -> list[Delete]:
-        """Keep the DELEs whose ``TOP n 0`` still hashes as at delivery.
+    # -- confirming deletions (step 7) ------------------------------------------------
 
-        RFC 1939 §7 only says a server *should* not reuse a UID; if one does,
-        the size check in :func:`plan` may still match by chance.  A message
-        delivered in an earlier session is DELEd only if its header section
-        is unchanged.  Rows from before migration 0002 (no hash), and servers
-        without TOP, fall back to the size check alone.
+    def confirm_deletes(
+        self, session: Session, deletes: Sequence[Delete]
+    ) -> tuple[list[Delete], list[Fetch]]:
+        """Split the due DELEs into confirmed ones and unique-ids now reused.
+
+        Mail delivered in an earlier session is DELEd only when ``TOP n 0``
+        and the LIST size show it is still the message stored, and the stored
+        copy is complete (:func:`popsync.identity.judge`).  TOP is sent even
+        when CAPA does not list it (most servers have it; RFC 1939 §7); a
+        ``-ERR`` means "cannot confirm", never "go ahead".  What cannot be
+        confirmed stays on the server, reported once per message and reason.
+        A unique-id that now names another message (headers and size both
+        differ) is retired in the ledger and its message fetched as new.
         """
-        to_check = [d for d in deletes if d.header_sha256 is not None]
-        if not to_check or not session.capabilities.has("TOP"):
-            return list(deletes)
-        seen: dict[int, str | None] = {}
-        hasher = _HeaderHasher()
+        if not deletes:
+            return [], []
+        tops = self.read_headers(session, deletes)
+        confirmed: list[Delete] = []
+        reused: list[Fetch] = []
+        withheld: list[tuple[tuple[bytes, int], str | None]] = []
+        index: MaildirIndex | None = None
+        for item in deletes:
+            row = item.row
+            stored = stored_of(row)
+            if stored is None:  # delivered by an older popsync: measure the file
+                index = index or self.maildir.snapshot()
+                stored = self.stored_from_file(row, index)
+            size = item.message.size
+            assert size is not None  # plan() only offers sized messages
+            verdict = judge(stored, size, tops.get(item.message.msg))
+            if verdict.verdict is Verdict.SAME:
+                confirmed.append(item)
+                if row.withheld is not None:
+                    withheld.append((row.key, None))
+            elif verdict.verdict is Verdict.OTHER:
+                self.warn(
+                    f"unique-id {escape_server_text(row.uid)} now names another message "
+                    f"({verdict.reason}); the server reused it: fetching it as a new message"
+                )
+                reused.append(Fetch(item.message, existing_name=None, delete_after=False))
+            elif row.withheld != verdict.reason:
+                self.warn(
+                    f"message {item.message.msg} (unique-id {escape_server_text(row.uid)}) "
+                    f"is due for deletion but not deleted: {verdict.reason}"
+                )
+                withheld.append((row.key, verdict.reason))
+        self.ledger.mark_withheld(self.name, withheld)
+        self.ledger.retire(self.name, [(f.message.uid, f.message.occurrence) for f in reused])
+        return confirmed, reused
+
+    def read_headers(
+        self, session: Session, deletes: Sequence[Delete]
+    ) -> dict[int, HeaderDigest | None]:
+        """``TOP n 0`` for each message (pipelined); None where refused."""
+        tops: dict[int, HeaderDigest | None] = {}
+        hasher = HeaderHasher()
         requests = (
-            RetrRequest(d.message.msg, body_limit(d.message.size, None), top=0) for d in to_check
+            RetrRequest(d.message.msg, body_limit(d.message.size, None), top=0) for d in deletes
         )
         for event in session.retrieve(requests):
+            command = event.command
+            if not isinstance(command, Top):
+                continue
             if isinstance(event, Ok):
-                hasher = _HeaderHasher()
+                hasher = HeaderHasher()
             elif isinstance(event, BodyData):
                 hasher.feed(event.data)
-            elif isinstance(event, EndOfBody) and isinstance(event.command, Top):
-                seen[event.command.msg] = hasher.hexdigest()
-        kept = []
-        for item in deletes:
-            if item.header_sha256 is None or seen.get(item.message.msg) == item.header_sha256:
-                kept.append(item)
-            else:
-                self.warn(
-                    f"message {item.message.msg}: its headers differ from the copy delivered "
-                    "earlier under this unique-id (reused by the server?); not deleted"
-                )
-        return kept
+            elif isinstance(event, EndOfBody):
+                tops[command.msg] = hasher.digest()
+            elif isinstance(event, Err):
+                tops[command.msg] = None
+        return tops
+
+    @staticmethod
+    def stored_from_file(row: LedgerRow, index: MaildirIndex) -> Stored:
+        """What a copy delivered by an older popsync (which recorded less) is,
+        measured from its file -- if it is still there with the stored hash;
+        else a record that :func:`popsync.identity.judge` will not confirm."""
+        path = index.find(row.maildir_name) if row.maildir_name else None
+        measured = None
+        if path is not None:
+            with contextlib.suppress(DeliveryError):
+                measured = measure_file(path)
+        if measured is None or measured.sha256 != row.sha256:
+            return Stored(row.server_size, None, row.stored_size or 0, "", 0, 0)
+        headers = digest_headers(measured.header_section)
+        return Stored(
+            row.server_size,
+            measured.wire_size,
+            measured.size,
+            headers.stable,
+            headers.mutable_octets,
+            headers.mutable_lines,
+        )
 
     # -- fetching (step 6) ------------------------------------------------------------
 
     def fetch(self, session: Session, fetches: list[tuple[Fetch, str]]) -> None:
-        limit = self.account.max_message_size
-        by_msg = {item.message.msg: (item, name) for item, name in fetches}
-        batch = _Batch()
-        tmp: TmpMessage | None = None
-        headers = _HeaderHasher()
+        """RETR every planned message, pipelined, into the Maildir; see :class:`_Stream`."""
         with DeliveryPipeline(self.maildir) as pipeline:
-
-            def requests() -> Iterator[RetrRequest]:
-                for item, name in fetches:
-                    # A stop request ends the stream of new RETRs; those in
-                    # flight finish, their batch is committed and its DELEs
-                    # sent, then QUIT as usual.
-                    if self.stopped():
-                        return
-                    pipeline.reserve(name)  # tmp/<name> is created meanwhile
-                    yield RetrRequest(item.message.msg, body_limit(item.message.size, limit))
-
+            stream = _Stream(self, session, pipeline, fetches)
             try:
-                for event in session.retrieve(requests()):
-                    command = event.command
-                    if isinstance(command, Dele):
-                        self.on_dele(event)
-                        continue
-                    assert isinstance(command, Retr)
-                    item, name = by_msg[command.msg]
-                    if isinstance(event, Ok):
-                        tmp = pipeline.open(name)
-                        headers = _HeaderHasher()
-                    elif isinstance(event, BodyData):
-                        assert tmp is not None
-                        tmp.write(event.data)
-                        headers.feed(event.data)
-                        failpoints.failpoint("mid_body")
-                    elif isinstance(event, EndOfBody):
-                        assert tmp is not None
-                        pipeline.finish(tmp)  # flush + fsync + close, in the background
-                        m = item.message
-                        delivered = Delivered(
-                            m.uid,
-                            m.occurrence,
-                            tmp.size,
-                            tmp.sha256_hex,
-                            self.now(),
-                            headers.hexdigest(),
-                        )
-                        batch.add(tmp, delivered, m.msg if item.delete_after else None)
-                        tmp = None
-                        if batch.due():
-                            self.flush(batch, pipeline, session)
-                            self.report_progress(len(fetches))
-                    elif isinstance(event, Err):
-                        text = escape_server_text(event.text)
-                        self.failed.append(f"RETR {command.msg}: -ERR {text}")
-            except BaseException:
-                if tmp is not None:
-                    tmp.abort()
-                # Complete messages become durable and recorded, so the next poll
-                # needs no recovery -- but no DELE is queued on a broken session.
-                # If that fails too, the first error is the one to report; the
-                # next poll's recovery finds whatever was linked.
+                stream.run()
+            except BaseException as exc:
+                # Messages confirmed complete become durable and recorded, so
+                # the next poll needs no recovery -- but no DELE is queued on a
+                # broken session.  If that fails too, the first error is the
+                # one to report; the next poll's recovery finds what was linked.
+                doubtful = stream.abandon()
                 with contextlib.suppress(PopsyncError):
-                    self.flush(batch, pipeline, None)
+                    self.flush(stream.batch, pipeline, None)
+                with contextlib.suppress(PopsyncError):
+                    self.blame(doubtful, exc)
                 raise
-            self.flush(batch, pipeline, session)
+            self.flush(stream.batch, pipeline, session)
         self.report_progress(len(fetches))
+
+    def blame(self, doubtful: list[Fetch], exc: BaseException) -> None:
+        """Charge a failed session to the messages in flight when it failed.
+
+        A message cut off for running past its limit is skipped from now on
+        (while the server lists it with the same size); any other failure
+        counts one attempt, and messages that failed are fetched after the
+        others next time, so none can starve the account.
+        """
+        if not doubtful:
+            return
+        if isinstance(exc, BodyLimitExceeded):
+            for item in doubtful:
+                if item.message.msg == exc.msg:
+                    self.skip_cut_off(item, exc)
+                    return
+        keys = [(item.message.uid, item.message.occurrence) for item in doubtful]
+        self.ledger.record_attempts(self.name, keys, self.now())
+
+    def skip_cut_off(self, item: Fetch, exc: BodyLimitExceeded) -> None:
+        m = item.message
+        limit = self.account.max_message_size
+        why = f"{CUT_OFF} ({m.size} octets)" if m.size is not None else CUT_OFF
+        if limit is not None and (m.size is None or m.size <= limit):
+            why += f" or max_message_size ({limit} bytes)"
+        self.ledger.mark_skipped(
+            self.name, [Skipped(m.uid, m.occurrence, m.size or 0, why, self.now())]
+        )
+        self.skipped += 1
+        self.warn(
+            f"message {m.msg} (unique-id {escape_server_text(m.uid)}) skipped: {why}; "
+            "it stays on the server"
+        )
 
     def stopped(self) -> bool:
         if self.should_stop():
@@ -451,8 +564,8 @@ class _Poll:
     def flush(self, batch: _Batch, pipeline: DeliveryPipeline, session: Session | None) -> None:
         """Make the batch durable, record it in one commit, then allow its DELEs.
 
-        The order is the promise (DESIGN §4): every file fsynced, then linked
-        into new/, then new/ fsynced, then the ledger commit, then DELE.
+        The order is the promise (I1): every file fsynced, then linked into
+        new/, then new/ fsynced, then the ledger commit, then DELE.
         """
         entries = batch.take()
         if not entries:
@@ -477,50 +590,192 @@ class _Poll:
                     session.queue_dele(msg)
 
     def on_dele(self, event: Reply) -> None:
-        assert isinstance(event, Ok | Err) and isinstance(event.command, Dele)
+        command = event.command
+        if not isinstance(command, Dele):
+            return  # the NOOP that closes a stream
+        assert isinstance(event, Ok | Err)
         if isinstance(event, Ok):
-            self.dele_ok.add(event.command.msg)
+            self.dele_ok.add(command.msg)
         else:
-            self.warn(f"DELE {event.command.msg} refused: {escape_server_text(event.text)}")
+            self.warn(f"DELE {command.msg} refused: {escape_server_text(event.text)}")
 
     def report_progress(self, planned: int) -> None:
         if self.progress is not None:
             self.progress(self.fetched, planned, self.bytes)
 
 
-class _HeaderHasher:
-    """SHA-256 of a message's header section: up to and including the first
-    empty line (LF form), or the whole message if it has none.
+class _Stream:
+    """The RETR stream of one session: bodies into tmp files, trusted only
+    when the server's next reply is well-formed.
 
-    Fed the stored bytes as they stream; keeps at most HEADER_CAP bytes, and
-    gives up (None) on a header section longer than that.
+    A body ends at a lone ``.`` line, but a broken server or proxy may send
+    such a line inside a message; the early end shows only in what follows
+    (not a status line).  So a finished body waits in :attr:`unconfirmed`
+    until the next ``+OK``/``-ERR`` arrives -- another RETR's, a DELE's, or the
+    NOOP that :meth:`Session.retrieve` sends after the last one -- and only
+    then joins the batch that is fsynced, linked and recorded.  A body that
+    arrives far shorter than its LIST size is not trusted either.
     """
 
-    __slots__ = ("_buf", "_digest", "_done")
+    def __init__(
+        self,
+        poll: _Poll,
+        session: Session,
+        pipeline: DeliveryPipeline,
+        fetches: list[tuple[Fetch, str]],
+    ) -> None:
+        self.poll = poll
+        self.session = session
+        self.pipeline = pipeline
+        self.fetches = fetches
+        self.by_msg = {item.message.msg: (item, name) for item, name in fetches}
+        self.batch = _Batch()
+        #: The body being received: its plan item, file and header digest.
+        self.current: tuple[Fetch, TmpMessage, HeaderHasher] | None = None
+        #: A finished body waiting for the next well-formed reply.
+        self.unconfirmed: tuple[Fetch, TmpMessage, Delivered] | None = None
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._digest: str | None = None
-        self._done = False
+    def requests(self) -> Iterator[RetrRequest]:
+        limit = self.poll.account.max_message_size
+        for item, name in self.fetches:
+            # A stop request ends the stream of new RETRs; those in flight
+            # finish, their batch is committed and its DELEs sent, then QUIT.
+            if self.poll.stopped():
+                return
+            self.pipeline.reserve(name)  # tmp/<name> is created meanwhile
+            yield RetrRequest(item.message.msg, body_limit(item.message.size, limit))
 
-    def feed(self, data: bytes) -> None:
-        if self._done:
+    def run(self) -> None:
+        poll = self.poll
+        for event in self.session.retrieve(self.requests()):
+            if self.unconfirmed is not None and isinstance(event, Ok | Err):
+                self.confirm()
+            command = event.command
+            if not isinstance(command, Retr):
+                poll.on_dele(event)  # a DELE's reply, or the closing NOOP's
+                continue
+            if isinstance(event, Ok):
+                item, name = self.by_msg[command.msg]
+                self.current = (item, self.pipeline.open(name), HeaderHasher())
+            elif isinstance(event, BodyData):
+                assert self.current is not None
+                _, tmp, headers = self.current
+                tmp.write(event.data)
+                headers.feed(event.data)
+                failpoints.failpoint("mid_body")
+            elif isinstance(event, EndOfBody):
+                self.end_body(event.octets)
+            elif isinstance(event, Err):
+                text = escape_server_text(event.text)
+                poll.failed.append(f"RETR {command.msg}: -ERR {text}")
+
+    def end_body(self, octets: int) -> None:
+        assert self.current is not None
+        item, tmp, headers = self.current
+        self.current = None
+        m = item.message
+        if is_short(octets, m.size):
+            tmp.abort()
+            self.poll.failed.append(
+                f"RETR {m.msg}: the body has {octets} octets but LIST said {m.size}; not trusted"
+            )
+            self.poll.ledger.record_attempts(
+                self.poll.name, [(m.uid, m.occurrence)], self.poll.now()
+            )
             return
-        start = max(0, len(self._buf) - 1)
-        self._buf += data
-        end = self._buf.find(b"\n\n", start)
-        if end >= 0:
-            self._digest = hashlib.sha256(self._buf[: end + 2]).hexdigest()
-            self._done = True
-            self._buf = bytearray()
-        elif len(self._buf) > HEADER_CAP:
-            self._done = True
-            self._buf = bytearray()
+        digest = headers.digest()
+        delivered = Delivered(
+            m.uid,
+            m.occurrence,
+            tmp.size,
+            tmp.sha256_hex,
+            self.poll.now(),
+            digest.full if digest else None,
+            octets,
+            digest.stable if digest else None,
+            digest.mutable_octets if digest else None,
+            digest.mutable_lines if digest else None,
+        )
+        self.unconfirmed = (item, tmp, delivered)
 
-    def hexdigest(self) -> str | None:
-        if not self._done:
-            return hashlib.sha256(self._buf).hexdigest()
-        return self._digest
+    def confirm(self) -> None:
+        assert self.unconfirmed is not None
+        item, tmp, delivered = self.unconfirmed
+        self.unconfirmed = None
+        self.pipeline.finish(tmp)  # flush + fsync + close, in the background
+        self.batch.add(tmp, delivered, item.message.msg if item.delete_after else None)
+        if self.batch.due():
+            self.poll.flush(self.batch, self.pipeline, self.session)
+            self.poll.report_progress(len(self.fetches))
+
+    def abandon(self) -> list[Fetch]:
+        """The session broke: drop the bodies not yet trusted; return their items."""
+        doubtful = []
+        for pending in (self.current, self.unconfirmed):
+            if pending is not None:
+                doubtful.append(pending[0])
+                pending[1].abort()
+        self.current = self.unconfirmed = None
+        return doubtful
+
+
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    size: int
+    sha256: str
+    wire_size: int  # as the server counts it: each stored LF was a CRLF
+    header_section: bytes
+
+
+def measure_file(path: Path) -> _Measured:
+    """Size, SHA-256, wire size and header section of a delivered file.
+
+    Opens with O_NOFOLLOW and reads only a regular file (a FIFO planted under
+    a message name must not hang a poll).  Raises DeliveryError.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeliveryError(f"{path}: cannot open: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise DeliveryError(f"{path}: not a regular file")
+        digest = hashlib.sha256()
+        size = lines = 0
+        head = bytearray()
+        try:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+                if len(head) <= HEADER_CAP:
+                    head += chunk[: HEADER_CAP + 1 - len(head)]
+        except OSError as exc:
+            raise DeliveryError(f"{path}: cannot read: {exc.strerror}") from None
+    end = head.find(b"\n\n")
+    section = bytes(head[: end + 2]) if end >= 0 else bytes(head)
+    return _Measured(size, digest.hexdigest(), size + lines, section)
+
+
+def stored_of(row: LedgerRow) -> Stored | None:
+    """What :func:`popsync.identity.judge` needs of a ledger row; None for a
+    row delivered by an older popsync, which did not record it all."""
+    if (
+        row.wire_size is None
+        or row.stored_size is None
+        or row.stable_sha256 is None
+        or row.mutable_octets is None
+        or row.mutable_lines is None
+    ):
+        return None
+    return Stored(
+        row.server_size,
+        row.wire_size,
+        row.stored_size,
+        row.stable_sha256,
+        row.mutable_octets,
+        row.mutable_lines,
+    )
 
 
 class _Batch:
@@ -598,6 +853,10 @@ def run_account(
         report.exception = exc
         if isinstance(exc, ServerError | TransportError | RemoteProtocolError | DeliveryError):
             log.debug("%s: poll failed", account.name, exc_info=True)
+    except Exception as exc:  # a bug of ours: one line here, the other accounts go on
+        report.error = f"internal error: {type(exc).__name__}: {exc} (run with -v for details)"
+        report.temporary = True
+        log.debug("%s: internal error", account.name, exc_info=True)
     finally:
         report.seconds = time.monotonic() - started
         if poll_id is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from popsync.ledger import LedgerRow
-from popsync.plan import DAY, Policy, ServerMessage, join_listings, needs_size, plan
+from popsync.plan import CUT_OFF, DAY, Policy, ServerMessage, join_listings, needs_size, plan
 
 NOW = 1_700_000_000.0
 
@@ -18,6 +18,8 @@ def row(
     size: int = 100,
     delivered_days_ago: float | None = None,
     name: str | None = "1.Pabc.host",
+    attempts: int = 0,
+    skip_reason: str | None = None,
 ) -> LedgerRow:
     delivered = None if delivered_days_ago is None else NOW - delivered_days_ago * DAY
     return LedgerRow(
@@ -34,8 +36,14 @@ def row(
         delivered_at=delivered,
         deleted_at=None,
         last_seen=NOW - DAY,
-        skip_reason=None,
+        skip_reason=skip_reason,
         header_sha256=None,
+        wire_size=None,
+        stable_sha256=None,
+        mutable_octets=None,
+        mutable_lines=None,
+        attempts=attempts,
+        withheld=None,
     )
 
 
@@ -98,11 +106,11 @@ CASES = [
         [b"a"],
     ),
     (
-        "size changed: UID reuse, no DELE",
+        "size changed: still a candidate (identity.judge decides)",
         [row(b"a", "delivered", size=99, delivered_days_ago=9)],
         {"delete_after_days": 0},
         [b"b"],
-        [],
+        [b"a"],
     ),
     (
         "deleted but still listed (lost QUIT): DELE again",
@@ -219,3 +227,32 @@ def test_needs_size_only_where_the_plan_uses_it() -> None:
     assert needs_size(listing, rows, Policy(delete_after_days=5, now=NOW)) == [1, 3, 4]
     settled = {r.key: r for r in rows.values() if r.state == "delivered"}
     assert needs_size(msgs(b"old", b"due"), settled, Policy(now=NOW)) == []
+
+
+def test_messages_that_failed_before_come_last_fewest_failures_first() -> None:
+    rows = {
+        (b"a", 0): row(b"a", "fetching", attempts=2),
+        (b"b", 0): row(b"b", "fetching", attempts=1),
+    }
+    result = plan(msgs(b"a", b"b", b"c", b"d"), rows, Policy(now=NOW))
+    assert keys(result.fetch) == [(3, b"c"), (4, b"d"), (2, b"b"), (1, b"a")]
+
+
+def test_cut_off_message_stays_skipped_until_its_size_changes() -> None:
+    cut = {(b"a", 0): row(b"a", "skipped", size=100, skip_reason=CUT_OFF + " (100 octets)")}
+    assert keys(plan(msgs(b"a", b"b", size=100), cut, Policy(now=NOW)).fetch) == [(2, b"b")]
+    assert keys(plan(msgs(b"a", size=120), cut, Policy(now=NOW)).fetch) == [(1, b"a")]
+    # a message skipped for max_message_size is fetched once that allows it
+    big = {(b"a", 0): row(b"a", "skipped", size=100, skip_reason="larger than ...")}
+    assert keys(plan(msgs(b"a", size=100), big, Policy(now=NOW)).fetch) == [(1, b"a")]
+
+
+def test_ambiguous_uids_are_new_only_while_a_copy_is_unseen() -> None:
+    listing, _ = join_listings([(1, b"dup"), (2, b"dup")], [(1, 10), (2, 20)])
+    assert plan(listing, {}, Policy(now=NOW)).new_ambiguous == {b"dup"}
+    rows = {
+        (b"dup", 0): row(b"dup", "delivered", delivered_days_ago=1),
+        (b"dup", 1): row(b"dup", "delivered", occurrence=1, delivered_days_ago=1),
+    }
+    again = plan(listing, rows, Policy(now=NOW))
+    assert again.ambiguous == {b"dup"} and again.new_ambiguous == frozenset()

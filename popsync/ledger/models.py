@@ -108,6 +108,16 @@ messages = Table(
     # SHA-256 (hex) of the stored header section (up to the first blank line),
     # compared with ``TOP n 0`` before a later DELE (migration 0002).
     Column("header_sha256", String(64)),
+    # Migration 0003 (see popsync.identity): octets received as counted on the
+    # wire; the header digest without the status fields mbox servers rewrite,
+    # and those fields' size; failed fetch attempts; why a due DELE was last
+    # withheld (reported once).
+    Column("wire_size", BigInteger),
+    Column("stable_sha256", String(64)),
+    Column("mutable_octets", Integer),
+    Column("mutable_lines", Integer),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("withheld", Text),
     # Also the index behind every per-account lookup (its prefix is account).
     UniqueConstraint("account", "uid", "occurrence"),
     UniqueConstraint("account", "maildir_name"),

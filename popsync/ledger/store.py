@@ -110,6 +110,12 @@ class LedgerRow(NamedTuple):
     last_seen: float
     skip_reason: str | None
     header_sha256: str | None
+    wire_size: int | None
+    stable_sha256: str | None
+    mutable_octets: int | None
+    mutable_lines: int | None
+    attempts: int
+    withheld: str | None
 
     @property
     def key(self) -> Key:
@@ -139,8 +145,14 @@ class Delivered:
     stored_size: int
     sha256: str  # lower-case hex of the stored bytes
     delivered_at: float
-    #: lower-case hex of the stored header section (see :func:`header_section`)
+    #: lower-case hex of the stored header section, blank line included
     header_sha256: str | None = None
+    #: octets received, counted as on the wire (line ends as two octets)
+    wire_size: int | None = None
+    #: see :class:`popsync.identity.HeaderDigest`
+    stable_sha256: str | None = None
+    mutable_octets: int | None = None
+    mutable_lines: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +254,10 @@ _DELIVER: Final = (
         sha256=bindparam("b_sha"),
         delivered_at=bindparam("b_at"),
         header_sha256=bindparam("b_hsha"),
+        wire_size=bindparam("b_wire"),
+        stable_sha256=bindparam("b_ssha"),
+        mutable_octets=bindparam("b_mocts"),
+        mutable_lines=bindparam("b_mlines"),
     )
 )
 _DELETE: Final = (
@@ -259,6 +275,15 @@ _RESKIP: Final = (
         skip_reason=bindparam("b_reason"),
     )
 )
+_ATTEMPT: Final = (
+    update(_messages)
+    .where(_m.id == bindparam("b_id"))
+    .values(attempts=_m.attempts + 1, last_seen=bindparam("b_now"))
+)
+_WITHHOLD: Final = (
+    update(_messages).where(_m.id == bindparam("b_id")).values(withheld=bindparam("b_reason"))
+)
+_RETIRE: Final = update(_messages).where(_m.id == bindparam("b_id")).values(uid=bindparam("b_uid"))
 _TOUCH: Final = (
     update(_messages).where(_m.id == bindparam("b_id")).values(last_seen=bindparam("b_now"))
 )
@@ -475,7 +500,7 @@ class Ledger:
         if not keys:
             return
         for item in items:
-            for digest in (item.sha256, item.header_sha256):
+            for digest in (item.sha256, item.header_sha256, item.stable_sha256):
                 if digest is not None and not _SHA256_HEX.fullmatch(digest):
                     raise LedgerError(f"account {account}: {digest!r} is not a SHA-256 hex digest")
         with self._transaction(f"record deliveries for account {account}", write=True) as conn:
@@ -492,6 +517,10 @@ class Ledger:
                             "b_sha": item.sha256,
                             "b_at": item.delivered_at,
                             "b_hsha": item.header_sha256,
+                            "b_wire": item.wire_size,
+                            "b_ssha": item.stable_sha256,
+                            "b_mocts": item.mutable_octets,
+                            "b_mlines": item.mutable_lines,
                         }
                     )
                 elif row is None or row.state != "delivered" or row.sha256 != item.sha256:
@@ -566,6 +595,78 @@ class Ledger:
                     again.append(params)
             self._executemany(conn, _INSERT, new)
             self._executemany(conn, _RESKIP, again)
+
+    def record_attempts(self, account: str, keys: Sequence[Key], now: float) -> None:
+        """Count one failed fetch of each of these ``fetching`` rows.
+
+        :func:`popsync.plan.plan` fetches messages that failed before after
+        all others, so one message that always fails cannot starve the rest.
+        Keys without a ``fetching`` row are ignored.
+
+        Raises:
+            LedgerError: the database fails.
+        """
+        wanted = _unique_keys(account, keys)
+        if not wanted:
+            return
+        with self._transaction(f"record failed fetches for account {account}", write=True) as conn:
+            prior = self._prior(conn, account, wanted)
+            params = [
+                {"b_id": row.id, "b_now": now}
+                for key in wanted
+                if (row := prior.get(key)) is not None and row.state == "fetching"
+            ]
+            self._executemany(conn, _ATTEMPT, params)
+
+    def mark_withheld(self, account: str, items: Sequence[tuple[Key, str | None]]) -> None:
+        """Remember why a due DELE of each row was withheld (None: it no longer is).
+
+        The poll reports a reason only when it differs from the one stored,
+        so a message that cannot be confirmed is reported once, not on every
+        poll.  Keys without a row are ignored.
+
+        Raises:
+            LedgerError: the database fails.
+        """
+        keys = _unique_keys(account, (key for key, _ in items))
+        if not keys:
+            return
+        with self._transaction(
+            f"record withheld deletions for account {account}", write=True
+        ) as conn:
+            prior = self._prior(conn, account, keys)
+            params = [
+                {"b_id": row.id, "b_reason": reason}
+                for key, reason in items
+                if (row := prior.get(key)) is not None
+            ]
+            self._executemany(conn, _WITHHOLD, params)
+
+    def retire(self, account: str, keys: Sequence[Key]) -> None:
+        """Move these rows out of the way of a server that reused their unique-ids.
+
+        The row is kept as history under the UID ``<uid> retired <row id>``: a
+        space never occurs in a real unique-id (RFC 1939 §7), so the name can
+        never be listed again, and the original UID stays readable.  The
+        message now listed under the UID is then a new message to fetch.
+
+        Raises:
+            LedgerError: a row is missing, or the database fails.
+        """
+        wanted = _unique_keys(account, keys)
+        if not wanted:
+            return
+        with self._transaction(
+            f"retire reused unique-ids for account {account}", write=True
+        ) as conn:
+            prior = self._prior(conn, account, wanted)
+            params: list[dict[str, Any]] = []
+            for key in wanted:
+                row = prior.get(key)
+                if row is None:
+                    raise LedgerError(f"account {account}: cannot retire {_show_key(key)} (no row)")
+                params.append({"b_id": row.id, "b_uid": key[0] + b" retired %d" % row.id})
+            self._executemany(conn, _RETIRE, params)
 
     def touch_seen(self, account: str, keys: Iterable[Key], now: float) -> int:
         """Set ``last_seen = now`` on the listed rows last seen over a day ago.

@@ -23,12 +23,14 @@ from popsync.pop3.commands import (
     Stls,
     Top,
     Uidl,
+    Utf8,
     User,
 )
 from popsync.pop3.connection import Connection, State
 from popsync.pop3.events import (
     NEED_DATA,
     BodyData,
+    CapaListing,
     Challenge,
     ConnectionClosed,
     EndOfBody,
@@ -38,6 +40,8 @@ from popsync.pop3.events import (
     Listing,
     NeedData,
     Ok,
+    ScanListing,
+    UidListing,
 )
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "AuthResponse",
     "BodyData",
     "Capa",
+    "CapaListing",
     "Challenge",
     "Command",
     "Connection",
@@ -65,10 +70,13 @@ __all__ = [
     "Quit",
     "Retr",
     "Rset",
+    "ScanListing",
     "Stat",
     "State",
     "Stls",
     "Top",
+    "UidListing",
     "Uidl",
+    "Utf8",
     "User",
 ]

@@ -199,6 +199,18 @@ class Quit(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Utf8(Command):
+    """UTF8 (RFC 6856 §2): ask for messages as stored, 8-bit headers included.
+
+    Sent before authentication when CAPA lists UTF8.  Without it Courier
+    serves a message with raw UTF-8 in its headers as a generated wrapper
+    whose MIME boundary changes on every download.
+    """
+
+    name: ClassVar[str] = "UTF8"
+
+
+@dataclass(frozen=True, slots=True)
 class Capa(Command):
     """CAPA (RFC 2449 §5); its reply is a multi-line capability list."""
 
