@@ -21,7 +21,9 @@ Invariants
   (an unset variable is an error, ``$$`` is a literal ``$``) and a relative path
   is taken relative to the config file's directory.
 * ``Account.port`` is always an int (995 for implicit TLS, 110 otherwise, when
-  absent); ``Account.interval`` is whole seconds, ``Account.timeout`` seconds.
+  absent); ``Account.interval`` is whole seconds, ``Account.timeout`` and
+  ``Account.poll_timeout`` seconds (``poll_timeout >= timeout``), and
+  ``Account.min_rate`` bytes per second.
 * Each account has exactly one secret source, and a secret never reaches a
   message, a ``repr`` or a log line: ``password`` is a :class:`SecretStr`, the
   file and command sources are only read by :meth:`Account.secret` (through
@@ -76,7 +78,9 @@ from popsync.errors import ConfigError, escape_server_text
 __all__ = [
     "DEFAULT_INTERVAL",
     "DEFAULT_MAX_LINE_LENGTH",
+    "DEFAULT_MIN_RATE",
     "DEFAULT_PIPELINE_WINDOW",
+    "DEFAULT_POLL_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "PASSWORD_COMMAND_TIMEOUT",
     "Account",
@@ -93,6 +97,15 @@ DEFAULT_INTERVAL: Final = 300
 DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_MAX_LINE_LENGTH: Final = 65536
 DEFAULT_PIPELINE_WINDOW: Final = 32
+#: Longest one poll may stay connected.  An hour: a first sync of a large
+#: mailbox over a slow link may need that, and cutting it is harmless anyway
+#: (what was stored stays stored; the next poll goes on from there), while a
+#: server that stalls on purpose holds the account for this long at most.
+DEFAULT_POLL_TIMEOUT: Final = 3600.0
+#: Bytes per second a listing or a body must average once ``timeout`` has
+#: passed: far below any real link (a 20 KB/s mobile link is 20 times faster),
+#: far above a server that trickles a byte at a time to hold popsync up.
+DEFAULT_MIN_RATE: Final = 1024
 #: Seconds a ``password_command`` may run before it is killed.
 PASSWORD_COMMAND_TIMEOUT: Final = 30.0
 #: A config file larger than this is surely not a config file.
@@ -339,6 +352,7 @@ _Timeout = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_pos
 _MessageSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_between(1))]
 _LineLength = Annotated[int, BeforeValidator(parse_size), AfterValidator(_between(1024))]
 _Window = Annotated[int, BeforeValidator(_whole), AfterValidator(_between(1, 256))]
+_Rate = Annotated[int, BeforeValidator(parse_size), AfterValidator(_between(1))]
 
 
 # --------------------------------------------------------------------------
@@ -368,6 +382,9 @@ class Account(BaseModel):
     interval: _Interval = DEFAULT_INTERVAL
     max_message_size: _MessageSize | None = None
     timeout: _Timeout = DEFAULT_TIMEOUT
+    # Absent, it is filled in by _default_poll_timeout (never below `timeout`).
+    poll_timeout: _Timeout = DEFAULT_POLL_TIMEOUT
+    min_rate: _Rate = DEFAULT_MIN_RATE
     max_line_length: _LineLength = DEFAULT_MAX_LINE_LENGTH
     pipeline_window: _Window = DEFAULT_PIPELINE_WINDOW
 
@@ -380,6 +397,27 @@ class Account(BaseModel):
             implicit = data.get("tls", TlsMode.IMPLICIT) == TlsMode.IMPLICIT
             data = {**data, "port": 995 if implicit else 110}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_poll_timeout(cls, data: Any) -> Any:
+        # An absent poll_timeout is the default, or `timeout` if that is longer,
+        # so raising `timeout` alone never makes the config invalid.
+        if isinstance(data, dict) and data.get("poll_timeout") is None:
+            try:
+                timeout = parse_duration(data.get("timeout", DEFAULT_TIMEOUT))
+            except ValueError:
+                return data  # `timeout` reports its own error
+            data = {**data, "poll_timeout": max(DEFAULT_POLL_TIMEOUT, timeout)}
+        return data
+
+    @field_validator("poll_timeout")
+    @classmethod
+    def _poll_outlasts_one_operation(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("timeout")
+        if timeout is not None and value < timeout:
+            raise ValueError(f"must be at least timeout ({timeout:.10g} s)")
+        return value
 
     @field_validator("maildir", "ca_file", "password_file", mode="before")
     @classmethod
