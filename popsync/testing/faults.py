@@ -4,10 +4,11 @@ A :class:`Faults` value is immutable and is captured by each session when the
 connection is accepted, so a test can switch faults between sessions
 (``srv.faults = Faults(...)``) without racing a session in progress.
 
-Command names in :attr:`Faults.stall` and :attr:`Faults.errors` are matched
-case-insensitively (RFC 1939 §3: keywords are case-insensitive).  Besides the
-POP3 keywords, the pseudo-command ``GREETING`` is understood by both: stall
-before the greeting, or send the given line as the greeting and hang up.
+Command names in :attr:`Faults.stall`, :attr:`Faults.errors` and
+:attr:`Faults.trickle` are matched case-insensitively (RFC 1939 §3: keywords
+are case-insensitive).  Besides the POP3 keywords, the pseudo-command
+``GREETING`` is understood by all three: stall before the greeting, send the
+given line as the greeting and hang up, or send the greeting slowly.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Faults:
         wrong_list_size: message number -> size that LIST (and STAT's total)
             report instead of the true size.
         no_uidl: UIDL answers ``-ERR`` and CAPA does not list UIDL.
+        trickle: command name -> ``(n, seconds)``: the whole reply to that
+            command (status line, listing or body) goes out *n* bytes at a
+            time, one piece every *seconds* (the wait ends early at ``stop()``).
     """
 
     drop_during_retr: tuple[int, int] | None = None
@@ -71,6 +75,7 @@ class Faults:
     unstuffed_dot_line: int | None = None
     wrong_list_size: Mapping[int, int] = field(default_factory=dict)
     no_uidl: bool = False
+    trickle: Mapping[str, tuple[int, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Validate and normalise; raises ValueError on a nonsensical fault."""
@@ -84,9 +89,12 @@ class Faults:
                 raise ValueError("drop_during_retr is (message number >= 1, bytes >= 0)")
         if any(seconds < 0 for seconds in self.stall.values()):
             raise ValueError("stall times must not be negative")
+        if any(n < 1 or seconds < 0 for n, seconds in self.trickle.values()):
+            raise ValueError("trickle is (bytes >= 1, seconds >= 0) per command")
         # Frozen: normalise through object.__setattr__ (keys upper-cased, line
         # ends stripped, and private copies so a caller's dict cannot change us).
         object.__setattr__(self, "stall", {k.upper(): v for k, v in self.stall.items()})
+        object.__setattr__(self, "trickle", {k.upper(): v for k, v in self.trickle.items()})
         errors = {k.upper(): v.rstrip(b"\r\n") for k, v in self.errors.items()}
         object.__setattr__(self, "errors", errors)
         object.__setattr__(self, "wrong_list_size", dict(self.wrong_list_size))
@@ -94,6 +102,10 @@ class Faults:
     def stall_for(self, command: str) -> float:
         """Seconds to wait before answering *command* (0.0 if none)."""
         return self.stall.get(command.upper(), 0.0)
+
+    def trickle_for(self, command: str) -> tuple[int, float] | None:
+        """``(bytes, seconds)`` to send the reply to *command* at, or None (all at once)."""
+        return self.trickle.get(command.upper())
 
     def error_for(self, command: str) -> bytes | None:
         """The ``-ERR`` line (without CRLF) to send instead of answering *command*."""

@@ -19,7 +19,8 @@ Contract and invariants:
   every socket operation has the per-socket ``idle_timeout`` (no global
   timeouts); :meth:`Session.interrupt` shuts the socket down from another
   thread, which wakes any blocked read or write, and every wait inside the
-  session (stalls, endless bodies) also watches the server's stop event.
+  session (stalls, trickled replies, endless bodies) also watches the
+  server's stop event.
 * Nothing a client sends is echoed into a reply, so replies stay within the
   512-octet limit of RFC 1939 §3 unless a fault asks otherwise.
 """
@@ -237,6 +238,16 @@ class Session:
             if self._stopping.wait(seconds):
                 raise _Hangup(abrupt=True)
 
+    def _trickle(self, piece: int, seconds: float) -> None:
+        """Send what is queued *piece* bytes at a time, *seconds* apart."""
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_len = 0
+        for start in range(0, len(data), piece):
+            if start and self._stopping.wait(seconds):
+                raise _Hangup(abrupt=True)
+            self._sock.sendall(data[start : start + piece])
+
     # -- replies ----------------------------------------------------------
 
     def _ok(self, text: bytes = b"") -> None:
@@ -271,13 +282,22 @@ class Session:
             self._queue(_pad_line(b"+OK ", suffix, self._faults.overlong_length))
         else:
             self._ok(b"popsync test server ready" + suffix)
+        trickle = self._faults.trickle_for("GREETING")
+        if trickle is not None:
+            self._trickle(*trickle)
 
     def _serve(self) -> None:
         while True:
             line = self._next_line()
             if line is None:  # the client went away: no UPDATE (RFC 1939 §6)
                 raise _Hangup(abrupt=False)
+            keyword = line.split(b" ", 1)[0].decode("ascii", "replace")
+            trickle = None if self._sasl_pending else self._faults.trickle_for(keyword)
+            if trickle is not None:
+                self._flush()  # earlier replies at full speed; only this one trickles
             self._handle(line)
+            if trickle is not None:
+                self._trickle(*trickle)
             if self.state.close_requested:
                 self._flush()
                 raise _Hangup(abrupt=False)
