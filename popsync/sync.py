@@ -442,7 +442,15 @@ class _Poll:
                     f"unique-id {escape_server_text(row.uid)} now names another message "
                     f"({verdict.reason}); the server reused it: fetching it as a new message"
                 )
-                reused.append(Fetch(item.message, existing_name=None, delete_after=False))
+                # A name of its own: the hash name of (uid, occurrence) is the
+                # retired copy's, and would be taken for this one's delivery.
+                fresh = unique_name(
+                    self.name,
+                    row.uid + b" after %d" % row.id,
+                    row.occurrence,
+                    int(self.now()),
+                )
+                reused.append(Fetch(item.message, existing_name=fresh, delete_after=False))
             elif row.withheld != verdict.reason:
                 self.warn(
                     f"message {item.message.msg} (unique-id {escape_server_text(row.uid)}) "

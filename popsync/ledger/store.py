@@ -36,7 +36,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, cast
 
-from sqlalchemy import URL, Connection, Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -278,7 +289,7 @@ _RESKIP: Final = (
 _ATTEMPT: Final = (
     update(_messages)
     .where(_m.id == bindparam("b_id"))
-    .values(attempts=_m.attempts + 1, last_seen=bindparam("b_now"))
+    .values(attempts=_m.attempts + literal_column("1"), last_seen=bindparam("b_now"))
 )
 _WITHHOLD: Final = (
     update(_messages).where(_m.id == bindparam("b_id")).values(withheld=bindparam("b_reason"))

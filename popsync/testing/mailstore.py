@@ -179,6 +179,13 @@ class MailStore:
             self._messages = [m for m in self._messages if id(m) not in wanted]
         return removed
 
+    def rewrite(self, message: StoredMessage, data: bytes) -> None:
+        """Replace this exact copy (by identity) with *data*, keeping its UID and place."""
+        with self._lock:
+            for i, held in enumerate(self._messages):
+                if held is message:
+                    self._messages[i] = StoredMessage(message.uid, bytes(data))
+
     def messages(self) -> list[StoredMessage]:
         """A snapshot (copy) of the messages in order."""
         with self._lock:

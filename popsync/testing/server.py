@@ -95,6 +95,8 @@ class POP3TestServer:
         on_command: CommandHook | None = None,
         max_line_length: int = 1 << 16,
         idle_timeout: float = 600.0,
+        mbox_status: bool = False,
+        utf8_wrapper: bool = False,
     ) -> None:
         """Configure the server (it listens only after :meth:`start`).
 
@@ -104,7 +106,9 @@ class POP3TestServer:
         before normal handling; bytes it returns are sent verbatim instead of
         the server's answer, None lets the server answer.  Capability switches
         also switch the command off (``user=False`` refuses USER/PASS,
-        ``top=False`` refuses TOP, ``uidl=False`` refuses UIDL).
+        ``top=False`` refuses TOP, ``uidl=False`` refuses UIDL).  ``mbox_status``
+        and ``utf8_wrapper`` imitate real servers' habits (see
+        :class:`~popsync.testing.server_config.ServerConfig`).
 
         Raises ValueError when the options contradict each other (implicit
         TLS or STLS without a context, an unknown ``tls``).
@@ -131,6 +135,8 @@ class POP3TestServer:
             require_tls_for_auth=require_tls_for_auth,
             max_line_length=max_line_length,
             idle_timeout=idle_timeout,
+            mbox_status=mbox_status,
+            utf8_wrapper=utf8_wrapper,
         )
         self.store = store if store is not None else MailStore()
         self.faults = faults if faults is not None else Faults()

@@ -41,6 +41,15 @@ class ServerConfig:
     max_line_length: int = 1 << 16
     idle_timeout: float = 600.0
     banner_host: str = "popsync.test"
+    #: Like GNU Mailutils and most servers that keep mail in mbox files: at
+    #: UPDATE, every message retrieved in the session gains ``Status: RO``
+    #: and ``X-UID`` header fields, so its LIST size grows.
+    mbox_status: bool = False
+    #: Like Courier (RFC 6856): CAPA lists UTF8, and a message with 8-bit
+    #: bytes in its header section is served to a client that has not sent
+    #: UTF8 as a generated wrapper whose MIME boundary changes on every RETR
+    #: and TOP (its LIST size stays that of the original).
+    utf8_wrapper: bool = False
 
     def __post_init__(self) -> None:
         if self.tls not in ("none", "implicit"):

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from popsync.testing.faults import Faults
-from popsync.testing.mailstore import MailStore, top_of, with_unstuffed_dot
+from popsync.testing.mailstore import MailStore, to_wire, top_of, with_unstuffed_dot
 from popsync.testing.server_config import ServerConfig
 from popsync.testing.server_state import CommandHook, Phase, SessionRecord, SessionState
 
@@ -82,6 +82,21 @@ def _pad_line(prefix: bytes, suffix: bytes, total: int) -> bytes:
     """A line of exactly *total* bytes (CRLF included): prefix, filler, suffix."""
     filler = max(total - len(prefix) - len(suffix) - 2, 0)
     return prefix + b"x" * filler + suffix + CRLF
+
+
+#: A huge listing (:attr:`Faults.huge_listing`) is made and sent in batches of this size.
+_HUGE_BATCH = 1 << 20
+
+
+def _huge_line(command: str, number: int, length: int) -> bytes:
+    """Line *number* of a made-up listing of *command*, *length* octets with CRLF."""
+    if command == "UIDL":
+        prefix = b"%d " % number
+        uid = b"%d-" % number  # distinct, padded to length with octets that are valid
+        return prefix + uid.ljust(length - len(prefix) - 2, b"u") + CRLF
+    if command == "LIST":
+        return _pad_line(b"%d 100 " % number, b"", length)
+    return _pad_line(b"X-HUGE-%d " % number, b"", length)
 
 
 class Session:
@@ -349,6 +364,7 @@ class Session:
             "APOP": (auth, self._cmd_apop),
             "AUTH": (auth, self._cmd_auth),
             "STLS": (auth, self._cmd_stls),
+            "UTF8": (auth, self._cmd_utf8),
             "CAPA": (both, self._cmd_capa),
             "QUIT": (both, self._cmd_quit),
             "STAT": (trans, self._cmd_stat),
@@ -463,6 +479,12 @@ class Session:
         count, octets = self._totals()
         self._ok(b"logged in, %d messages (%d octets)" % (count, octets))
 
+    def _cmd_utf8(self, args: bytes) -> None:
+        if not self._cfg.utf8_wrapper:
+            raise _Refusal(b"unknown command")
+        self.state.utf8 = True
+        self._ok(b"UTF8 enabled")
+
     def _cmd_stls(self, args: bytes) -> None:
         if not self._cfg.stls or self.state.tls_active:
             raise _Refusal(b"STLS not available")
@@ -489,6 +511,7 @@ class Session:
         caps += [b"AUTH-RESP-CODE"] if cfg.auth_resp_code else []
         caps += [b"PIPELINING"] if cfg.pipelining else []
         caps += [b"UIDL"] if cfg.uidl and not faults.no_uidl else []
+        caps += [b"UTF8"] if cfg.utf8_wrapper else []
         if cfg.login_delay is not None:
             caps.append(b"LOGIN-DELAY %d" % cfg.login_delay)
         if cfg.expire is not None:
@@ -501,7 +524,29 @@ class Session:
         return caps
 
     def _cmd_capa(self, args: bytes) -> None:
+        if self._huge("CAPA"):
+            self._stream_huge_listing(b"+OK capability list follows\r\n")
+            return
         self._multi(b"+OK capability list follows\r\n", self._capabilities())
+
+    def _huge(self, command: str) -> bool:
+        huge = self._faults.huge_listing
+        return huge is not None and huge[0] == command
+
+    def _stream_huge_listing(self, status: bytes) -> None:
+        """*status*, then the listing :attr:`Faults.huge_listing` describes, made as it goes."""
+        assert self._faults.huge_listing is not None
+        command, lines, length = self._faults.huge_listing
+        self._send_now(status)
+        batch = bytearray()
+        for number in range(1, lines + 1):
+            batch += _huge_line(command, number, length)
+            if len(batch) >= _HUGE_BATCH:
+                if self._stopping.is_set():
+                    raise _Hangup(abrupt=True)
+                self._sock.sendall(batch)  # raises once the client has gone
+                batch.clear()
+        self._queue(bytes(batch) + b".\r\n")
 
     # -- TRANSACTION (RFC 1939 §5, §7) --------------------------------------
 
@@ -549,6 +594,9 @@ class Session:
             number = self._number(parts[0])
             self._ok(b"%d %d" % (number, self._size(number)))
             return
+        if self._huge("LIST"):
+            self._stream_huge_listing(b"+OK scan listing follows\r\n")
+            return
         count, octets = self._totals()
         lines = [b"%d %d" % (n, self._size(n)) for n in self._live()]
         self._multi(b"+OK %d messages (%d octets)\r\n" % (count, octets), lines)
@@ -566,6 +614,9 @@ class Session:
             else:
                 self._ok(b"%d %s" % (number, self.state.uids[number - 1]))
             return
+        if self._huge("UIDL"):
+            self._stream_huge_listing(b"+OK unique-id listing follows\r\n")
+            return
         lines = [b"%d %s" % (n, self.state.uids[n - 1]) for n in self._live()]
         if overlong and lines:
             lines[0] = _pad_line(lines[0].split(b" ")[0] + b" ", b"", length)[:-2]
@@ -575,6 +626,8 @@ class Session:
         message = self.state.messages[number - 1]
         if self._faults.unstuffed_dot_line == number:
             return with_unstuffed_dot(message)
+        if self._cfg.utf8_wrapper and not self.state.utf8 and _has_8bit_headers(message.data):
+            return to_wire(_utf8_wrapper(message.data))[0]
         return message.wire
 
     def _cmd_retr(self, args: bytes) -> None:
@@ -652,4 +705,37 @@ class Session:
             marked = marked[: len(marked) // 2]
         removed = self._store.discard(self.state.messages[n - 1] for n in marked)
         self.record.deleted.extend(m.uid for m in removed)
+        if self._cfg.mbox_status:
+            for n in sorted(self.state.retrieved - set(marked)):
+                message = self.state.messages[n - 1]
+                self._store.rewrite(message, _with_status(message.data, n))
         return len(removed)
+
+
+def _has_8bit_headers(data: bytes) -> bool:
+    end = data.find(b"\n\n")
+    head = data if end < 0 else data[:end]
+    return any(byte > 0x7F for byte in head)
+
+
+def _utf8_wrapper(data: bytes) -> bytes:
+    """A "cannot display" MIME message standing in for *data*, new boundary each time."""
+    boundary = secrets.token_hex(8).encode("ascii")
+    return (
+        b"From: Mail Delivery Subsystem <postmaster@popsync.test>\n"
+        b"Subject: message with 8-bit headers\n"
+        b"MIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\n\n'
+        b"--" + boundary + b"\nContent-Type: text/plain\n\n"
+        b"This message cannot be displayed by your mail client.\n"
+        b"--" + boundary + b"--\n"
+    )
+
+
+def _with_status(data: bytes, number: int) -> bytes:
+    """*data* with the status fields an mbox server writes after a session."""
+    fields = b"Status: RO\nX-UID: %d\n" % number
+    end = data.find(b"\n\n")
+    if end < 0:
+        return data + b"\n" + fields
+    return data[: end + 1] + fields + data[end + 1 :]

@@ -104,6 +104,8 @@ class SessionState:
     uids: list[bytes] = field(default_factory=list)
     deleted: set[int] = field(default_factory=set)
     retrieved: set[int] = field(default_factory=set)
+    #: The client sent UTF8 (RFC 6856) in this session.
+    utf8: bool = False
     close_requested: bool = False
 
 
