@@ -19,17 +19,27 @@ Security rules enforced here, before any credential is written:
   ``allow_plaintext`` (RFC 8314 §5; DESIGN I3).
 * APOP is used only when configured: MD5 is broken.
 
+Time is bounded three ways, all owned by the pump (:meth:`Session._next`),
+never by the protocol core: each read waits at most ``timeout``; each reply
+must keep the pace of :mod:`popsync.pace` (a status line within ``timeout``, a
+listing or body at ``min_rate`` bytes/s after that grace); and the whole
+session must be over ``poll_timeout`` seconds after it connects.  Each limit
+raises TimeoutError_ naming what was slow, and the session is then abandoned
+without QUIT.
+
 Errors: TransportError / TimeoutError_ (network), SecurityError (refusals),
 RemoteProtocolError (server misbehaved), ServerError (``-ERR``, with its
 response code).  :meth:`abort` closes without QUIT, so the server never
-enters UPDATE and deletes nothing (RFC 1939 §6).
+enters UPDATE and deletes nothing (RFC 1939 §6); it is safe from another
+thread, which is how a watchdog frees a session stuck in a read.
 """
 
 from __future__ import annotations
 
 import ssl
+import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,7 +48,10 @@ from popsync.errors import (
     RemoteProtocolError,
     SecurityError,
     ServerError,
+    TimeoutError_,
+    TransportError,
 )
+from popsync.pace import ReplyClock
 from popsync.pop3 import (
     NEED_DATA,
     Apop,
@@ -46,6 +59,7 @@ from popsync.pop3 import (
     AuthResponse,
     BodyData,
     Capa,
+    CapaListing,
     Challenge,
     Command,
     Connection,
@@ -60,11 +74,15 @@ from popsync.pop3 import (
     Pass,
     Quit,
     Retr,
+    ScanListing,
     State,
     Stls,
     Top,
+    Noop,
     Uidl,
+    UidListing,
     User,
+    Utf8,
 )
 from popsync.pop3.auth import (
     apop_digest,
@@ -78,15 +96,14 @@ from popsync.pop3.listing import (
     Capabilities,
     parse_capabilities,
     parse_scan_line,
-    parse_scan_listing,
-    parse_uidl_listing,
 )
-from popsync.transport import Transport
+from popsync.transport import Deadline, Transport
 
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"]
 
-#: What :meth:`Session.retrieve` yields: the core's events for RETR and DELE.
+#: What :meth:`Session.retrieve` yields: the core's events for RETR, TOP,
+#: DELE and the closing NOOP.
 Reply = Ok | Err | BodyData | EndOfBody
 
 #: Most challenges one AUTH exchange may send before we give up on it.
@@ -102,9 +119,14 @@ class SessionOptions:
     ssl_context: ssl.SSLContext | None = None
     auth: AuthMethod = "auto"
     allow_plaintext: bool = False
+    #: Seconds one read, and one status line, may take.
     timeout: float = 60.0
     max_line: int = 64 * 1024
     pipeline_window: int = 32
+    #: Seconds the whole session may last from the connect on (None: no limit).
+    poll_timeout: float | None = None
+    #: Bytes/s a listing or body must average once ``timeout`` has passed.
+    min_rate: float = 1024.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,23 +152,46 @@ class Session:
         self.capabilities = Capabilities()
         self.greeting = b""
         self._dele_queue: deque[int] = deque()
+        self._clock = ReplyClock(options.timeout, options.min_rate)
+        self._in_stream = False  # a multi-line reply's +OK is in; its lines are due
+        self._owner = threading.get_ident()  # the thread that may close the socket
 
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, options: SessionOptions) -> Session:
-        """Connect and negotiate TLS as configured; ready for :meth:`login`."""
+    def open(
+        cls,
+        options: SessionOptions,
+        *,
+        on_open: Callable[[Session], None] | None = None,
+    ) -> Session:
+        """Connect and negotiate TLS as configured; ready for :meth:`login`.
+
+        *on_open* is called with the session as soon as it exists, before the
+        greeting is read, so that another thread may :meth:`abort` it from
+        then on (an error it raises aborts the session and propagates).
+        The ``poll_timeout`` deadline starts now.
+        """
         ctx = options.ssl_context
         if options.tls != "none" and ctx is None:
             raise LocalProtocolError("a TLS mode needs an ssl_context")
+        deadline = None
+        if options.poll_timeout is not None:
+            deadline = Deadline.after(
+                options.poll_timeout,
+                f"poll took longer than poll_timeout ({options.poll_timeout:.10g} s); abandoned",
+            )
         transport = Transport.connect(
             options.host,
             options.port,
             timeout=options.timeout,
             ssl_context=ctx if options.tls == "implicit" else None,
+            deadline=deadline,
         )
         session = cls(transport, options)
         try:
+            if on_open is not None:
+                on_open(session)
             session._greet()
             session.capabilities = session._capa()
             if options.tls == "starttls":
@@ -199,6 +244,10 @@ class Session:
             raise SecurityError(
                 "refusing to send credentials without TLS (set allow_plaintext: true to allow)"
             )
+        if self.capabilities.has("UTF8"):
+            # RFC 6856 §2: messages as stored, not a per-download wrapper.
+            # A refusal changes nothing for us; the reply is read either way.
+            self._command(Utf8())
         method = self._choose_method()
         if method == "user":
             self._expect_ok(User(opts.username), login=True)
@@ -286,10 +335,17 @@ class Session:
         return self.uidl(), self.scan()
 
     def uidl(self) -> list[tuple[int, bytes]]:
-        """The UIDL listing (RFC 1939 §7); ServerError if refused."""
+        """The UIDL listing (RFC 1939 §7); ServerError if refused.
+
+        The core parses and bounds it as it streams (RemoteProtocolError for
+        a malformed, overlong or oversized listing): what comes back is the
+        final list, built once.
+        """
         command = Uidl()
         self.transport.send(self.conn.send(command))
-        return parse_uidl_listing(self._listing_reply(command))
+        listing = self._listing_reply(command)
+        assert isinstance(listing, UidListing)
+        return listing.entries
 
     def scan(self, msgs: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """Sizes: the whole LIST listing, or ``LIST n`` for just *msgs* (pipelined).
@@ -300,7 +356,9 @@ class Session:
         if msgs is None:
             command = List()
             self.transport.send(self.conn.send(command))
-            return parse_scan_listing(self._listing_reply(command))
+            listing = self._listing_reply(command)
+            assert isinstance(listing, ScanListing)
+            return listing.entries
         window = self.options.pipeline_window if self.conn.pipelining else 1
         sizes: list[tuple[int, int]] = []
         todo = iter(msgs)
@@ -318,14 +376,14 @@ class Session:
             elif not isinstance(event, Err):
                 raise RemoteProtocolError("unexpected reply to LIST")
 
-    def _listing_reply(self, command: Command) -> tuple[bytes, ...]:
+    def _listing_reply(self, command: Command) -> Listing:
         event = self._next()
         if isinstance(event, Err):
             # Keep the stream in step for a pipelined follower before raising.
             raise ServerError(command.name, event.text, event.code)
         listing = self._next()
         assert isinstance(listing, Listing)
-        return listing.lines
+        return listing
 
     def queue_dele(self, msg: int) -> None:
         """Ask for DELE *msg* at the next chance inside :meth:`retrieve` (or :meth:`delete`)."""
@@ -339,10 +397,18 @@ class Session:
         was queued with :meth:`queue_dele` meanwhile, ``Ok`` or ``Err``.
         The caller may queue DELEs while iterating (after its ledger commit),
         and they ride the same pipeline.  Raises on protocol/transport errors.
+
+        A body is only as trustworthy as what follows it: a stray unstuffed
+        ``.`` line inside a message ends the body early, and only the next
+        reply shows it (the rest of the message is not a status line).  So
+        once the requests run out, a ``NOOP`` follows the last body, and its
+        ``Ok`` (or ``Err``) is yielded too: every body is then followed by a
+        well-formed reply before the caller is done with it.
         """
         window = self.options.pipeline_window if self.conn.pipelining else 1
         todo = iter(requests)
         exhausted = False
+        bodies = False  # a RETR or TOP was sent: close with NOOP
         while True:
             out = bytearray()
             while len(self.conn.pending) < window:
@@ -352,7 +418,11 @@ class Session:
                 req = None if exhausted else next(todo, None)
                 if req is None:
                     exhausted = True
+                    if bodies:
+                        out += self.conn.send(Noop())
+                        bodies = False
                     break
+                bodies = True
                 if req.top is None:
                     out += self.conn.send(Retr(req.msg, limit=req.limit))
                 else:
@@ -388,9 +458,18 @@ class Session:
         finally:
             self.transport.close()
 
-    def abort(self) -> None:
-        """Drop the connection without QUIT: the server deletes nothing (RFC 1939 §6)."""
-        self.transport.close()
+    def abort(self, error: TransportError | None = None) -> None:
+        """Drop the connection without QUIT: the server deletes nothing (RFC 1939 §6).
+
+        Safe from any thread.  The socket is shut down, so a read or write
+        blocked in the session's own thread wakes at once and raises *error*
+        (default: TransportError "HOST:PORT: aborted"), as does every later
+        call.  Only the session's own thread also closes the socket: closing
+        it under another thread's feet could hit a reused descriptor.
+        """
+        self.transport.interrupt(error or TransportError(f"{self.transport.where}: aborted"))
+        if threading.get_ident() == self._owner:
+            self.transport.close()
 
     def __enter__(self) -> Session:
         return self
@@ -410,18 +489,55 @@ class Session:
         if not command.multiline():
             return ()
         listing = self._next()
-        assert isinstance(listing, Listing)
+        assert isinstance(listing, CapaListing)  # the one listing sent this way
         return listing.lines
 
     def _next(self) -> Event:
-        """The next event, reading from the transport as needed."""
-        conn = self.conn
+        """The next event, reading from the transport as needed.
+
+        Raises TimeoutError_ when the server is too slow (see the module
+        docstring) and the core's errors when it breaks the protocol.
+        """
+        conn, clock = self.conn, self._clock
+        clock.resume()
         while True:
             event = conn.next_event()
             if event is not NEED_DATA:
                 assert not isinstance(event, type(NEED_DATA))
+                if isinstance(event, BodyData):
+                    clock.pause()  # more of this body is due; the caller's time is its own
+                else:
+                    clock.done()
+                    self._in_stream = isinstance(event, Ok) and event.command.multiline()
                 return event
-            conn.receive_data(self.transport.recv())
+            if not clock.running:
+                clock.begin(self._awaited(), stream=self._in_stream)
+            conn.receive_data(self._recv())
+
+    def _recv(self) -> bytes:
+        clock = self._clock
+        try:
+            data = self.transport.recv(clock.until())
+        except TimeoutError_:
+            if self.transport.ended() is not None:  # the deadline, or an abort
+                raise
+            raise TimeoutError_(f"{self.transport.where}: {clock.too_slow()}") from None
+        clock.received(len(data))
+        return data
+
+    def _awaited(self) -> str:
+        """What the next bytes belong to, for an error: "the greeting", "RETR 3"."""
+        if self.conn.state is State.GREETING:
+            return "the greeting"
+        pending = self.conn.pending
+        if not pending:
+            return "a reply"
+        command = pending[0]
+        msg = getattr(command, "msg", None)  # never other arguments: PASS carries a secret
+        name = command.name if msg is None else f"{command.name} {msg}"
+        if not self._in_stream:
+            return f"the reply to {name}"
+        return name if isinstance(command, Retr | Top) else f"the {name} listing"
 
 
 __all__ = [

@@ -16,9 +16,12 @@ Invariants:
   a non-empty FIFO, and only once the caller has set :attr:`pipelining`
   after seeing the capability.  USER, PASS, APOP, AUTH, STLS, CAPA and QUIT
   always go alone, because their reply decides what may follow.
-* Everything the server controls is bounded: a status or listing line by
-  ``max_line``; a listing by ``max_listing_lines``; a body by the command's
-  ``limit``; buffered bytes by ``max_line`` (bodies are streamed).
+* Everything the server controls is bounded: a status line by
+  ``max_line``; each listing (CAPA, UIDL, LIST) by its command's
+  :class:`ListingLimits` -- line length, lines and octets, checked as it
+  streams, so a listing is parsed piece by piece and never held raw; a
+  body by the command's ``limit``; buffered bytes by ``max_line`` or the
+  listing's line bound (bodies are streamed).
 * Anything the server sends that the protocol does not allow raises
   :class:`RemoteProtocolError`; after that the connection is dead (state
   ``ERROR``) and every further call raises too.  A caller bug raises
@@ -32,8 +35,14 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 
-from popsync.errors import LocalProtocolError, RemoteProtocolError, SecurityError
+from popsync.errors import (
+    BodyLimitExceeded,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SecurityError,
+)
 from popsync.pop3.commands import (
     Apop,
     Auth,
@@ -52,10 +61,12 @@ from popsync.pop3.commands import (
     Top,
     Uidl,
     User,
+    Utf8,
 )
 from popsync.pop3.events import (
     NEED_DATA,
     BodyData,
+    CapaListing,
     Challenge,
     ConnectionClosed,
     EndOfBody,
@@ -65,14 +76,23 @@ from popsync.pop3.events import (
     Listing,
     NeedData,
     Ok,
+    ScanListing,
+    UidListing,
     parse_resp_code,
 )
-from popsync.pop3.reader import BodyReader, read_listing_lines, take_line
+from popsync.pop3.listing import (
+    LISTING_LIMITS,
+    CapaParser,
+    ListingLimits,
+    ListingParser,
+    ScanParser,
+    UidlParser,
+    listing_parser,
+)
+from popsync.pop3.reader import BodyReader, take_line, take_listing_lines
 
 #: Lenient default for reply lines: RFC 1939 §3 says 512, real servers exceed it.
 DEFAULT_MAX_LINE = 64 * 1024
-#: Most lines one listing may hold (mpop's POP3_MAX_MESSAGES is of this order).
-DEFAULT_MAX_LISTING_LINES = 1_000_000
 
 
 class State(enum.Enum):
@@ -90,7 +110,9 @@ class _Phase(enum.Enum):
     BODY = "BODY"
 
 
-_AUTH_COMMANDS: frozenset[type[Command]] = frozenset({User, Pass, Apop, Auth, Capa, Stls, Quit})
+_AUTH_COMMANDS: frozenset[type[Command]] = frozenset(
+    {User, Pass, Apop, Auth, Capa, Stls, Utf8, Quit}
+)
 _TRANSACTION_COMMANDS: frozenset[type[Command]] = frozenset(
     {Stat, List, Uidl, Retr, Top, Dele, Noop, Rset, Capa, Quit}
 )
@@ -112,12 +134,15 @@ class Connection:
         self,
         *,
         max_line: int = DEFAULT_MAX_LINE,
-        max_listing_lines: int = DEFAULT_MAX_LISTING_LINES,
+        listing_limits: Mapping[str, ListingLimits] | None = None,
     ) -> None:
+        """*listing_limits* replaces the bounds of the listings it names
+        (``"CAPA"``, ``"UIDL"``, ``"LIST"``); the others keep
+        :data:`~popsync.pop3.listing.LISTING_LIMITS`."""
         if max_line < 512:
             raise LocalProtocolError("max_line must be at least 512 (RFC 1939 §3)")
         self.max_line = max_line
-        self.max_listing_lines = max_listing_lines
+        self.listing_limits: dict[str, ListingLimits] = {**LISTING_LIMITS, **(listing_limits or {})}
         #: Set by the caller once CAPA (over the final transport) lists PIPELINING.
         self.pipelining = False
         self._state = State.GREETING
@@ -125,7 +150,7 @@ class Connection:
         self._eof = False
         self._pending: deque[Command] = deque()
         self._phase = _Phase.STATUS
-        self._listing: list[bytes] = []
+        self._listing: ListingParser | None = None
         self._body: BodyReader | None = None
         self._body_bytes = 0
         self._body_octets = 0
@@ -296,7 +321,7 @@ class Connection:
                 self._body_octets = 0
             else:
                 self._phase = _Phase.LISTING
-                self._listing = []
+                self._listing = listing_parser(command.name, self.listing_limits)
             return
         self._pending.popleft()
         if isinstance(command, Pass | Apop | Auth):
@@ -307,21 +332,18 @@ class Connection:
             self._state = State.DONE
 
     def _next_listing_event(self) -> Event | NeedData:
-        lines, done = read_listing_lines(self._buf)
-        self._listing.extend(lines)
-        command = self._pending[0]
-        if len(self._listing) > self.max_listing_lines:
-            raise RemoteProtocolError(
-                f"{command.name} listing has more than {self.max_listing_lines} lines"
-            )
+        parser = self._listing
+        assert parser is not None
+        raw, done = take_listing_lines(self._buf)
+        if raw:
+            parser.feed(raw)  # checks every line and the totals at once
         if not done:
-            if len(self._buf) >= self.max_line:
-                raise RemoteProtocolError(f"server sent a line longer than {self.max_line} octets")
+            parser.check_unfinished(len(self._buf))
             return self._check_eof()
-        self._pending.popleft()
+        command = self._pending.popleft()
         self._phase = _Phase.STATUS
-        listing, self._listing = tuple(self._listing), []
-        return Listing(command, listing)
+        self._listing = None
+        return _listing_event(command, parser)
 
     def _next_body_event(self) -> Event | NeedData:
         assert self._body is not None
@@ -333,9 +355,10 @@ class Connection:
         self._body_bytes += len(chunk.data)
         self._body_octets += chunk.octets
         if command.limit is not None and self._body_bytes > command.limit:
-            raise RemoteProtocolError(
+            raise BodyLimitExceeded(
                 f"{command.name} {command.msg}: body exceeds its limit of "
-                f"{command.limit} bytes; cut off"
+                f"{command.limit} bytes; cut off",
+                command.msg,
             )
         if chunk.data:
             # With the end already consumed, EndOfBody comes on the next call.
@@ -351,3 +374,13 @@ class Connection:
         self._body = None
         self._body_ended = False
         return EndOfBody(command, self._body_octets)
+
+
+def _listing_event(command: Command, parser: ListingParser) -> Listing:
+    """The event that hands the finished listing of *command* to the caller."""
+    if isinstance(parser, UidlParser):
+        return UidListing(command, parser.result)
+    if isinstance(parser, ScanParser):
+        return ScanListing(command, parser.result)
+    assert isinstance(parser, CapaParser)
+    return CapaListing(command, tuple(parser.result))
