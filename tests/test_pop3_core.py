@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popsync.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, SecurityError
+from popsync.errors import LocalProtocolError, RemoteProtocolError, SecurityError
 from popsync.pop3 import (
     NEED_DATA,
     Apop,
@@ -17,6 +17,7 @@ from popsync.pop3 import (
     AuthResponse,
     BodyData,
     Capa,
+    CapaListing,
     Challenge,
     Connection,
     ConnectionClosed,
@@ -31,18 +32,26 @@ from popsync.pop3 import (
     Pass,
     Quit,
     Retr,
+    ScanListing,
     Stat,
     State,
     Stls,
     Top,
     Uidl,
+    UidListing,
     User,
 )
 from popsync.pop3.auth import apop_digest, apop_timestamp, oauthbearer, sasl_plain, xoauth2
 from popsync.pop3.listing import (
+    LISTING_LIMITS,
+    MAX_MESSAGE_SIZE,
+    MAX_MESSAGES,
+    ListingLimits,
     parse_capabilities,
+    parse_scan_line,
     parse_scan_listing,
     parse_stat,
+    parse_uidl_line,
     parse_uidl_listing,
 )
 from popsync.pop3.reader import BodyReader
@@ -284,14 +293,12 @@ def test_uidl_and_list_pipelined_with_trailing_data(chunks: Chunker) -> None:
     events = drain(conn, wire, chunks)
     assert events == [
         Ok(Uidl(), b"unique-id listing"),
-        Listing(Uidl(), (b"1 aaa", b"2 ..dotted")),
+        UidListing(Uidl(), [(1, b"aaa"), (2, b"..dotted")]),
         Ok(List(), b"scan"),
-        Listing(List(), (b"1 120", b"2 4000")),
+        ScanListing(List(), [(1, 120), (2, 4000)]),
         Ok(Stat(), b"2 4120"),
     ]
     assert conn.trailing_data == b"+OK trailing"
-    assert parse_uidl_listing(events[1].lines) == [(1, b"aaa"), (2, b"..dotted")]  # type: ignore[union-attr]
-    assert parse_scan_listing(events[3].lines) == [(1, 120), (2, 4000)]  # type: ignore[union-attr]
     assert parse_stat(b"2 4120") == (2, 4120)
 
 
@@ -300,42 +307,207 @@ def test_uidl_and_list_pipelined_with_trailing_data(chunks: Chunker) -> None:
     [b"1", b"x abc", b"1 a b", b"0 abc", b"1 \x01bad", b"1 " + b"u" * 600, b"-1 abc"],
 )
 def test_bad_uidl_lines(line: bytes) -> None:
-    with pytest.raises(RemoteProtocolError):
-        parse_uidl_listing([line])
+    with pytest.raises(RemoteProtocolError, match="UIDL"):
+        parse_uidl_listing(line + b"\r\n")
 
 
 def test_duplicate_message_numbers_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="twice"):
-        parse_uidl_listing([b"1 a", b"1 b"])
+        parse_uidl_listing(b"1 a\r\n1 b\r\n")
     with pytest.raises(RemoteProtocolError, match="twice"):
-        parse_scan_listing([b"1 10", b"1 20"])
+        parse_scan_listing(b"1 10\r\n1 20\r\n")
 
 
 def test_duplicate_uids_are_allowed() -> None:
     # RFC 1939 §7: identical copies may share a unique-id
-    assert parse_uidl_listing([b"1 same", b"2 same"]) == [(1, b"same"), (2, b"same")]
+    assert parse_uidl_listing(b"1 same\r\n2 same\r\n") == [(1, b"same"), (2, b"same")]
 
 
-def test_listing_line_bound_and_count_bound() -> None:
-    conn = Connection(max_line=1024, max_listing_lines=3)
-    conn.receive_data(b"+OK\r\n")
-    conn.next_event()
-    conn.send(User("u"))
-    conn.receive_data(b"+OK\r\n")
-    conn.next_event()
-    conn.send(Capa())
-    conn.receive_data(b"+OK\r\n" + b"A" * 2000)
+# -- listing bounds: each checked as the listing streams ----------------------
+
+
+def sent(command: Capa | Uidl | List, **limits: ListingLimits) -> Connection:
+    """A connection that has just sent *command* (CAPA before login, the others after)."""
+    if isinstance(command, Capa):
+        conn = Connection(listing_limits=limits)
+        conn.receive_data(b"+OK hi\r\n")
+        conn.next_event()
+    else:
+        conn = logged_in()
+        conn.listing_limits.update(limits)
+    conn.send(command)
+    return conn
+
+
+@CHUNKINGS
+def test_capa_listing_unstuffed_with_trailing_data(chunks: Chunker) -> None:
+    conn = sent(Capa())
+    wire = b"+OK caps\r\nTOP\r\nSASL PLAIN\n..X-DOT\r\n.\r\n+OK extra"
+    assert drain(conn, wire, chunks) == [
+        Ok(Capa(), b"caps"),
+        CapaListing(Capa(), (b"TOP", b"SASL PLAIN", b".X-DOT")),
+    ]
+    assert conn.trailing_data == b"+OK extra"
+
+
+# The longest line each listing takes (CRLF included), and one octet more.
+LONGEST = [
+    (Capa(), b"X" * 1022, (b"X" * 1022,)),  # RFC 2449 §5 says 512; twice that
+    (Uidl(), b"%d %s" % (MAX_MESSAGES, b"u" * 512), [(MAX_MESSAGES, b"u" * 512)]),
+    (List(), b"1 100 " + b"x" * 120, [(1, 100)]),  # RFC 1939 §5 "additional information"
+]
+
+
+@CHUNKINGS
+@pytest.mark.parametrize(("command", "line", "parsed"), LONGEST)
+def test_longest_listing_line_passes(
+    chunks: Chunker, command: Capa | Uidl | List, line: bytes, parsed: object
+) -> None:
+    conn = sent(command)
+    events = drain(conn, b"+OK\r\n" + line + b"\r\n.\r\n+OK next", chunks)
+    assert len(events) == 2 and isinstance(events[1], Listing)
+    assert getattr(events[1], "lines" if isinstance(command, Capa) else "entries") == parsed
+    assert conn.trailing_data == b"+OK next"
+
+
+@CHUNKINGS
+@pytest.mark.parametrize(("command", "line", "parsed"), LONGEST)
+def test_one_octet_longer_is_refused(
+    chunks: Chunker, command: Capa | Uidl | List, line: bytes, parsed: object
+) -> None:
+    limit = LISTING_LIMITS[command.name].line
+    assert len(line) + 2 == limit
+    conn = sent(command)
+    wire = b"+OK\r\n" + b"1 a\r\n" * isinstance(command, Uidl) + line + b"x\r\n.\r\n"
+    with pytest.raises(RemoteProtocolError, match=f"^{command.name}: .*longer than {limit} "):
+        drain(conn, wire, chunks)
+    assert conn.state is State.ERROR
+
+
+@pytest.mark.parametrize("command", [Capa(), Uidl(), List()])
+def test_overlong_line_fails_at_once(command: Capa | Uidl | List) -> None:
+    limit = LISTING_LIMITS[command.name].line
+    # Its end in the same receive, the rest of the listing still to come:
+    conn = sent(command)
+    conn.receive_data(b"+OK\r\n1 " + b"u" * 60_000 + b"\r\n2 b\r\n")
     assert isinstance(conn.next_event(), Ok)
-    with pytest.raises(RemoteProtocolError, match="longer than 1024"):
+    with pytest.raises(RemoteProtocolError, match="longer than"):
+        conn.next_event()
+    # Its end not yet in sight: refused as soon as the line reaches the bound.
+    conn = sent(command)
+    conn.receive_data(b"+OK\r\n" + b"1 " + b"u" * (limit - 3))
+    assert isinstance(conn.next_event(), Ok)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"u")
+    with pytest.raises(RemoteProtocolError, match="longer than"):
         conn.next_event()
 
-    conn = logged_in()
-    conn.max_listing_lines = 3
-    conn.send(Uidl())
-    conn.receive_data(b"+OK\r\n1 a\r\n2 b\r\n3 c\r\n4 d\r\n.\r\n")
-    conn.next_event()
-    with pytest.raises(RemoteProtocolError, match="more than 3"):
-        conn.next_event()
+
+@CHUNKINGS
+def test_capa_line_count_and_octet_bounds(chunks: Chunker) -> None:
+    caps = LISTING_LIMITS["CAPA"]
+    assert (caps.lines, caps.octets) == (200, 64 * 1024)
+    full = b"X" * 1022 + b"\r\n"
+    assert len(drain(sent(Capa()), b"+OK\r\n" + full * 64 + b".\r\n", chunks)) == 2  # 64 KiB
+    with pytest.raises(RemoteProtocolError, match=r"^CAPA: listing is longer than 65536"):
+        drain(sent(Capa()), b"+OK\r\n" + full * 65 + b".\r\n", chunks)
+    with pytest.raises(RemoteProtocolError, match=r"^CAPA: listing has more than 200 lines"):
+        drain(sent(Capa()), b"+OK\r\n" + b"X\r\n" * 201 + b".\r\n", chunks)
+
+
+@CHUNKINGS
+def test_uidl_and_list_line_count_and_octet_bounds(chunks: Chunker) -> None:
+    small = ListingLimits(line=64, lines=3, octets=1000)
+    wire = b"+OK\r\n1 a\r\n2 b\r\n3 c\r\n4 d\r\n.\r\n"
+    with pytest.raises(RemoteProtocolError, match=r"^UIDL: listing has more than 3 lines"):
+        drain(sent(Uidl(), UIDL=small), wire, chunks)
+    with pytest.raises(RemoteProtocolError, match=r"^LIST: listing has more than 3 lines"):
+        drain(sent(List(), LIST=small), b"+OK\r\n1 9\r\n2 9\r\n3 9\r\n4 9\r\n.\r\n", chunks)
+    tight = ListingLimits(line=64, lines=100, octets=14)
+    with pytest.raises(RemoteProtocolError, match=r"^UIDL: listing is longer than 14 octets"):
+        drain(sent(Uidl(), UIDL=tight), wire, chunks)
+    assert len(drain(sent(Uidl(), UIDL=tight), b"+OK\r\n1 a\r\n2 b\r\n.\r\n", chunks)) == 2
+
+
+@CHUNKINGS
+def test_lenient_forms_and_order_across_pieces(chunks: Chunker) -> None:
+    conn = sent(Uidl())
+    wire = b"+OK\r\n3 c\r\n1  a \r\n2\tb\n.4 d\r\n.\r\n"
+    events = drain(conn, wire, chunks)
+    assert events[1] == UidListing(Uidl(), [(3, b"c"), (1, b"a"), (2, b"b"), (4, b"d")])
+
+
+@CHUNKINGS
+@pytest.mark.parametrize(
+    "wire", [b"1 a\r\n2 b\r\n1 c\r\n", b"2 a\r\n3 b\r\n1 c\r\n3 d\r\n", b"5 a\r\n5 a\r\n"]
+)
+def test_duplicate_numbers_refused_in_any_piece(chunks: Chunker, wire: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match=r"^UIDL: the same message number"):
+        drain(sent(Uidl()), b"+OK\r\n" + wire + b".\r\n", chunks)
+
+
+def test_sizes_that_cannot_be_a_message() -> None:
+    # 2**63 would overflow SQLite's INTEGER downstream; 2**40 octets (1 TiB)
+    # is the largest size believed, so sums over a listing stay below 2**60.
+    assert MAX_MESSAGES * MAX_MESSAGE_SIZE < 2**63 - 1
+    assert parse_scan_line(b"1 %d" % MAX_MESSAGE_SIZE) == (1, MAX_MESSAGE_SIZE)
+    for size in (MAX_MESSAGE_SIZE + 1, 2**63, 2**63 - 1):
+        with pytest.raises(RemoteProtocolError, match=r"^LIST size: .*cannot be a message"):
+            parse_scan_line(b"1 %d" % size)
+        with pytest.raises(RemoteProtocolError, match=r"^LIST size"):
+            parse_scan_listing(b"1 10\r\n2 %d\r\n" % size)
+    with pytest.raises(RemoteProtocolError, match=r"^LIST size: not a decimal"):
+        parse_scan_line(b"1 %d" % 2**64)
+    assert parse_stat(b"%d %d" % (MAX_MESSAGES, MAX_MESSAGES * MAX_MESSAGE_SIZE))
+    with pytest.raises(RemoteProtocolError, match=r"^STAT: a total"):
+        parse_stat(b"1 %d" % 2**63)
+    with pytest.raises(RemoteProtocolError, match=r"^STAT: more than"):
+        parse_stat(b"%d 10" % (MAX_MESSAGES + 1))
+
+
+@CHUNKINGS
+def test_oversized_list_entry_refused_while_streaming(chunks: Chunker) -> None:
+    wire = b"+OK\r\n1 10\r\n2 %d\r\n.\r\n" % 2**63
+    with pytest.raises(RemoteProtocolError, match=r"^LIST size"):
+        drain(sent(List()), wire, chunks)
+
+
+def test_message_numbers_beyond_any_listing() -> None:
+    assert parse_uidl_line(b"%d a" % MAX_MESSAGES) == (MAX_MESSAGES, b"a")
+    too_big = MAX_MESSAGES + 1
+    with pytest.raises(RemoteProtocolError, match=r"^UIDL: message number above"):
+        parse_uidl_line(b"%d a" % too_big)
+    with pytest.raises(RemoteProtocolError, match=r"^UIDL: message number above"):
+        parse_uidl_listing(b"1 a\r\n%d b\r\n" % too_big)
+    with pytest.raises(RemoteProtocolError, match=r"^LIST: message number above"):
+        parse_scan_line(b"%d 10" % too_big)
+    with pytest.raises(RemoteProtocolError, match=r"^LIST: message number above"):
+        parse_scan_listing(b"%d 10\r\n" % too_big)
+
+
+uid_bytes = st.binary(min_size=1, max_size=12).map(
+    lambda b: bytes(0x21 + x % 0x5E for x in b)  # 0x21-0x7E
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    uids=st.lists(uid_bytes, max_size=40),
+    gaps=st.lists(st.integers(min_value=1, max_value=3), min_size=40, max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+)
+def test_uidl_streamed_in_any_split_equals_the_listing(
+    uids: list[bytes], gaps: list[int], cuts: list[int]
+) -> None:
+    numbers = [sum(gaps[: i + 1]) for i in range(len(uids))]
+    entries = list(zip(numbers, uids, strict=True))
+    wire = b"+OK\r\n" + b"".join(b"%d %s\r\n" % e for e in entries) + b".\r\n+OK next"
+    points = sorted({c % (len(wire) + 1) for c in cuts})
+    pieces = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True) if b > a]
+    conn = sent(Uidl())
+    events = drain(conn, wire, lambda _: iter(pieces))
+    assert events[1] == UidListing(Uidl(), entries)
+    assert conn.trailing_data == b"+OK next"
 
 
 def test_status_line_bound() -> None:
@@ -572,12 +744,16 @@ def test_stuffing_round_trip_any_split(lines: list[bytes], cuts: list[int]) -> N
 
 
 @settings(max_examples=400, deadline=None)
-@given(data=st.binary(max_size=600), cmds=st.sampled_from(["retr", "uidl", "stat", "greeting"]))
+@given(
+    data=st.binary(max_size=600),
+    cmds=st.sampled_from(["retr", "uidl", "list", "stat", "greeting"]),
+)
 def test_arbitrary_input_only_raises_protocol_errors(data: bytes, cmds: str) -> None:
     conn = Connection(max_line=512) if cmds == "greeting" else logged_in()
     if cmds != "greeting":
         conn.max_line = 512
-        conn.send({"retr": Retr(1, limit=300), "uidl": Uidl(), "stat": Stat()}[cmds])
+        commands = {"retr": Retr(1, limit=300), "uidl": Uidl(), "list": List(), "stat": Stat()}
+        conn.send(commands[cmds])
     try:
         conn.receive_data(data)
         conn.receive_data(b"")
@@ -585,7 +761,7 @@ def test_arbitrary_input_only_raises_protocol_errors(data: bytes, cmds: str) -> 
             ev = conn.next_event()
             if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
                 break
-            if isinstance(ev, Listing):
-                parse_uidl_listing(ev.lines)
-    except ProtocolError:
+            if isinstance(ev, Ok) and isinstance(ev.command, Stat):
+                parse_stat(ev.text)
+    except RemoteProtocolError:
         pass

@@ -842,6 +842,51 @@ def test_overlong_line_places(store: MailStore, place: str) -> None:
         raw.close()
 
 
+@pytest.mark.parametrize("command", ["UIDL", "LIST", "CAPA"])
+def test_huge_listing_has_the_lines_asked_for(store: MailStore, command: str) -> None:
+    # 3000 x 700 octets: more than one 1 MiB batch, and a short last one.
+    faults = Faults(huge_listing=(command, 3000, 700))  # type: ignore[arg-type]
+    with POP3TestServer(store, faults=faults) as server:
+        raw = connect(server)
+        if command != "CAPA":  # CAPA's comes before login, as a man in the middle's would
+            raw.login()
+        assert raw.cmd(command.encode()).startswith(b"+OK")
+        lines = raw.multi()
+        assert len(lines) == 3000 and {len(ln) for ln in lines} == {700}
+        heads = [ln.split(b" ")[0] for ln in lines]
+        if command == "CAPA":
+            assert heads == [b"X-HUGE-%d" % n for n in range(1, 3001)]
+        else:
+            assert heads == [b"%d" % n for n in range(1, 3001)]
+        if command == "UIDL":
+            uids = [ln.split(b" ")[1].rstrip(b"\r\n") for ln in lines]
+            assert len(set(uids)) == 3000 and re.fullmatch(rb"[\x21-\x7e]+", b"".join(uids))
+        if command == "LIST":
+            assert all(ln.split(b" ")[1] == b"100" for ln in lines)
+        assert raw.cmd(b"NOOP" if command != "CAPA" else b"QUIT").startswith(b"+OK")
+        raw.close()
+
+
+def test_huge_listing_is_made_as_it_is_sent(store: MailStore) -> None:
+    # Ten gigabytes: only a server that makes it lazily answers at once, and
+    # it stops when the client leaves.
+    faults = Faults(huge_listing=("UIDL", 10_000_000, 1000))
+    with POP3TestServer(store, faults=faults) as server:
+        raw = connect(server)
+        raw.login()
+        assert raw.cmd(b"UIDL").startswith(b"+OK")
+        assert raw.line() == b"1 1-" + b"u" * (1000 - 6) + b"\r\n"
+        raw.close()
+        record = server.wait_for_sessions(1, timeout=10)[0]
+    assert record.error is None and record.deleted == []
+
+
+@pytest.mark.parametrize("bad", [("RETR", 1, 100), ("UIDL", -1, 100), ("CAPA", 1, 0)])
+def test_huge_listing_validated(bad: tuple[str, int, int]) -> None:
+    with pytest.raises(ValueError, match="huge_listing"):
+        Faults(huge_listing=bad)  # type: ignore[arg-type]
+
+
 def test_inject_after_stls(
     store: MailStore, server_ssl_context: ssl.SSLContext, client_ctx: ssl.SSLContext
 ) -> None:

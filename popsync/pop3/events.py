@@ -3,7 +3,8 @@
 A reply to one command is a short sequence of events:
 
 * single-line:       ``Ok`` or ``Err``
-* multi-line list:   ``Ok``, then one ``Listing`` (CAPA, LIST, UIDL) -- or ``Err``
+* multi-line list:   ``Ok``, then one ``Listing``: ``CapaListing``, ``ScanListing``
+                     (LIST) or ``UidListing`` (UIDL) -- or ``Err``
 * message body:      ``Ok``, any number of ``BodyData``, then ``EndOfBody`` (RETR, TOP)
 * SASL exchange:     ``Challenge`` ... then ``Ok`` or ``Err`` (AUTH)
 
@@ -21,6 +22,7 @@ from popsync.pop3.commands import Auth, Command
 __all__ = [
     "NEED_DATA",
     "BodyData",
+    "CapaListing",
     "Challenge",
     "ConnectionClosed",
     "EndOfBody",
@@ -30,6 +32,8 @@ __all__ = [
     "Listing",
     "NeedData",
     "Ok",
+    "ScanListing",
+    "UidListing",
     "parse_resp_code",
 ]
 
@@ -75,15 +79,39 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """The dot-unstuffed lines of a CAPA / LIST / UIDL reply, without line ends."""
+    """A multi-line listing is complete; one of the three kinds below.
+
+    The core checks a listing line by line as it streams and hands out only
+    the parsed result (see :mod:`popsync.pop3.listing` for the bounds).
+    """
 
     command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class CapaListing(Listing):
+    """The dot-unstuffed lines of a CAPA reply, without line ends."""
+
     lines: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
+class UidListing(Listing):
+    """The ``(n, uid)`` entries of a UIDL reply, in server order; the list is the caller's."""
+
+    entries: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanListing(Listing):
+    """The ``(n, size)`` entries of a LIST reply, in server order; the list is the caller's."""
+
+    entries: list[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
 class BodyData:
-    """A piece of a RETR / TOP body: dot-unstuffed, line ends as LF (DESIGN I5)."""
+    """A piece of a RETR / TOP body: dot-unstuffed, line ends as LF (Maildir's convention)."""
 
     command: Command
     data: bytes

@@ -13,8 +13,11 @@ Contract (RFC 1939 §3):
   the receive chunk size, not by the message.  A body line with no line end
   in sight is streamed too once it exceeds ``partial_flush`` bytes, so a
   message with a 10 MB line neither fails nor buffers 10 MB.
-* Body line ends are stored as LF (the Maildir convention, DESIGN I5); bare
-  CR, lone LF and NUL bytes pass through untouched.
+* Body line ends are stored as LF (the Maildir convention); bare CR, lone
+  LF and NUL bytes pass through untouched.
+* Listings are handed out as raw runs of complete lines
+  (:func:`take_listing_lines`), for the listing's own parser to bound and
+  check as they stream; a listing is never held whole here.
 
 Speed: all work is done with ``bytes.find`` / ``replace`` / ``count`` over
 the whole buffer -- a few C-level passes per receive, never a Python call
@@ -132,30 +135,21 @@ class BodyReader:
         return BodyChunk(data, len(raw) - dots, done)
 
 
-def read_listing_lines(buf: bytearray) -> tuple[list[bytes], bool]:
-    """Consume complete lines of a listing (CAPA, LIST, UIDL) from *buf*.
+def take_listing_lines(buf: bytearray) -> tuple[bytes, bool]:
+    """Consume the complete lines of a listing (CAPA, LIST, UIDL) from *buf*.
 
-    Returns (unstuffed lines without line ends, whether the listing ended).
-    Lines must be complete: the caller bounds the buffer by the line limit.
+    Returns (those lines exactly as received -- line ends and stuffing dots
+    kept, the terminating ``.`` line removed; whether that line was seen).
+    An unfinished last line stays in *buf*: the caller bounds its length,
+    and the listing's parser checks every complete line
+    (:class:`popsync.pop3.listing.ListingParser`).
     """
     term, term_len = _find_terminator(buf, True)  # listings resume at line starts
     if term >= 0:
         raw = bytes(buf[:term])
         del buf[: term + term_len]
-        done = True
-    else:
-        cut = buf.rfind(b"\n") + 1
-        raw = bytes(buf[:cut])
-        del buf[:cut]
-        done = False
-    if not raw:
-        return [], done
-    # Whole-buffer operations; a Python step per line only for the rare
-    # stuffed line (a listing line never legitimately starts with ".").
-    if b"\r" in raw:
-        raw = raw.replace(b"\r\n", b"\n")
-    lines = raw.split(b"\n")
-    lines.pop()  # raw ends with LF: the last piece is empty
-    if raw.startswith(b".") or b"\n." in raw:
-        lines = [line[1:] if line.startswith(b".") else line for line in lines]
-    return lines, done
+        return raw, True
+    cut = buf.rfind(b"\n") + 1
+    raw = bytes(buf[:cut])
+    del buf[:cut]
+    return raw, False

@@ -17,10 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["OVERLONG_PLACES", "Faults", "OverlongPlace"]
+__all__ = ["HUGE_LISTINGS", "OVERLONG_PLACES", "Faults", "HugeListing", "OverlongPlace"]
 
 OverlongPlace = Literal["greeting", "uidl", "retr_status", "capa"]
 OVERLONG_PLACES: frozenset[str] = frozenset({"greeting", "uidl", "retr_status", "capa"})
+HugeListing = Literal["UIDL", "LIST", "CAPA"]
+HUGE_LISTINGS: frozenset[str] = frozenset({"UIDL", "LIST", "CAPA"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ class Faults:
         wrong_list_size: message number -> size that LIST (and STAT's total)
             report instead of the true size.
         no_uidl: UIDL answers ``-ERR`` and CAPA does not list UIDL.
+        huge_listing: ``(command, lines, line_length)``: the whole listing of
+            ``UIDL``, ``LIST`` or ``CAPA`` is *lines* made-up lines of
+            *line_length* octets each (CRLF included), made and sent a batch
+            at a time so the server itself stays small.  UIDL lines are
+            ``n uid`` with a distinct uid; LIST lines ``n 100`` followed by
+            filler ("additional information", RFC 1939 §5); CAPA lines
+            ``X-HUGE-n`` followed by filler.  Lines are never shorter than
+            that text.
         trickle: command name -> ``(n, seconds)``: the whole reply to that
             command (status line, listing or body) goes out *n* bytes at a
             time, one piece every *seconds* (the wait ends early at ``stop()``).
@@ -75,6 +85,7 @@ class Faults:
     unstuffed_dot_line: int | None = None
     wrong_list_size: Mapping[int, int] = field(default_factory=dict)
     no_uidl: bool = False
+    huge_listing: tuple[HugeListing, int, int] | None = None
     trickle: Mapping[str, tuple[int, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +100,12 @@ class Faults:
                 raise ValueError("drop_during_retr is (message number >= 1, bytes >= 0)")
         if any(seconds < 0 for seconds in self.stall.values()):
             raise ValueError("stall times must not be negative")
+        if self.huge_listing is not None:
+            command, lines, length = self.huge_listing
+            if command not in HUGE_LISTINGS or lines < 0 or length < 1:
+                raise ValueError(
+                    f"huge_listing is (one of {sorted(HUGE_LISTINGS)}, lines >= 0, length >= 1)"
+                )
         if any(n < 1 or seconds < 0 for n, seconds in self.trickle.values()):
             raise ValueError("trickle is (bytes >= 1, seconds >= 0) per command")
         # Frozen: normalise through object.__setattr__ (keys upper-cased, line
