@@ -40,6 +40,19 @@ Invariants
   so swapping a directory for a symlink later achieves nothing. Files are
   created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600 (the getmail
   CVE-2004-0880 lesson); directories popsync creates get mode 0700.
+* **No other user can touch a delivery.** The Maildir and its ``tmp/``,
+  ``new/`` and ``cur/`` must be owned by the user popsync runs as and not be
+  writable by group or others (:class:`UnsafeMaildir` otherwise): whoever can
+  write ``tmp/`` could swap a file between its fsync and its link, landing a
+  forged message in ``new/`` while the real one is deleted from the server.
+  As a second line, :meth:`Maildir.deliver` links the very file it wrote --
+  from its descriptor through ``/proc/self/fd`` where there is one -- after
+  checking that ``tmp/<name>`` is still that file (device, inode, one link).
+* **Root follows only root's symlinks.** Run as root, the Maildir path is
+  resolved one component at a time with ``O_NOFOLLOW``, and a symlink owned by
+  anyone but root is refused, so a user cannot point root's deliveries (and
+  the directories it creates) into a place only root may write. Together with
+  the ownership rule above, root delivers only into root's own Maildirs.
 
 Concurrency: the caller holds a per-account lock (DESIGN §4), so no other
 process writes popsync names of this account into this Maildir. Other programs
@@ -53,9 +66,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
+import shlex
 import socket
 import stat
 import time
@@ -72,6 +87,7 @@ __all__ = [
     "Maildir",
     "MaildirIndex",
     "TmpMessage",
+    "UnsafeMaildir",
     "delivery_hash",
     "file_digest",
     "name_hash",
@@ -86,6 +102,11 @@ NETWORK_FS_TYPES = frozenset(
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: Where a descriptor can be named to link() the very file it refers to (Linux).
+_PROC_FD = "/proc/self/fd"
+#: As path resolution in the kernel (MAXSYMLINKS).
+_MAX_SYMLINKS = 40
 #: Small writes are gathered up to this size before one os.write(); larger
 #: writes bypass the buffer. Bounds the memory of an open message.
 _WRITE_BUFFER = 256 * 1024
@@ -120,6 +141,17 @@ class DeliveryConflict(DeliveryError):
     def __init__(self, message: str, existing: Path) -> None:
         super().__init__(message)
         self.existing = existing
+
+
+class UnsafeMaildir(DeliveryError):
+    """Another user could tamper with deliveries into this Maildir.
+
+    A Maildir directory owned by someone else or writable by group or others,
+    or (as root) a path through another user's symlink. Not temporary: it
+    stays unsafe until someone fixes the modes or the path.
+    """
+
+    temporary = False
 
 
 # --------------------------------------------------------------------- names
@@ -323,6 +355,140 @@ def _fs_type_from_mounts(text: str, path: str) -> str | None:
     return best[1] if best else None
 
 
+# ------------------------------------------------------------ who may write
+
+
+def _check_private(fd: int, shown: Path) -> None:
+    """Refuse a Maildir directory that another user could write into.
+
+    Whoever can write ``tmp/`` (or rename in the Maildir) can swap a file
+    between its fsync and its link. Checked on the open descriptor, so it
+    is the directory actually used. Raises UnsafeMaildir, or DeliveryError if
+    fstat fails.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise _error("stat", shown, exc) from exc
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise UnsafeMaildir(
+            f"Maildir directory {shown} is owned by uid {st.st_uid}, but popsync runs as "
+            f"uid {me}: its owner could swap messages as they are delivered; run popsync "
+            "as that user, or deliver into a directory of your own"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeMaildir(
+            f"Maildir directory {shown} is writable by group or others, who could swap "
+            f"messages as they are delivered; run: chmod go-w {shlex.quote(str(shown))}"
+        )
+
+
+def _open_as_root(path: Path, create: bool) -> int:
+    """Open the Maildir directory *path* as root, following only root's symlinks.
+
+    Each component is opened with ``O_NOFOLLOW`` relative to the descriptor of
+    the one before, so nothing can be swapped between a check and its use. A
+    symlink is followed (its target resolved the same way) only if root owns
+    it; with *create*, a missing component is made (mode 0700) on the way.
+    Refusing other users' symlinks keeps a user from pointing root's
+    deliveries into a directory only root may write.
+
+    Raises UnsafeMaildir for another user's symlink; DeliveryError if a
+    component is missing (without *create*), is not a directory, or there
+    are more than 40 symlinks.
+    """
+    text = os.fspath(path)
+    fd = os.open("/" if os.path.isabs(text) else ".", _DIR_FLAGS)
+    todo = _components(text)
+    walked = "/" if os.path.isabs(text) else ""
+    followed = 0
+    try:
+        while todo:
+            part = todo.pop()
+            step = _step_as_root(fd, part, os.path.join(walked, part), path, create)
+            if isinstance(step, int):
+                os.close(fd)
+                fd, walked = step, os.path.join(walked, part)
+                continue
+            followed += 1
+            if followed > _MAX_SYMLINKS:
+                raise DeliveryError(f"Maildir {path}: too many levels of symbolic links")
+            todo.extend(_components(step))
+            if os.path.isabs(step):
+                os.close(fd)
+                fd, walked = os.open("/", _DIR_FLAGS), "/"
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _components(text: str) -> list[str]:
+    """The names of a path, last first (a stack to pop from)."""
+    return [part for part in reversed(text.split("/")) if part not in ("", ".")]
+
+
+def _step_as_root(dir_fd: int, part: str, shown: str, path: Path, create: bool) -> int | str:
+    """Open directory *part* under *dir_fd*: its descriptor, or a root symlink's target."""
+    for _ in range(2):
+        try:
+            return os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError as exc:
+            if not create:
+                raise DeliveryError(f"Maildir {path} does not exist") from exc
+            try:
+                os.mkdir(part, _DIR_MODE, dir_fd=dir_fd)
+            except FileExistsError:
+                pass  # made meanwhile: look again
+            except OSError as err:
+                raise _error("create", shown, err) from err
+        except OSError as exc:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ELOOP or ENOTDIR.
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise _error("open Maildir", shown, exc) from exc
+            return _root_symlink_target(dir_fd, part, shown, path)
+    raise DeliveryError(f"Maildir {path}: {shown} keeps changing; refusing")
+
+
+def _root_symlink_target(dir_fd: int, part: str, shown: str, path: Path) -> str:
+    """The target of symlink *part* if root owns it; UnsafeMaildir if another user does.
+
+    On Linux the link itself is opened (``O_PATH|O_NOFOLLOW``), so its owner
+    and its target are read from the same inode; elsewhere lstat and
+    readlink are two look-ups.
+    """
+    try:
+        if hasattr(os, "O_PATH"):
+            link_fd = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                st = os.fstat(link_fd)
+                target = os.readlink("", dir_fd=link_fd) if stat.S_ISLNK(st.st_mode) else ""
+            finally:
+                os.close(link_fd)
+        else:  # pragma: no cover - not Linux
+            st = os.lstat(part, dir_fd=dir_fd)
+            target = os.readlink(part, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else ""
+    except OSError as exc:
+        raise _error("open Maildir", shown, exc) from exc
+    if not stat.S_ISLNK(st.st_mode):
+        where = "" if shown == os.fspath(path) else f": {shown}"
+        raise DeliveryError(f"Maildir {path}{where} is not a directory")
+    if st.st_uid != 0:
+        raise UnsafeMaildir(
+            f"Maildir {path}: {shown} is a symlink owned by uid {st.st_uid}, and popsync "
+            "running as root follows only root's symlinks; run popsync as the Maildir's "
+            "owner, or name the real directory"
+        )
+    return target
+
+
+@functools.cache
+def _proc_links() -> bool:
+    """Whether a file can be linked from its descriptor through /proc/self/fd."""
+    return os.path.isdir(_PROC_FD)
+
+
 # --------------------------------------------------------------- tmp message
 
 
@@ -345,6 +511,12 @@ class TmpMessage:
         self.name = name
         self._fd = fd
         self._ident = (dev, ino)
+        # After finish(): a second descriptor on the file, to link() exactly
+        # this inode into new/ (see Maildir.deliver); -1 when there is none.
+        # Closed on delivery or abort, else when the object is collected (a
+        # finished message a failed poll never delivered must not leak it).
+        self._link_fd = -1
+        self._link_fd_closer: weakref.finalize[[int], TmpMessage] | None = None
         self._buf = bytearray()
         self._sha = hashlib.sha256()
         self._size = 0
@@ -393,8 +565,10 @@ class TmpMessage:
         """Flush, fsync (unless *fsync* is False) and close the file.
 
         ``fsync=False`` gives up durability (I1) and is meant for tests and
-        benchmarks only. Raises DeliveryError on any OSError -- the tmp file is
-        removed, never to be linked; ValueError if not open.
+        benchmarks only. Where /proc is available a duplicate descriptor is
+        kept until delivery, so :meth:`Maildir.deliver` links this very file.
+        Raises DeliveryError on any OSError -- the tmp file is removed, never
+        to be linked; ValueError if not open.
         """
         self._require(_State.OPEN)
         self._flush()
@@ -406,6 +580,10 @@ class TmpMessage:
             self._close_quietly(fd)
             self.abort()
             raise _error("fsync", self.path, exc) from exc
+        if _proc_links():
+            with contextlib.suppress(OSError):  # without it, deliver() links by name
+                self._link_fd = os.dup(fd)
+                self._link_fd_closer = weakref.finalize(self, self._close_quietly, self._link_fd)
         try:
             # close() can report a deferred write error (NFS): the data is not safe.
             os.close(fd)
@@ -423,12 +601,19 @@ class TmpMessage:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             self._close_quietly(fd)
+        self._close_link_fd()
         self._maildir._unlink_tmp(self.name)
 
     def _delivered(self) -> None:
         """The message is in new/ or cur/: drop the tmp entry (a leftover is swept later)."""
         self._state = _State.DELIVERED
+        self._close_link_fd()
         self._maildir._unlink_tmp(self.name)
+
+    def _close_link_fd(self) -> None:
+        self._link_fd = -1
+        if self._link_fd_closer is not None:
+            self._link_fd_closer()  # closes the descriptor once; later calls do nothing
 
     def _require(self, state: _State) -> None:
         if self._state is not state:
@@ -549,10 +734,13 @@ class Maildir:
         *info_sep* separates a name from its ``2,<flags>`` info in ``cur/``;
         use e.g. ``";"`` or ``"!"`` on file systems that forbid ``:``.
 
-        Raises DeliveryError if *path* (or tmp/, new/, cur/) is missing and
-        *create* is False, is not a directory, is a symlink (the subdirectories
-        only; the Maildir itself may be a symlink), or tmp/ or new/ is not
-        writable. Raises ValueError for an unusable *info_sep*.
+        Raises UnsafeMaildir if the Maildir or tmp/, new/, cur/ is owned by
+        another user or writable by group or others, or (run as root) its path
+        goes through a symlink root does not own. Raises DeliveryError if *path*
+        (or tmp/, new/, cur/) is missing and *create* is False, is not a
+        directory, is a symlink (the subdirectories only; the Maildir itself
+        may be a symlink), or tmp/ or new/ is not writable. Raises ValueError
+        for an unusable *info_sep*.
         """
         if len(info_sep) != 1 or ord(info_sep) in _HOST_SAFE or info_sep in "/\\\0":
             raise ValueError(f"unusable info separator: {info_sep!r}")
@@ -568,6 +756,17 @@ class Maildir:
             raise
 
     def _open(self, create: bool) -> None:
+        root = _open_as_root(self.path, create) if os.geteuid() == 0 else self._open_root(create)
+        self._fds.fds["root"] = root
+        _check_private(root, self.path)
+        for sub in ("tmp", "new", "cur"):
+            self._fds.fds[sub] = fd = self._open_sub(root, sub, create)
+            _check_private(fd, self.path / sub)
+        for sub in ("tmp", "new"):
+            if not os.access(sub, os.W_OK | os.X_OK, dir_fd=root):
+                raise DeliveryError(f"Maildir directory {self.path / sub} is not writable")
+
+    def _open_root(self, create: bool) -> int:
         if create:
             try:
                 os.makedirs(self.path, mode=_DIR_MODE, exist_ok=True)
@@ -576,19 +775,13 @@ class Maildir:
             except OSError as exc:
                 raise _error("create Maildir", self.path, exc) from exc
         try:
-            root = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return os.open(self.path, _DIR_FLAGS)
         except FileNotFoundError as exc:
             raise DeliveryError(f"Maildir {self.path} does not exist") from exc
         except NotADirectoryError as exc:
             raise DeliveryError(f"Maildir {self.path} is not a directory") from exc
         except OSError as exc:
             raise _error("open Maildir", self.path, exc) from exc
-        self._fds.fds["root"] = root
-        for sub in ("tmp", "new", "cur"):
-            self._fds.fds[sub] = self._open_sub(root, sub, create)
-        for sub in ("tmp", "new"):
-            if not os.access(sub, os.W_OK | os.X_OK, dir_fd=root):
-                raise DeliveryError(f"Maildir directory {self.path / sub} is not writable")
 
     def _open_sub(self, root: int, sub: str, create: bool) -> int:
         shown = self.path / sub
@@ -599,9 +792,8 @@ class Maildir:
                 pass  # checked below, whatever it is
             except OSError as exc:
                 raise _error("create", shown, exc) from exc
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            return os.open(sub, flags, dir_fd=root)
+            return os.open(sub, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root)
         except FileNotFoundError as exc:
             raise DeliveryError(f"{shown} is missing: not a Maildir") from exc
         except OSError as exc:
@@ -708,6 +900,11 @@ class Maildir:
         SHA-256, the tmp file is dropped and the existing path returned
         (idempotent re-delivery after a crash, PROTOCOL-NOTES §3 W3).
 
+        Only the file written is ever linked: ``tmp/<name>`` must still be it
+        (same device and inode, a regular file with one link), and where /proc
+        is available the link is made from the file's descriptor, so a swap
+        after that check links nothing else either.
+
         On NFS, link() may fail although it worked (link(2)); any error but
         EEXIST is therefore checked by comparing the inode of ``new/<name>``
         with the tmp file's before it counts as a failure.
@@ -716,8 +913,9 @@ class Maildir:
         recording the delivery.
 
         Raises DeliveryConflict if different content holds the name (nothing is
-        overwritten), DeliveryError for any other failure, ValueError if *tmp*
-        is not a finished message of this Maildir.
+        overwritten), DeliveryError if ``tmp/<name>`` is no longer the file
+        written or for any other failure, ValueError if *tmp* is not a finished
+        message of this Maildir.
         """
         if tmp._maildir is not self:
             raise ValueError(f"{tmp!r} belongs to another Maildir")
@@ -741,7 +939,7 @@ class Maildir:
                 self._settle_existing(tmp, "cur", in_cur)
                 return self.path / "cur" / in_cur
         try:
-            os.link(name, name, src_dir_fd=self._fd("tmp"), dst_dir_fd=new, follow_symlinks=False)
+            self._link_into_new(tmp)
         except FileExistsError:
             self._settle_existing(tmp, "new", name)
         except OSError as exc:
@@ -753,6 +951,30 @@ class Maildir:
             tmp._delivered()
         self._index()._add(name, f"new/{name}")
         return self.path / "new" / name
+
+    def _link_into_new(self, tmp: TmpMessage) -> None:
+        """link() the file *tmp* wrote to ``new/<name>``; OSError as link() raises it.
+
+        Checks first that ``tmp/<name>`` is still that file, then links from
+        the descriptor (``linkat`` with ``AT_SYMLINK_FOLLOW`` on
+        ``/proc/self/fd/N`` links the inode itself), or by name without /proc.
+        Raises DeliveryError if ``tmp/<name>`` was replaced or linked elsewhere.
+        """
+        tmp_dir, new = self._fd("tmp"), self._fd("new")
+        try:
+            st = os.lstat(tmp.name, dir_fd=tmp_dir)
+        except OSError as exc:
+            raise _error("stat", tmp.path, exc) from exc
+        if (st.st_dev, st.st_ino) != tmp._ident or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise DeliveryError(
+                f"{tmp.path} was replaced or linked elsewhere after popsync wrote it; "
+                f"not delivered (is another program writing into {self.path / 'tmp'}?)"
+            )
+        if tmp._link_fd >= 0:
+            source = f"{_PROC_FD}/{tmp._link_fd}"
+            os.link(source, tmp.name, dst_dir_fd=new, follow_symlinks=True)
+        else:
+            os.link(tmp.name, tmp.name, src_dir_fd=tmp_dir, dst_dir_fd=new, follow_symlinks=False)
 
     @staticmethod
     def _is_same_file(dir_fd: int, name: str, ident: tuple[int, int]) -> bool:
