@@ -18,6 +18,8 @@ Contract:
   lock the process holds on it, which corrupts SQLite's locking if another
   connection in the process has it open (sqlite.org/howtocorrupt.html §2.2).
   SQLite gives the ``-wal`` and ``-shm`` files the mode of the database file.
+  A ledger file (or ``-wal``, ``-shm``, ``-journal``) that is a symlink is
+  refused: SQLite would follow it.
 * :func:`upgrade` runs ``alembic upgrade head`` programmatically inside one
   ``BEGIN IMMEDIATE`` transaction, so two processes opening a fresh ledger at
   once cannot both migrate it. The Alembic environment ships inside the wheel
@@ -87,6 +89,9 @@ BUSY_TIMEOUT_MS: Final = 10_000
 
 #: Execution option that makes the next transaction ``BEGIN IMMEDIATE``.
 WRITE_OPTION: Final = "popsync_write"
+
+#: Files SQLite keeps beside the database, named by these suffixes.
+_COMPANIONS: Final = ("-wal", "-shm", "-journal")
 
 _VERSION_TABLE: Final = "alembic_version"
 # As Alembic itself creates it, so a stamped fresh ledger and a migrated one match.
@@ -162,18 +167,22 @@ def prepare_sqlite_file(url: URL) -> None:
 
     The file is created under a temporary name and ``link()``ed into place, so
     no descriptor is ever opened on the database path itself (howtocorrupt
-    §2.2), and an existing ledger is never replaced. URI filenames
-    (``?uri=true``) are left to SQLite.
+    §2.2), and an existing ledger is never replaced. The mode does not depend
+    on the umask beyond it removing bits, and SQLite gives the ``-wal`` and
+    ``-shm`` files the database file's mode. URI filenames (``?uri=true``) are
+    left to SQLite.
 
     Raises:
-        LedgerError: the directory or the file cannot be created.
+        LedgerError: the directory or the file cannot be created, or the
+            ledger file (or its ``-wal``, ``-shm``, ``-journal``) is a symlink.
     """
     if url.get_backend_name() != "sqlite" or _is_uri_filename(url):
         return
     path = Path(url.database or "")
     with translate_errors(str(path), "create the ledger file"):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists():
+        _refuse_symlinks(path)
+        if os.path.lexists(path):
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.new")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -181,9 +190,30 @@ def prepare_sqlite_file(url: URL) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            pass  # another process created it first: theirs is the ledger
+            # Another process created it first: theirs is the ledger, unless
+            # what appeared is a symlink.
+            _refuse_symlinks(path)
         finally:
             tmp.unlink()
+
+
+def _refuse_symlinks(path: Path) -> None:
+    """Raise LedgerError if the ledger file or a companion of it is a symlink.
+
+    SQLite follows symlinks: a link planted at the ledger's path (or at its
+    ``-wal``, ``-shm`` or ``-journal``) would make popsync create or write a
+    database wherever it points, with SQLite's default mode 0644 for a new
+    file instead of 0600. Only the final component is checked; the directory
+    is the user's choice.
+    """
+    for name in (path.name, *(path.name + suffix for suffix in _COMPANIONS)):
+        candidate = path.with_name(name)
+        if candidate.is_symlink():
+            raise LedgerError(
+                f"ledger {candidate} is a symbolic link; popsync does not follow one there "
+                "(another user could point it at their file, or at one of yours): "
+                "remove it, or name the real file in the config's 'ledger'"
+            )
 
 
 def _set_sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
