@@ -33,6 +33,9 @@ Invariants
   ``allow_plaintext: true`` (DESIGN I3). A config file holding a ``password``
   and a ``password_file`` must not be readable by group or others (as fetchmail
   insists); the file modes are checked at load time and again when read.
+* Whoever can write the config can make popsync run commands: like OpenSSH's
+  ``~/.ssh/config``, the file must be owned by the user or root and not be
+  writable by group or others.
 * Models are frozen and reject unknown keys at every level.
 
 Only pydantic and PyYAML are imported at module level; ``subprocess``, ``pwd``
@@ -703,13 +706,43 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _trust_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why another user could change the config file, or None.
+
+    A config names commands popsync runs (``password_command``) and where mail
+    goes, so whoever can write it can run code as the popsync user. As OpenSSH
+    does for ``~/.ssh/config``, the file must be owned by this user or root and
+    not be writable by group or others. The checks use the open descriptor's
+    fstat, so they apply to the file actually read.
+    """
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        return (
+            f"{path}: is owned by uid {st.st_uid}, not by you (uid {me}) or root, and whoever "
+            "can change it can make popsync run their commands; use a config file you own"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path}: is writable by group or others, who could make popsync run their "
+            f"commands; run: chmod go-w {shlex.quote(str(path))}"
+        )
+    return None
+
+
 def _read_file(path: Path) -> tuple[str, int]:
-    """(text, st_mode) of the config file; ConfigError with one line otherwise."""
+    """(text, st_mode) of the config file; ConfigError with one line otherwise.
+
+    Refuses a file another user could change (see :func:`_trust_problem`).
+    """
     try:
         with path.open("rb") as stream:
-            mode = os.fstat(stream.fileno()).st_mode
+            st = os.fstat(stream.fileno())
+            mode = st.st_mode
             if stat.S_ISDIR(mode):
                 raise IsADirectoryError(21, "is a directory")
+            problem = _trust_problem(path, st)
+            if problem:
+                raise ConfigError(problem)
             data = stream.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(
@@ -835,7 +868,8 @@ def load_config(path: Path) -> Config:
 
     Raises ConfigError with one line per problem, each naming *path*, the
     account and the key: a missing, unreadable, oversized, non-UTF-8 or empty
-    file; a YAML syntax error or duplicate key (with ``file:line:column``); a
+    file; a file owned by another user (but root) or writable by group or
+    others; a YAML syntax error or duplicate key (with ``file:line:column``); a
     top level that is not a mapping; a file holding a ``password`` that group
     or others can read; every invalid value, unknown key, missing secret or
     duplicate account name.
