@@ -3,8 +3,9 @@
 Both return one line of text or raise ValueError with a reason that never
 quotes the secret (config.py turns it into a ConfigError naming the account
 and the key).  A password file must be a regular file no one but its owner
-can read; a password command runs without a shell, with stdin closed and a
-timeout that kills its whole process group.  Neither may yield a CR, LF or
+can read; a password command runs without a shell, with stdin closed, its
+stderr discarded, a cap on what it may print and a timeout; going past either
+kills its whole process group.  Neither may yield a CR, LF or
 NUL: a secret that goes onto the wire must not smuggle in a second command
 (``secret\r\nDELE 1``).
 """
@@ -15,14 +16,19 @@ import contextlib
 import os
 import shlex
 import stat
+import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from popsync.errors import escape_server_text
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "GROUP_OTHER_READ",
     "LINE_BREAKERS",
+    "MAX_PASSWORD_COMMAND_OUTPUT",
     "MAX_PASSWORD_FILE_BYTES",
     "mode_problem",
     "read_password_file",
@@ -31,6 +37,10 @@ __all__ = [
 
 #: Only the first line of a password file is used; this bounds the read.
 MAX_PASSWORD_FILE_BYTES: Final = 64 << 10
+#: Most a password command may print: a password or an OAuth token is far
+#: shorter, and reading stops (the command is killed) beyond this.
+MAX_PASSWORD_COMMAND_OUTPUT: Final = 64 << 10
+_READ_CHUNK: Final = 16 << 10
 GROUP_OTHER_READ: Final = stat.S_IRGRP | stat.S_IROTH
 #: What a secret or a name that goes onto the wire must not contain.
 LINE_BREAKERS: Final = frozenset("\r\n\0")
@@ -85,11 +95,18 @@ def read_password_file(path: Path) -> str:
 def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
     """Run a password command without a shell; its one line of output is the secret.
 
-    The child gets a closed stdin and its own session, so on timeout the whole
-    process group (a shell script's children too) is killed, not only the
-    direct child. Raises ValueError with a reason that never quotes stdout.
+    The child gets a closed stdin, its stderr goes to /dev/null (a failing
+    helper may print the secret there, and popsync's error text ends up on the
+    terminal, in logs and in the ledger's poll history), and it runs in its own
+    session, so on timeout or excess output the whole process group (a shell
+    script's children too) is killed, not only the direct child. At most
+    :data:`MAX_PASSWORD_COMMAND_OUTPUT` bytes of stdout are read, a chunk at a
+    time, so memory stays bounded whatever it prints.
+
+    Raises ValueError with a reason that never quotes its output: it could not
+    start, printed too much, did not finish within *timeout* seconds, failed
+    (exit status or signal only), or printed nothing, several lines or non-UTF-8.
     """
-    import signal
     import subprocess
 
     try:
@@ -97,7 +114,7 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             cwd=cwd,
             start_new_session=True,
         )
@@ -105,12 +122,10 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
         raise ValueError(f"cannot run {escape_server_text(argv[0])}: {exc.strerror}") from None
     with proc:
         try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise ValueError(f"did not finish within {timeout:g} seconds") from None
+            out = _read_bounded(proc, time.monotonic() + timeout, timeout)
+        except ValueError:
+            _kill_group(proc)  # not reaped yet, so its group id cannot be reused
+            raise
     if out.endswith(b"\n"):
         out = out[:-1].removesuffix(b"\r")
     if proc.returncode != 0:
@@ -119,11 +134,8 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
             if proc.returncode < 0
             else f"exited with status {proc.returncode}"
         )
-        said = next((line.strip() for line in err.splitlines() if line.strip()), b"")
-        # Show the command's own complaint, unless it might echo the secret.
-        if said and not (out.strip() and out.strip() in said):
-            how += f": {escape_server_text(said)}"
-        raise ValueError(how)
+        # Its stderr was not kept: it may hold the secret.
+        raise ValueError(f"{how} (run it by hand to see its error output)")
     if not out:
         raise ValueError("printed nothing (the secret must be its first output line)")
     if LINE_BREAKERS.intersection(out.decode("latin-1")):
@@ -132,3 +144,49 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
         return out.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("printed something that is not UTF-8 text") from None
+
+
+def _read_bounded(proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> bytes:
+    """Read *proc*'s stdout to EOF and wait for it to exit, all before *deadline*.
+
+    Raises ValueError once more than MAX_PASSWORD_COMMAND_OUTPUT bytes arrive or
+    the deadline passes; the caller then kills the process group.
+    """
+    import selectors
+    import subprocess
+
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    out = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                raise ValueError(f"did not finish within {timeout:g} seconds")
+            try:
+                chunk = os.read(fd, _READ_CHUNK)
+            except OSError as exc:
+                raise ValueError(f"cannot read its output: {exc.strerror}") from None
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > MAX_PASSWORD_COMMAND_OUTPUT:
+                raise ValueError(
+                    f"printed more than {MAX_PASSWORD_COMMAND_OUTPUT} bytes; "
+                    "the secret must be one short line"
+                )
+    try:
+        proc.wait(max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"did not finish within {timeout:g} seconds") from None
+    return bytes(out)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command's process group (it may have children) and reap it."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
