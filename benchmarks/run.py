@@ -7,7 +7,7 @@
 What happens (see benchmarks/README.md for how to read the output):
 
 1. A throw-away CA and a certificate for 127.0.0.1 (trustme); a private Dovecot
-   (popsync.testing.dovecot) under a scratch directory, on loopback ports.
+   (tests/servers/dovecot.py) under a scratch directory, on loopback ports.
 2. Per dataset a mailbox filled with deterministic messages
    (popsync.testing.samples.generate_messages), then one untimed pipelined
    RETR of everything, so Dovecot's first-session work is charged to no client.
@@ -65,8 +65,8 @@ from harness import (  # noqa: E402
     warm_server,
 )
 
-from popsync.testing.dovecot import Dovecot, DovecotError  # noqa: E402
 from popsync.testing.samples import generate_messages  # noqa: E402
+from tests.servers.dovecot import Dovecot, DovecotError  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * 1024

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from popsync.testing.dovecot import DOVECOT_BINARY, Dovecot, Mailbox
+from tests.servers.dovecot import DOVECOT_BINARY, Dovecot, Mailbox
 
 _FIXTURES = frozenset({"dovecot", "dovecot_mailbox"})
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from popsync.testing.dovecot import HOST, Dovecot, DovecotError, Mailbox
 from tests.dovecot_fixtures import require_dovecot
+from tests.servers.dovecot import HOST, Dovecot, DovecotError, Mailbox
 
 pytestmark = pytest.mark.dovecot
 
@@ -357,7 +357,7 @@ def test_killed_owner_leaves_no_process(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from popsync.testing.dovecot import Dovecot\n"
+        "from tests.servers.dovecot import Dovecot\n"
         "d = Dovecot(Path(sys.argv[1]))\n"
         "d.start()\n"
         "print(d._proc.pid, flush=True)\n"

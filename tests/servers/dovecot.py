@@ -504,7 +504,7 @@ class Dovecot:
             privileges = ""
             login_chroot = anvil_chroot = "  chroot =\n"
         config = f"""\
-# Written by popsync.testing.dovecot for one test server; do not edit.
+# Written by tests/servers/dovecot.py for one test server; do not edit.
 protocols = pop3
 listen = {HOST}
 base_dir = {run_dir}
