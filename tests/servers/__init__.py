@@ -1,0 +1,1 @@
+"""Real servers the tests start themselves (Dovecot), shared with benchmarks/."""
