@@ -46,6 +46,13 @@ Contract
   changed or added account is polled at once; the ledger URL cannot change
   without a restart).  SIGUSR1 polls every account now (after a poll in
   progress, and never sooner than a LOGIN-DELAY allows).
+* **Overruns**: a poll ends itself ``poll_timeout`` seconds after it
+  connects (its session abandons the server without QUIT, so nothing is
+  deleted, RFC 1939 §6).  As a backstop, a poll still running
+  ``overrun_grace`` seconds after its ``poll_timeout`` has its connection cut
+  from the main thread (:meth:`popsync.session.Session.abort` shuts the socket
+  down, waking the worker's blocked read), so a stuck worker is freed and the
+  others keep their schedule.  The cut poll fails as temporary.
 * **Logging**: one line per poll (account, result, counts, next poll) and one
   per problem, with ``account`` and ``event`` fields for ``--log-format
   json``.  Error texts come escaped from :mod:`popsync.sync`; no secret is
@@ -76,14 +83,16 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from popsync.config import Account, Config, load_config
-from popsync.errors import ConfigError, PopsyncError, ServerError
+from popsync.errors import ConfigError, PopsyncError, ServerError, TimeoutError_
 from popsync.ledger import Ledger
 from popsync.locks import AccountBusy
+from popsync.session import Session, SessionOptions
 from popsync.sync import PollReport, format_summary, run_account
 
 __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_CONCURRENT",
+    "DEFAULT_OVERRUN_GRACE",
     "EXIT_ABORTED",
     "MAX_LOGIN_DELAY",
     "AccountView",
@@ -105,6 +114,11 @@ log = logging.getLogger("popsync.daemon")
 DEFAULT_MAX_CONCURRENT: Final = 4
 #: Seconds in-flight polls may take to finish after SIGTERM/SIGINT.
 DEFAULT_GRACE: Final = 30.0
+#: Seconds past its poll_timeout before a poll's connection is cut from outside.
+#: The poll's own deadline starts when it connects, so this covers the work
+#: before that (lock, crash recovery, a password_command of up to 30 s) and the
+#: last batch made durable after the deadline.
+DEFAULT_OVERRUN_GRACE: Final = 60.0
 #: Exit status when polls had to be cut off (second signal, grace expired).
 EXIT_ABORTED: Final = 1
 #: Backoff: first retry after this many seconds, doubling per failure ...
@@ -120,6 +134,8 @@ JITTER_MAX: Final = 30.0
 MAX_LOGIN_DELAY: Final = 86_400
 
 OutcomeKind = Literal["ok", "busy", "temporary", "permanent"]
+#: Opens a session and hands it to the callback before the greeting is read.
+SessionOpener = Callable[[SessionOptions, Callable[[Session], None]], Session]
 
 
 # --------------------------------------------------------------------------
@@ -270,6 +286,45 @@ class _AccountState:
     warned_login_delay: int | None = None
 
 
+def _open_session(options: SessionOptions, on_open: Callable[[Session], None]) -> Session:
+    return Session.open(options, on_open=on_open)
+
+
+class _Overrun:
+    """The watchdog of one poll: cuts its connection once :attr:`due` has passed.
+
+    :meth:`attach` (the poll's thread) and :meth:`cut` (the main thread) may
+    race; the lock makes the cut reach the session either way.
+    """
+
+    def __init__(self, account: Account, due: float) -> None:
+        self.name = account.name
+        self.poll_timeout = account.poll_timeout
+        self.due = due  # on the monotonic clock
+        self.fired = False
+        self._lock = threading.Lock()
+        self._session: Session | None = None
+        self._error: TimeoutError_ | None = None
+
+    def attach(self, session: Session) -> None:
+        """Remember the poll's session; raises the cut's error if it came first."""
+        with self._lock:
+            self._session = session
+            if self._error is not None:
+                raise self._error
+
+    def cut(self) -> None:
+        """Abort the poll's session (now, or as soon as it exists)."""
+        with self._lock:
+            self.fired = True
+            self._error = TimeoutError_(
+                f"poll took longer than poll_timeout ({self.poll_timeout:.10g} s) "
+                "and was cut off by the daemon"
+            )
+            if self._session is not None:
+                self._session.abort(self._error)
+
+
 @dataclass
 class _Requests:
     """Flags written by signal handlers (plain stores, no locks), read by the main loop."""
@@ -325,8 +380,14 @@ class Daemon:
         backoff: Backoff | None = None,
         on_poll: Callable[[PollEvent], None] | None = None,
         hard_exit: Callable[[int], NoReturn] = os._exit,
+        overrun_grace: float = DEFAULT_OVERRUN_GRACE,
+        open_session: SessionOpener = _open_session,
     ) -> None:
         """Prepare (nothing runs until :meth:`serve`).
+
+        *open_session* opens each poll's session and must pass it to its
+        callback as soon as it exists (the overrun watchdog aborts it through
+        that); tests replace it.
 
         Raises:
             ConfigError: *max_concurrent* is below 1 or *grace* is negative.
@@ -342,6 +403,9 @@ class Daemon:
         self._backoff = backoff or Backoff()
         self._on_poll = on_poll
         self._hard_exit = hard_exit
+        self._overrun_grace = overrun_grace
+        self._open_session = open_session
+        self._overruns: set[_Overrun] = set()
         self._state_dir = config.state_dir
         self._ledger: Ledger | None = None
         self._scheduler: BackgroundScheduler | None = None
@@ -423,7 +487,8 @@ class Daemon:
         try:
             self._start()
             while not self._requests.stops:
-                self._wait(None)
+                self._wait(self._until_overrun())
+                self._cut_overruns()
                 if self._requests.stops:
                     break
                 if self._requests.reload:
@@ -503,7 +568,9 @@ class Daemon:
                     f"grace period of {_human(self._grace)} over: cutting off the poll(s) "
                     f"of {', '.join(busy)}"
                 )
-            self._wait(min(left, 1.0))
+            overrun = self._until_overrun()
+            self._wait(min(left, 1.0) if overrun is None else min(left, 1.0, overrun))
+            self._cut_overruns()
         log.info("stopped", extra={"event": "stopped"})
         return 0
 
@@ -557,6 +624,9 @@ class Daemon:
             state.last_started = time.time()
             state.next_poll_at = None
             generation, account = state.generation, state.account
+            watch = _Overrun(account, time.monotonic() + account.poll_timeout + self._overrun_grace)
+            self._overruns.add(watch)
+        self._wake()  # the main loop now has this poll's overrun to watch for
         report: PollReport | None = None
         try:
             assert self._ledger is not None
@@ -565,6 +635,7 @@ class Daemon:
                 self._ledger,
                 self._state_dir,
                 lock_wait=False,
+                session_factory=lambda opts: self._open_session(opts, watch.attach),
                 should_stop=lambda: self._stopping,
             )
         except Exception as exc:  # a bug, not a fault: keep the daemon (and the others) alive
@@ -580,7 +651,29 @@ class Daemon:
             finally:
                 with self._lock:
                     self._active[name] -= 1
+                    self._overruns.discard(watch)
                 self._wake()  # the main loop may be waiting for polls to end
+
+    def _until_overrun(self) -> float | None:
+        """Seconds until the next poll overruns (None: no poll to watch)."""
+        with self._lock:
+            dues = [w.due for w in self._overruns if not w.fired]
+        return max(0.0, min(dues) - time.monotonic()) if dues else None
+
+    def _cut_overruns(self) -> None:
+        """Cut the connection of every poll past its poll_timeout and grace (main thread)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [w for w in self._overruns if not w.fired and w.due <= now]
+        for watch in due:
+            log.warning(
+                "%s: poll still running %s after its poll_timeout of %s; cutting its connection",
+                watch.name,
+                _human(self._overrun_grace),
+                _human(watch.poll_timeout),
+                extra={"account": watch.name, "event": "overrun"},
+            )
+            watch.cut()
 
     def _finish(self, name: str, generation: int, report: PollReport) -> None:
         outcome = classify(report)

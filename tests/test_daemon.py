@@ -9,6 +9,7 @@ send it real signals.  The policy (:func:`decide`) is also checked as a table.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -42,6 +43,7 @@ from popsync.daemon import (
 from popsync.errors import RespCode, ServerError, TransportError
 from popsync.ledger import Ledger, PollCounts
 from popsync.locks import AccountBusy, account_lock
+from popsync.session import Session, SessionOptions
 from popsync.sync import PollReport
 from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore
@@ -605,6 +607,42 @@ def test_a_daemon_and_concurrent_syncs_never_fetch_a_message_twice(
     assert_exactly_once(h.config.account("a").maildir, [m.data for m in srv.store.messages()])
 
 
+def test_a_poll_stuck_past_its_poll_timeout_is_cut_and_frees_the_worker(
+    tmp_path: Path,
+    servers: Callable[..., POP3TestServer],
+    harness: Callable[..., Harness],
+    daemon_log: list[logging.LogRecord],
+) -> None:
+    # The session's own limits are lifted (no deadline, a 30 s read timeout),
+    # as if a bug had lost them: only the daemon's watchdog can end this poll.
+    def unbounded(opts: SessionOptions, on_open: Callable[[Session], None]) -> Session:
+        lifted = dataclasses.replace(opts, poll_timeout=None, timeout=30.0)
+        return Session.open(lifted, on_open=on_open)
+
+    stuck = servers(messages(1, 1), faults=Faults(stall={"UIDL": 30}))
+    other = servers(messages(1, 2))
+    cfg = write_config(
+        tmp_path,
+        [account("stuck", stuck.port, timeout=1, poll_timeout=1), account("other", other.port)],
+    )
+    # One worker: while the stuck poll holds it, no other poll can run.
+    h = harness(cfg, max_concurrent=1, overrun_grace=0.5, open_session=unbounded)
+    cut = h.wait_event("stuck", lambda e: not e.report.ok)
+    assert cut.report.error == (
+        "poll took longer than poll_timeout (1 s) and was cut off by the daemon"
+    )
+    assert cut.report.seconds < 1 + 0.5 + 1.0, cut.report.seconds
+    assert cut.outcome.kind == "temporary" and not cut.paused
+    h.wait_polls("other", len(h.polls("other")) + 1, timeout=5)  # the worker is free again
+    warnings = [r.getMessage() for r in daemon_log if "cutting its connection" in r.getMessage()]
+    assert warnings[0] == (
+        "stuck: poll still running 0.5 s after its poll_timeout of 1 s; cutting its connection"
+    )
+    assert len(stuck.store) == 1  # no QUIT: the server deleted nothing
+    assert not any(record.quit_received for record in stuck.sessions)
+    h.stop()
+
+
 # --------------------------------------------------------------------------
 # Signals, on a real process
 
@@ -722,7 +760,7 @@ def test_sigusr1_polls_every_account_now_and_json_logs_hold_no_secret(
     d.wait_for('"account": "good", "event": "poll"')
     good.store.add(messages(1, 7)[0])
     d.send(signal.SIGUSR1)
-    d.wait_for("1 new, 1 fetched")
+    d.wait_for("1 new, 1 fetched", count=2)  # the first poll's line says so too
     d.wait_for('"event": "paused"', count=2)  # one more try of the paused account
     d.send(signal.SIGINT)
     assert d.wait() == 0
