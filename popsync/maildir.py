@@ -471,12 +471,12 @@ def _root_symlink_target(dir_fd: int, part: str, shown: str, path: Path) -> str:
             target = os.readlink(part, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else ""
     except OSError as exc:
         raise _error("open Maildir", shown, exc) from exc
+    where = f"Maildir {path}" if shown == os.fspath(path) else f"Maildir {path}: {shown}"
     if not stat.S_ISLNK(st.st_mode):
-        where = "" if shown == os.fspath(path) else f": {shown}"
-        raise DeliveryError(f"Maildir {path}{where} is not a directory")
+        raise DeliveryError(f"{where} is not a directory")
     if st.st_uid != 0:
         raise UnsafeMaildir(
-            f"Maildir {path}: {shown} is a symlink owned by uid {st.st_uid}, and popsync "
+            f"{where} is a symlink owned by uid {st.st_uid}, and popsync "
             "running as root follows only root's symlinks; run popsync as the Maildir's "
             "owner, or name the real directory"
         )

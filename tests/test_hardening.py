@@ -533,7 +533,7 @@ def test_root_refuses_a_users_symlink_to_a_root_only_directory(
     report = poller.poll()
     assert_untouched(poller, report)
     assert report.error == (
-        f"Maildir {link}: {link} is a symlink owned by uid {NOBODY}, and popsync running as "
+        f"Maildir {link} is a symlink owned by uid {NOBODY}, and popsync running as "
         "root follows only root's symlinks; run popsync as the Maildir's owner, or name the "
         "real directory"
     )
