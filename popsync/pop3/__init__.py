@@ -23,8 +23,8 @@ from popsync.pop3.commands import (
     Stls,
     Top,
     Uidl,
-    Utf8,
     User,
+    Utf8,
 )
 from popsync.pop3.connection import Connection, State
 from popsync.pop3.events import (
@@ -77,6 +77,6 @@ __all__ = [
     "Top",
     "UidListing",
     "Uidl",
-    "Utf8",
     "User",
+    "Utf8",
 ]
