@@ -121,3 +121,39 @@ def test_list_size_beyond_any_message_fails_the_poll_cleanly(tmp_path: Path, cou
     faults = Faults(wrong_list_size={1: 2**63})
     result = poll_against(tmp_path, some_messages(count), faults)
     assert_one_clear_line(result, "LIST size: 9223372036854775808 octets cannot be a message")
+
+
+# Runs one UIDL through a real session; prints the entries' count and peak RSS.
+_BIG_UIDL = """
+import resource, sys
+from popsync.session import Session, SessionOptions
+options = SessionOptions(host="127.0.0.1", port=int(sys.argv[1]), username="user",
+                         tls="none", allow_plaintext=True, timeout=60)
+with Session.open(options) as session:
+    session.login("pass")
+    entries = session.uidl()
+    print(len(entries), len(set(uid for _, uid in entries)),
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    session.quit()
+"""
+
+
+@pytest.mark.slow
+def test_largest_valid_uidl_is_stored_compactly() -> None:
+    # 999,999 lines of 509 octets (uids of ~500): 485 MiB on the wire.  Not
+    # hostile, so it must pass -- in little more than its own size (1.5 GB
+    # before the listing was parsed as it streamed).
+    lines, length = 999_999, 509
+    faults = Faults(huge_listing=("UIDL", lines, length))
+    with POP3TestServer(MailStore(), faults=faults) as server:
+        done = subprocess.run(
+            [sys.executable, "-c", _BIG_UIDL, str(server.port)],
+            capture_output=True,
+            text=True,
+            timeout=110,
+            check=True,
+        )
+    count, distinct, peak_kib = map(int, done.stdout.split())
+    assert count == distinct == lines
+    raw_mib = lines * length / 2**20
+    assert peak_kib / 1024 < 1.5 * raw_mib, (peak_kib / 1024, raw_mib)
