@@ -461,15 +461,17 @@ class Session:
     def abort(self, error: TransportError | None = None) -> None:
         """Drop the connection without QUIT: the server deletes nothing (RFC 1939 §6).
 
-        Safe from any thread.  The socket is shut down, so a read or write
-        blocked in the session's own thread wakes at once and raises *error*
-        (default: TransportError "HOST:PORT: aborted"), as does every later
-        call.  Only the session's own thread also closes the socket: closing
-        it under another thread's feet could hit a reused descriptor.
+        Safe from any thread.  From the session's own thread it closes the
+        socket.  From another it only shuts the socket down (closing it under
+        the owner's feet could hit a reused descriptor): a read or write
+        blocked in the owner wakes at once.  Either way every later call
+        raises *error* (default: TransportError "HOST:PORT: aborted").
         """
-        self.transport.interrupt(error or TransportError(f"{self.transport.where}: aborted"))
+        error = error or TransportError(f"{self.transport.where}: aborted")
         if threading.get_ident() == self._owner:
-            self.transport.close()
+            self.transport.close(error)
+        else:
+            self.transport.interrupt(error)
 
     def __enter__(self) -> Session:
         return self

@@ -269,7 +269,13 @@ class Transport:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
-    def close(self) -> None:
-        """Close without ceremony; never raises."""
-        with self._lock, contextlib.suppress(OSError):
-            self._sock.close()
+    def close(self, error: TransportError | None = None) -> None:
+        """Close without ceremony; never raises.  Owner thread only.
+
+        With *error*, every later call raises it (as after :meth:`interrupt`).
+        """
+        with self._lock:
+            if self._interrupted is None:
+                self._interrupted = error
+            with contextlib.suppress(OSError):
+                self._sock.close()
