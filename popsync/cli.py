@@ -199,7 +199,7 @@ class _ProgressBar:
         self.shown = False
 
     def update(self, done: int, total: int, nbytes: int) -> None:
-        from popsync.sync import format_size
+        from popsync.textfmt import format_size
 
         if total < 50:  # short polls need no bar
             return
@@ -255,10 +255,12 @@ def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> 
 
 
 def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now: float) -> str:
+    from popsync.textfmt import format_duration
+
     ledger_text = ", ".join(f"{n} {state}" for state, n in sorted(known.items()) if n) or "empty"
     if poll is None:
         return f"{name}: never polled; ledger: {ledger_text}"
-    line = f"{name}: last poll {_ago(now - poll.started_at)} ago: {poll.result}"
+    line = f"{name}: last poll {format_duration(now - poll.started_at)} ago: {poll.result}"
     if poll.error:
         line += f" ({poll.error})"
     if poll.result == "error" and poll.temporary is False:
@@ -267,18 +269,8 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
         line += "; needs attention: retrying will not help (`popsync run` pauses it)"
     line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
     if poll.next_poll_at is not None:
-        line += f"; next poll in {_ago(max(0.0, poll.next_poll_at - now))}"
+        line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
     return f"{line}; ledger: {ledger_text}"
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 if __name__ == "__main__":  # pragma: no cover

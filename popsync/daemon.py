@@ -88,6 +88,7 @@ from popsync.ledger import Ledger
 from popsync.locks import AccountBusy
 from popsync.session import Session, SessionOptions
 from popsync.sync import PollReport, format_summary, run_account
+from popsync.textfmt import format_duration
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -353,14 +354,6 @@ def _trigger(seconds: float) -> IntervalTrigger:
     )
 
 
-def _human(seconds: float) -> str:
-    if seconds < 99.5:
-        return f"{seconds:.3g} s"
-    if seconds < 5940:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 class Daemon:
     """Polls the accounts of a config on their schedules until asked to stop.
 
@@ -550,7 +543,7 @@ class Daemon:
             log.info(
                 "stopping: waiting up to %s for the poll(s) of %s to finish "
                 "(signal again to abort at once)",
-                _human(self._grace),
+                format_duration(self._grace),
                 ", ".join(busy),
                 extra={"event": "stopping"},
             )
@@ -565,8 +558,8 @@ class Daemon:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._abort(
-                    f"grace period of {_human(self._grace)} over: cutting off the poll(s) "
-                    f"of {', '.join(busy)}"
+                    f"grace period of {format_duration(self._grace)} over: "
+                    f"cutting off the poll(s) of {', '.join(busy)}"
                 )
             overrun = self._until_overrun()
             self._wait(min(left, 1.0) if overrun is None else min(left, 1.0, overrun))
@@ -669,8 +662,8 @@ class Daemon:
             log.warning(
                 "%s: poll still running %s after its poll_timeout of %s; cutting its connection",
                 watch.name,
-                _human(self._overrun_grace),
-                _human(watch.poll_timeout),
+                format_duration(self._overrun_grace),
+                format_duration(watch.poll_timeout),
                 extra={"account": watch.name, "event": "overrun"},
             )
             watch.cut()
@@ -694,9 +687,9 @@ class Daemon:
                 "%s: the server allows a login only every %s (RFC 2449 LOGIN-DELAY); "
                 "polling every %s instead of every %s",
                 name,
-                _human(warn_delay),
-                _human(warn_delay),
-                _human(interval),
+                format_duration(warn_delay),
+                format_duration(warn_delay),
+                format_duration(interval),
                 extra={"account": name, "event": "login-delay"},
             )
         if outcome.kind != "busy":  # a busy poll left no row of its own to annotate
@@ -789,7 +782,7 @@ class Daemon:
     ) -> None:
         extra = {"account": name, "event": "poll"}
         if next_at is not None:
-            nxt = f"next poll in {_human(max(0.0, next_at - time.time()))}"
+            nxt = f"next poll in {format_duration(next_at - time.time())}"
         elif self._stopping:
             nxt = "the daemon is stopping"
         else:

@@ -84,6 +84,7 @@ from popsync.maildir import (
 from popsync.plan import CUT_OFF, Delete, Fetch, Plan, Policy, join_listings, needs_size, plan
 from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr, Top
 from popsync.session import Reply, RetrRequest, Session, SessionOptions
+from popsync.textfmt import format_size
 from popsync.transport import make_ssl_context
 
 log = logging.getLogger("popsync.sync")
@@ -123,15 +124,6 @@ class PollReport:
     exception: PopsyncError | None = None
     #: A stop request cut the poll short (it still ended cleanly with QUIT).
     interrupted: bool = False
-
-
-def format_size(n: float) -> str:
-    """Bytes for people: ``812 B``, ``3.4 MB``."""
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def format_summary(report: PollReport) -> str:
