@@ -50,7 +50,6 @@ import re
 import shlex
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -77,6 +76,7 @@ from popsync.credentials import (
     run_password_command,
 )
 from popsync.errors import ConfigError, escape_server_text
+from popsync.options import AuthMethod, TlsMode
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -123,26 +123,6 @@ _SIZE_RE: Final = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE | re.ASCII)
 _VAR_RE: Final = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))?")
 _SQLITE_RE: Final = re.compile(r"(sqlite(?:\+\w+)?)://(/[^?]*)?(\?.*)?", re.ASCII)
 _URL_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
-
-
-class TlsMode(StrEnum):
-    """How the connection is protected (DESIGN §6)."""
-
-    IMPLICIT = "implicit"  # TLS from the first byte (pop3s, port 995)
-    STARTTLS = "starttls"  # plain connect, then STLS (RFC 2595 §4)
-    NONE = "none"  # no TLS at all; credentials only with allow_plaintext
-
-
-class AuthMethod(StrEnum):
-    """Which login to use; ``auto`` never picks APOP (MD5 is broken)."""
-
-    AUTO = "auto"
-    USER = "user"  # USER/PASS, RFC 1939 §7
-    PLAIN = "plain"  # SASL PLAIN, RFC 4616
-    LOGIN = "login"  # SASL LOGIN (draft-murchison-sasl-login)
-    APOP = "apop"  # RFC 1939 §7
-    XOAUTH2 = "xoauth2"  # the secret is the OAuth access token
-    OAUTHBEARER = "oauthbearer"  # RFC 7628; the secret is the OAuth token
 
 
 class _KeyedValueError(ValueError):

@@ -41,7 +41,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from popsync.errors import (
     LocalProtocolError,
@@ -51,6 +50,7 @@ from popsync.errors import (
     TimeoutError_,
     TransportError,
 )
+from popsync.options import AuthMethod, TlsMode
 from popsync.pace import ReplyClock
 from popsync.pop3 import (
     NEED_DATA,
@@ -99,9 +99,6 @@ from popsync.pop3.listing import (
 )
 from popsync.transport import Deadline, Transport
 
-TlsMode = Literal["implicit", "starttls", "none"]
-AuthMethod = Literal["auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"]
-
 #: What :meth:`Session.retrieve` yields: the core's events for RETR, TOP,
 #: DELE and the closing NOOP.
 Reply = Ok | Err | BodyData | EndOfBody
@@ -115,9 +112,9 @@ class SessionOptions:
     host: str
     port: int
     username: str
-    tls: TlsMode = "implicit"
+    tls: TlsMode = TlsMode.IMPLICIT
     ssl_context: ssl.SSLContext | None = None
-    auth: AuthMethod = "auto"
+    auth: AuthMethod = AuthMethod.AUTO
     allow_plaintext: bool = False
     #: Seconds one read, and one status line, may take.
     timeout: float = 60.0
@@ -173,7 +170,7 @@ class Session:
         The ``poll_timeout`` deadline starts now.
         """
         ctx = options.ssl_context
-        if options.tls != "none" and ctx is None:
+        if options.tls != TlsMode.NONE and ctx is None:
             raise LocalProtocolError("a TLS mode needs an ssl_context")
         deadline = None
         if options.poll_timeout is not None:
@@ -185,7 +182,7 @@ class Session:
             options.host,
             options.port,
             timeout=options.timeout,
-            ssl_context=ctx if options.tls == "implicit" else None,
+            ssl_context=ctx if options.tls == TlsMode.IMPLICIT else None,
             deadline=deadline,
         )
         session = cls(transport, options)
@@ -194,7 +191,7 @@ class Session:
                 on_open(session)
             session._greet()
             session.capabilities = session._capa()
-            if options.tls == "starttls":
+            if options.tls == TlsMode.STARTTLS:
                 assert ctx is not None
                 session._starttls(ctx)
         except BaseException:
@@ -249,21 +246,21 @@ class Session:
             # A refusal changes nothing for us; the reply is read either way.
             self._command(Utf8())
         method = self._choose_method()
-        if method == "user":
+        if method == AuthMethod.USER:
             self._expect_ok(User(opts.username), login=True)
             self._expect_ok(Pass(secret), login=True)
-        elif method == "apop":
+        elif method == AuthMethod.APOP:
             stamp = apop_timestamp(self.greeting)
             if stamp is None:
                 raise SecurityError("auth: apop configured, but the greeting has no timestamp")
             self._expect_ok(Apop(opts.username, apop_digest(stamp, secret)), login=True)
-        elif method == "login":
+        elif method == AuthMethod.LOGIN:
             self._sasl("LOGIN", None, [opts.username.encode(), secret.encode()])
         else:
             initial = {
-                "plain": sasl_plain(opts.username, secret),
-                "xoauth2": xoauth2(opts.username, secret),
-                "oauthbearer": oauthbearer(opts.username, secret),
+                AuthMethod.PLAIN: sasl_plain(opts.username, secret),
+                AuthMethod.XOAUTH2: xoauth2(opts.username, secret),
+                AuthMethod.OAUTHBEARER: oauthbearer(opts.username, secret),
             }[method]
             self._sasl(method.upper(), initial, [])
         self.conn.pipelining = False
@@ -272,14 +269,14 @@ class Session:
             self.capabilities = self._capa()
         self.conn.pipelining = self.capabilities.pipelining
 
-    def _choose_method(self) -> str:
+    def _choose_method(self) -> AuthMethod:
         opts = self.options
-        if opts.auth != "auto":
+        if opts.auth != AuthMethod.AUTO:
             return opts.auth
         # SASL PLAIN carries the same secret as PASS but in one round trip.
         if "PLAIN" in self.capabilities.sasl:
-            return "plain"
-        return "user"
+            return AuthMethod.PLAIN
+        return AuthMethod.USER
 
     def _sasl(self, mechanism: str, initial: bytes | None, answers: list[bytes]) -> None:
         """An RFC 5034 AUTH exchange; *answers* reply to successive challenges."""

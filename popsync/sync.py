@@ -81,6 +81,7 @@ from popsync.maildir import (
     name_hash,
     unique_name,
 )
+from popsync.options import TlsMode
 from popsync.plan import CUT_OFF, Delete, Fetch, Plan, Policy, join_listings, needs_size, plan
 from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr, Top
 from popsync.session import Reply, RetrRequest, Session, SessionOptions
@@ -149,14 +150,13 @@ def session_options(account: Account) -> SessionOptions:
     """The session settings of *account*, its time limits included: ``timeout``
     per read and status line, ``min_rate`` for listings and bodies, and
     ``poll_timeout`` for the whole session (see :mod:`popsync.pace`)."""
-    tls = str(account.tls)
     return SessionOptions(
         host=account.host,
         port=account.port,
         username=account.username,
-        tls=tls,  # type: ignore[arg-type]
-        ssl_context=None if tls == "none" else make_ssl_context(account.ca_file),
-        auth=str(account.auth),  # type: ignore[arg-type]
+        tls=account.tls,
+        ssl_context=None if account.tls == TlsMode.NONE else make_ssl_context(account.ca_file),
+        auth=account.auth,
         allow_plaintext=account.allow_plaintext,
         timeout=account.timeout,
         max_line=account.max_line_length,
