@@ -1,4 +1,4 @@
-"""Micro-benchmark of popsync.maildir delivery (not part of the test run).
+"""Micro-benchmark of popsync.deliver.maildir delivery (not part of the test run).
 
 Delivers N messages of SIZE bytes into a fresh Maildir, once with a per-file
 fsync and once without, plus a run of 2 MiB messages for raw throughput, and
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from popsync.maildir import Maildir, unique_name
+from popsync.deliver.maildir import Maildir, unique_name
 
 
 def run(root: Path, label: str, count: int, size: int, *, fsync: bool) -> None:

@@ -43,7 +43,15 @@ from pathlib import Path
 
 from popsync import failpoints
 from popsync.config import Account
-from popsync.delivery import DeliveryPipeline
+from popsync.deliver.maildir import (
+    DeliveryPipeline,
+    Maildir,
+    MaildirIndex,
+    TmpMessage,
+    delivery_hash,
+    name_hash,
+    unique_name,
+)
 from popsync.errors import (
     BodyLimitExceeded,
     DeliveryError,
@@ -73,14 +81,6 @@ from popsync.ledger import (
     Skipped,
 )
 from popsync.locks import account_lock
-from popsync.maildir import (
-    Maildir,
-    MaildirIndex,
-    TmpMessage,
-    delivery_hash,
-    name_hash,
-    unique_name,
-)
 from popsync.options import TlsMode
 from popsync.plan import CUT_OFF, Delete, Fetch, Plan, Policy, join_listings, needs_size, plan
 from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr, Top

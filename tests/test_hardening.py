@@ -35,9 +35,9 @@ import yaml
 
 from popsync.config import load_config
 from popsync.credentials import MAX_PASSWORD_COMMAND_OUTPUT, run_password_command
+from popsync.deliver.maildir import Maildir, UnsafeMaildir, unique_name
 from popsync.errors import ConfigError, DeliveryError, LedgerError
 from popsync.ledger import Ledger
-from popsync.maildir import Maildir, UnsafeMaildir, unique_name
 from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import sample_messages

@@ -1,4 +1,4 @@
-"""Tests for popsync.maildir: real files, real directories, real tmpfs mounts where allowed.
+"""Tests for popsync.deliver.maildir: real files, real directories, real tmpfs mounts where allowed.
 
 Fault injection wraps os.write / os.fsync / os.link so that only calls on the
 Maildir under test fail; everything else (pytest's own output) is untouched.
@@ -22,18 +22,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popsync.errors import DeliveryError
-from popsync.maildir import (
+from popsync.deliver.maildir import (
     DeliveryConflict,
     Maildir,
     TmpMessage,
-    _fs_type_from_mountinfo,
-    _fs_type_from_mounts,
     delivery_hash,
     file_digest,
     name_hash,
     unique_name,
 )
+from popsync.deliver.maildir.mounts import fs_type_from_mountinfo, fs_type_from_mounts
+from popsync.errors import DeliveryError
 
 SAFE_NAME = re.compile(r"[0-9]+\.P[0-9a-f]{32}\.[A-Za-z0-9.\\-]+")
 HOSTILE_UIDS = [
@@ -649,9 +648,9 @@ def test_mountinfo_is_matched_by_device_number() -> None:
         "97 27 0:53 /export /home/alice/Mail rw,relatime shared:42 - nfs4 srv:/export rw,vers=4.2\n"
         "98 27 8:1 / /home rw,relatime - ext4 /dev/sda1 rw\n"
     )
-    assert _fs_type_from_mountinfo(text, dev) == "nfs4"
-    assert _fs_type_from_mountinfo(text, os.makedev(8, 1)) == "ext4"
-    assert _fs_type_from_mountinfo(text, os.makedev(9, 9)) is None
+    assert fs_type_from_mountinfo(text, dev) == "nfs4"
+    assert fs_type_from_mountinfo(text, os.makedev(8, 1)) == "ext4"
+    assert fs_type_from_mountinfo(text, os.makedev(9, 9)) is None
 
 
 def test_proc_mounts_fallback_uses_the_longest_prefix() -> None:
@@ -660,9 +659,9 @@ def test_proc_mounts_fallback_uses_the_longest_prefix() -> None:
         "srv:/mail /home/al\\040ice/Mail nfs rw 0 0\n"
         "srv:/x /home/al nfs4 rw 0 0\n"
     )
-    assert _fs_type_from_mounts(text, "/home/al ice/Mail/new") == "nfs"
-    assert _fs_type_from_mounts(text, "/home/al ice/Mailbox") == "ext4"
-    assert _fs_type_from_mounts(text, "/home/al/x") == "nfs4"
+    assert fs_type_from_mounts(text, "/home/al ice/Mail/new") == "nfs"
+    assert fs_type_from_mounts(text, "/home/al ice/Mailbox") == "ext4"
+    assert fs_type_from_mounts(text, "/home/al/x") == "nfs4"
 
 
 def test_tmp_message_repr_and_state(md: Maildir) -> None:

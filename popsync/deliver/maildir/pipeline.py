@@ -17,8 +17,15 @@ thread pool instead:
 The order that makes delivery safe is unchanged and stays with the caller:
 a file is ``link()``ed into ``new/`` only after :meth:`complete` reported
 its fsync done, ``new/`` is fsynced after the links, the ledger commits
-after that, and DELE comes last (DESIGN §4, I1).  Every error surfaces as
-the :class:`DeliveryError` the Maildir raised, on the caller's thread.
+after that, and DELE comes last.  Every error surfaces as the
+:class:`DeliveryError` the Maildir raised, on the caller's thread.
+
+Contract: for each message, :meth:`reserve` (optional) -> :meth:`open` ->
+writes -> :meth:`finish`; then :meth:`complete` for the batch.
+:meth:`complete` either returns every finished file, durable and ready to
+link, or raises the first error and discards them all, so a batch is linked
+whole or not at all.  :meth:`close` never raises and removes whatever was
+reserved or finished but not handed out by :meth:`complete`.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from popsync.deliver.maildir.store import Maildir
+from popsync.deliver.maildir.tmp import TmpMessage
 from popsync.errors import DeliveryError
-from popsync.maildir import Maildir, TmpMessage
 
 #: Threads doing creates and fsyncs; enough for the journal to batch them.
 WORKERS = 8
