@@ -41,15 +41,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from popsync.ledger import LedgerRow
+from popsync.ledger import Key, LedgerRow
 
 DAY = 86400.0
 
 #: The start of the skip reason of a message whose body ran past its LIST
 #: size and was cut off: it stays skipped while listed with the same size.
 CUT_OFF = "cut off: its body ran past the size the server announced"
-
-Key = tuple[bytes, int]
 
 
 class ServerMessage(NamedTuple):
@@ -109,15 +107,9 @@ class Plan:
     listed: int = 0
 
 
-#: A listing entry as :func:`join_listings` builds it: (msg, uid, occurrence,
-#: size).  Plain tuples, built at C speed; :class:`ServerMessage` is the same
-#: shape with names, made only for the messages a plan acts on.
-Listed = tuple[int, bytes, int, int | None]
-
-
 def join_listings(
     uidl: Sequence[tuple[int, bytes]], scan: Sequence[tuple[int, int]]
-) -> tuple[list[Listed], list[int]]:
+) -> tuple[list[ServerMessage], list[int]]:
     """Pair UIDL and LIST by message number; number occurrences of each UID.
 
     Returns (entries in message-number order, numbers listed by LIST only).
@@ -134,7 +126,8 @@ def join_listings(
         for uid in uids:
             occurrences.append(seen[uid])
             seen[uid] += 1
-    messages = list(zip(msgs, uids, occurrences, map(sizes.get, msgs), strict=False))
+    entries = zip(msgs, uids, occurrences, map(sizes.get, msgs), strict=False)
+    messages = list(map(ServerMessage._make, entries))
     with_uid = set(msgs)
     waiting = sorted(msg for msg in sizes if msg not in with_uid)
     return messages, waiting
@@ -148,7 +141,7 @@ def _due(row: LedgerRow, policy: Policy) -> bool:
 
 
 def needs_size(
-    messages: Sequence[Listed], rows: Mapping[Key, LedgerRow], policy: Policy
+    messages: Sequence[ServerMessage], rows: Mapping[Key, LedgerRow], policy: Policy
 ) -> list[int]:
     """Message numbers whose LIST size :func:`plan` will use.
 
@@ -167,7 +160,7 @@ def needs_size(
 
 
 def plan(
-    messages: Sequence[Listed],
+    messages: Sequence[ServerMessage],
     rows: Mapping[Key, LedgerRow],
     policy: Policy,
     waiting: Sequence[int] = (),
@@ -184,7 +177,8 @@ def plan(
     deleting = policy.delete_after_days is not None
     get_row = rows.get
     new_ambiguous: set[bytes] = set()
-    for msg, uid, occurrence, size in messages:
+    for message in messages:
+        _, uid, occurrence, size = message
         key = (uid, occurrence)
         listed_keys.add(key)
         row = get_row(key)
@@ -194,9 +188,8 @@ def plan(
         if state in ("delivered", "deleted"):
             assert row is not None
             if deleting and uid not in ambiguous and size is not None and _due(row, policy):
-                delete.append(Delete(ServerMessage(msg, uid, occurrence, size), row))
+                delete.append(Delete(message, row))
             continue
-        message = ServerMessage(msg, uid, occurrence, size)
         if limit is not None and size is not None and size > limit:
             skip.append(Skip(message, f"larger than max_message_size ({limit} bytes)"))
             continue

@@ -1,13 +1,12 @@
 """A blocking POP3 client: pumps the sans-I/O core over a transport.
 
-One session, in the order DESIGN §4 prescribes::
+One session, in the order of a poll::
 
     session = Session.open(opts)        # connect, greeting, CAPA, [STLS, CAPA]
-    session.login(secret)               # auth; no credential without TLS unless allowed
+    session.login(secret)               # [UTF8,] auth; no credential in clear unless allowed
     uids = session.uidl()               # UIDL; sizes with scan(): LIST, or LIST n
-                                        # (listings() gives both)
-    for event in session.retrieve(reqs):  # RETR (and queued DELE) in a bounded window
-        ...
+    session.retrieve(reqs, sink)        # RETR/TOP into a sink, with the DELEs it allows,
+                                        # in a bounded window
     session.quit()                      # deletions happen only now (RFC 1939 §6)
 
 Security rules enforced here, before any credential is written:
@@ -41,6 +40,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from popsync.errors import (
     LocalProtocolError,
@@ -99,10 +99,6 @@ from popsync.pop3.listing import (
 )
 from popsync.transport import Deadline, Transport
 
-#: What :meth:`Session.retrieve` yields: the core's events for RETR, TOP,
-#: DELE and the closing NOOP.
-Reply = Ok | Err | BodyData | EndOfBody
-
 #: Most challenges one AUTH exchange may send before we give up on it.
 MAX_AUTH_ROUNDS = 8
 
@@ -139,6 +135,32 @@ class RetrRequest:
     top: int | None = None
 
 
+class RetrieveSink(Protocol):
+    """Where :meth:`Session.retrieve` puts what the server sends.
+
+    For each request, in order: :meth:`started` (``+OK``), :meth:`data` for
+    each piece of the body (dot-unstuffed, LF line ends), then
+    :meth:`ended` -- only once the server's next reply shows the body was
+    whole -- or :meth:`refused` (``-ERR``) instead of all three.
+    """
+
+    def started(self, request: RetrRequest) -> None: ...
+
+    def data(self, chunk: bytes) -> None: ...
+
+    def ended(self, request: RetrRequest, octets: int) -> None:
+        """The body is complete: *octets* counted as on the wire (RFC 1939 §11)."""
+
+    def refused(self, request: RetrRequest, err: Err) -> None: ...
+
+    def take_deletes(self) -> Iterable[int]:
+        """Message numbers to DELE now (each handed out once)."""
+        ...
+
+    def deleted(self, msg: int, err: Err | None) -> None:
+        """The reply to DELE *msg*: None for ``+OK``."""
+
+
 class Session:
     """One authenticated (or about to be) POP3 session over one transport."""
 
@@ -148,7 +170,6 @@ class Session:
         self.conn = Connection(max_line=options.max_line)
         self.capabilities = Capabilities()
         self.greeting = b""
-        self._dele_queue: deque[int] = deque()
         self._clock = ReplyClock(options.timeout, options.min_rate)
         self._in_stream = False  # a multi-line reply's +OK is in; its lines are due
         self._owner = threading.get_ident()  # the thread that may close the socket
@@ -382,66 +403,34 @@ class Session:
         assert isinstance(listing, Listing)
         return listing
 
-    def queue_dele(self, msg: int) -> None:
-        """Ask for DELE *msg* at the next chance inside :meth:`retrieve` (or :meth:`delete`)."""
-        self._dele_queue.append(msg)
+    def retrieve(self, requests: Iterable[RetrRequest], sink: RetrieveSink) -> None:
+        """RETR (or TOP) every request into *sink*, with DELEs the sink allows.
 
-    def retrieve(self, requests: Iterable[RetrRequest]) -> Iterator[Reply]:
-        """RETR every request, keeping up to ``pipeline_window`` commands in flight.
-
-        Yields the core's events for each command, in order: for a RETR
-        ``Ok``, ``BodyData``..., ``EndOfBody`` -- or ``Err``; for a DELE that
-        was queued with :meth:`queue_dele` meanwhile, ``Ok`` or ``Err``.
-        The caller may queue DELEs while iterating (after its ledger commit),
-        and they ride the same pipeline.  Raises on protocol/transport errors.
+        Up to ``pipeline_window`` commands are in flight.  Before each send
+        the session asks :meth:`RetrieveSink.take_deletes` for the DELEs the
+        sink now allows (it allows one only once its copy is durable and
+        recorded), so they ride the same pipeline; their replies go to
+        :meth:`RetrieveSink.deleted`.  Returns once every request has been
+        answered and no DELE is waiting.  Raises on protocol and transport
+        errors; the sink then knows what was in flight (it got ``started``
+        and no ``ended``).
 
         A body is only as trustworthy as what follows it: a stray unstuffed
         ``.`` line inside a message ends the body early, and only the next
         reply shows it (the rest of the message is not a status line).  So
-        once the requests run out, a ``NOOP`` follows the last body, and its
-        ``Ok`` (or ``Err``) is yielded too: every body is then followed by a
-        well-formed reply before the caller is done with it.
+        :meth:`RetrieveSink.ended` is called only once the *next* well-formed
+        ``+OK``/``-ERR`` has arrived, and after the last request a ``NOOP``
+        provides that reply.
         """
         window = self.options.pipeline_window if self.conn.pipelining else 1
-        todo = iter(requests)
-        exhausted = False
-        bodies = False  # a RETR or TOP was sent: close with NOOP
+        run = _Retrieval(self.conn, iter(requests), sink)
         while True:
-            out = bytearray()
-            while len(self.conn.pending) < window:
-                if self._dele_queue:
-                    out += self.conn.send(Dele(self._dele_queue.popleft()))
-                    continue
-                req = None if exhausted else next(todo, None)
-                if req is None:
-                    exhausted = True
-                    if bodies:
-                        out += self.conn.send(Noop())
-                        bodies = False
-                    break
-                bodies = True
-                if req.top is None:
-                    out += self.conn.send(Retr(req.msg, limit=req.limit))
-                else:
-                    out += self.conn.send(Top(req.msg, req.top, limit=req.limit))
+            out = run.fill(window)
             if out:
-                self.transport.send(bytes(out))
+                self.transport.send(out)
             if not self.conn.pending:
                 return
-            event = self._next()
-            if not isinstance(event, Ok | Err | BodyData | EndOfBody):
-                raise RemoteProtocolError("unexpected reply to RETR or DELE")
-            yield event
-
-    def delete(self, msgs: Iterable[int]) -> dict[int, Err | None]:
-        """DELE each message (pipelined); returns msg -> None on +OK, or the Err."""
-        for msg in msgs:
-            self.queue_dele(msg)
-        results: dict[int, Err | None] = {}
-        for event in self.retrieve(()):
-            if isinstance(event, Ok | Err) and isinstance(event.command, Dele):
-                results[event.command.msg] = event if isinstance(event, Err) else None
-        return results
+            run.dispatch(self._next())
 
     def quit(self) -> None:
         """QUIT: the server now enters UPDATE and removes what was DELEd (RFC 1939 §6).
@@ -539,10 +528,71 @@ class Session:
         return name if isinstance(command, Retr | Top) else f"the {name} listing"
 
 
+class _Retrieval:
+    """The bookkeeping of one :meth:`Session.retrieve`: what to send next,
+    and which sink call each event becomes."""
+
+    def __init__(self, conn: Connection, todo: Iterator[RetrRequest], sink: RetrieveSink) -> None:
+        self.conn = conn
+        self.todo = todo
+        self.sink = sink
+        self.inflight: deque[RetrRequest] = deque()
+        self.finished: tuple[RetrRequest, int] | None = None  # awaiting the next reply
+        self.deletes: deque[int] = deque()
+        self.exhausted = False
+        self.closed = False  # the NOOP after the last request was sent
+
+    def fill(self, window: int) -> bytes:
+        """Commands to send now: allowed DELEs first, then requests, then NOOP."""
+        self.deletes.extend(self.sink.take_deletes())
+        out = bytearray()
+        conn = self.conn
+        while len(conn.pending) < window:
+            if self.deletes:
+                out += conn.send(Dele(self.deletes.popleft()))
+                continue
+            req = None if self.exhausted else next(self.todo, None)
+            if req is None:
+                self.exhausted = True
+                if self.inflight and not self.closed:
+                    out += conn.send(Noop())
+                    self.closed = True
+                break
+            self.inflight.append(req)
+            if req.top is None:
+                out += conn.send(Retr(req.msg, limit=req.limit))
+            else:
+                out += conn.send(Top(req.msg, req.top, limit=req.limit))
+        return bytes(out)
+
+    def dispatch(self, event: Event) -> None:
+        sink = self.sink
+        if isinstance(event, BodyData):
+            sink.data(event.data)
+            return
+        if isinstance(event, EndOfBody):
+            self.finished = (self.inflight.popleft(), event.octets)
+            return
+        if not isinstance(event, Ok | Err):
+            raise RemoteProtocolError("unexpected reply to RETR or DELE")
+        if self.finished is not None:  # a well-formed reply: the last body was whole
+            sink.ended(*self.finished)
+            self.finished = None
+        command = event.command
+        if isinstance(command, Dele):
+            sink.deleted(command.msg, event if isinstance(event, Err) else None)
+        elif isinstance(command, Retr | Top):
+            if isinstance(event, Ok):
+                sink.started(self.inflight[0])
+            else:
+                sink.refused(self.inflight.popleft(), event)
+
+
 __all__ = [
     "BodyData",
     "EndOfBody",
     "RetrRequest",
+    "RetrieveSink",
     "Session",
     "SessionOptions",
 ]

@@ -211,14 +211,14 @@ def test_an_internal_error_is_one_line_and_the_other_accounts_still_run(
 ) -> None:
     import popsync.sync
 
-    real = popsync.sync._Poll.describe
+    real = popsync.sync.Poll.note
 
     def broken(self: Any, the_plan: Any) -> None:
         if self.name == "bad":
             raise ZeroDivisionError("division by zero")
         real(self, the_plan)
 
-    monkeypatch.setattr(popsync.sync._Poll, "describe", broken)
+    monkeypatch.setattr(popsync.sync.Poll, "note", broken)
     with POP3TestServer(MailStore(sample_messages())) as srv:
         cfg = write_config(
             tmp_path, [{"name": "bad", "port": srv.port}, {"name": "good", "port": srv.port}]

@@ -285,7 +285,7 @@ def test_lost_ledger_is_not_an_empty_mailbox(make_env: Any, tmp_path: Path) -> N
     env.ledger = Ledger.open(env.config.ledger_url)
     report = env.poll()
     assert report.ok and report.counts.fetched == 0
-    assert any("already in the Maildir" in w for w in report.warnings)
+    assert any("already delivered; not fetched again" in w for w in report.warnings)
     env.expect_exactly_once(sample_messages())
 
 

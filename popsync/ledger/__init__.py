@@ -8,6 +8,9 @@ Public API (see :mod:`popsync.ledger.store` for the contract of each call)::
     ledger.mark_delivered("home", [Delivered(...)])
     ledger.mark_deleted("home", [(uid, occurrence)], at=now)
     ledger.mark_skipped("home", [Skipped(...)])
+    ledger.record_attempts("home", keys, now)   # failed fetches: tried last next time
+    ledger.mark_withheld("home", [(key, why)])  # a due DELE not confirmed, said once
+    ledger.retire("home", keys)                 # unique-ids the server reused
     ledger.touch_seen("home", keys, now)
     poll = ledger.start_poll("home", now)
     ledger.finish_poll(poll, finished_at=..., result="ok", error=None,
@@ -24,6 +27,7 @@ from popsync.ledger.store import (
     SEEN_REFRESH,
     Delivered,
     FetchIntent,
+    Key,
     Ledger,
     LedgerRow,
     PollCounts,
@@ -38,6 +42,7 @@ __all__ = [
     "SEEN_REFRESH",
     "Delivered",
     "FetchIntent",
+    "Key",
     "Ledger",
     "LedgerError",
     "LedgerRow",

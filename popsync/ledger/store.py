@@ -95,6 +95,8 @@ _polls = polls
 _m = _messages.c
 _p = _polls.c
 
+#: A message as the ledger knows it: its unique-id and its occurrence (the
+#: k-th message the server lists under that unique-id, from 0).
 Key = tuple[bytes, int]
 
 
