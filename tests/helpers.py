@@ -1,21 +1,26 @@
 """Helpers shared by the sync, crash and interop tests: real config files,
-Maildir inspection, and the stored form of a server message."""
+Maildir inspection, the stored form of a server message, and a bounded wait
+for a condition no event announces."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from popsync.config import Config, load_config
 from popsync.testing.mailstore import to_crlf
 
+T = TypeVar("T")
+
 
 def stored_form(data: bytes) -> bytes:
-    """What popsync stores for a message the server holds: LF line ends (DESIGN I5)."""
+    """What popsync stores for a message the server holds: LF line ends."""
     return to_crlf(data).replace(b"\r\n", b"\n")
 
 
@@ -62,3 +67,28 @@ def maildir_contents(maildir: Path) -> Counter[bytes]:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(
+    condition: Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    what: str | Callable[[], str] = "the condition",
+    interval: float = 0.01,
+) -> T:
+    """Poll *condition* until it returns a true value, and return that value.
+
+    For states nothing announces (a file's contents, a log line, a process
+    gone, a kernel lock queue): a bounded poll, never a fixed sleep, so a
+    loaded machine only makes the wait longer, never the test wrong.  The
+    condition may raise to give up early (say, the process under test died).
+    Raises AssertionError naming *what* (a callable is asked only then) once
+    *timeout* seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"waited {timeout:g} s in vain for {text}")
+        time.sleep(interval)
+    return value

@@ -50,7 +50,7 @@ from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from popsync.testing.server_state import SessionState
-from tests.helpers import maildir_contents, stored_form, write_config
+from tests.helpers import maildir_contents, stored_form, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,6 +76,23 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class UidlGate:
+    """An ``on_command`` hook that, once armed, holds the next UIDL until released:
+    a poll kept in flight at a point the test chooses."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, state: SessionState, line: bytes) -> bytes | None:
+        if self.armed.is_set() and line.upper() == b"UIDL":
+            self.armed.clear()
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the held UIDL"
+        return None
 
 
 class RetrLog:
@@ -510,22 +527,41 @@ def test_login_delay_raises_the_interval_with_one_warning(
 def test_reload_adds_removes_and_changes_accounts(
     tmp_path: Path, servers: Callable[..., POP3TestServer], harness: Callable[..., Harness]
 ) -> None:
-    a, b, c = servers(messages(1, 1)), servers(messages(1, 2)), servers(messages(3, 3))
+    gate = UidlGate()
+    a, b, c = (
+        servers(messages(1, 1)),
+        servers(messages(1, 2), on_command=gate),
+        servers(messages(3, 3)),
+    )
     cfg = write_config(tmp_path, [account("a", a.port), account("b", b.port)])
     h = harness(cfg)
     h.wait_polls("a", 1)
-    h.wait_polls("b", 1)
+    polls_b = len(h.wait_polls("b", 1))
 
+    # The reload comes while a poll of b is in flight (held at its UIDL).
+    gate.armed.set()
+    assert gate.entered.wait(10), "b was not polled again"
     write_config(tmp_path, [account("a", a.port, interval=2), account("c", c.port)])
     h.daemon.request_reload()
     assert h.wait_polls("c", 1)[0].report.counts.fetched == 3
     assert set(h.daemon.snapshot()) == {"a", "c"}
-    time.sleep(0.3)  # a poll of b that was in flight at the reload ends
+    gate.release.set()
+    # The poll in flight ends as usual.  It kept any other poll of b from
+    # starting until the reload removed b, so once every session of b is a
+    # reported poll, none is in flight, and none may start: that must stay
+    # so while a is polled again (2 s, twice b's old interval).
+    wait_until(
+        lambda: len(h.polls("b")) == len(b.sessions) > polls_b,
+        what=lambda: f"the polls of b to end: {len(b.sessions)} sessions, {h.polls('b')}",
+    )
+    assert all(e.report.ok for e in h.polls("b"))
     sessions_b = len(b.sessions)
     changed = h.wait_event("a", lambda e: e.delay == 2.0)
     assert changed.report.ok
     assert h.daemon.snapshot()["a"].interval == 2
+    h.wait_polls("a", len(h.polls("a")) + 1)
     assert len(b.sessions) == sessions_b, "a removed account was polled"
+    assert len(h.polls("b")) == sessions_b
     h.stop()
 
 
@@ -566,6 +602,7 @@ def test_a_daemon_and_concurrent_syncs_never_fetch_a_message_twice(
     stop = threading.Event()
 
     def feed() -> None:
+        # New mail keeps arriving while the syncs and the daemon contend.
         for data in generate_messages(40, 600, seed=5):
             if stop.wait(0.05):
                 return
@@ -584,12 +621,20 @@ def test_a_daemon_and_concurrent_syncs_never_fetch_a_message_twice(
             results.append((proc.returncode, proc.stderr))
 
     results: list[tuple[int, str]] = []
-    workers = [threading.Thread(target=feed)] + [
-        threading.Thread(target=sync_loop, args=(results,)) for _ in range(3)
-    ]
+    feeder = threading.Thread(target=feed)
+    workers = [feeder] + [threading.Thread(target=sync_loop, args=(results,)) for _ in range(3)]
     for w in workers:
         w.start()
-    time.sleep(3.0)
+    # The contention lasts until all mail has arrived and, after that, each
+    # contender has had a turn more: three syncs and a daemon poll.
+    feeder.join(30)
+    assert not feeder.is_alive()
+    syncs, polls = len(results) + 3, len(h.polls("a")) + 1
+    wait_until(
+        lambda: len(results) >= syncs and len(h.polls("a")) >= polls,
+        timeout=40,
+        what=lambda: f"{syncs} syncs and {polls} daemon polls: {len(results)}, {h.polls('a')}",
+    )
     stop.set()
     for w in workers:
         w.join(30)
@@ -679,11 +724,11 @@ class DaemonProcess:
         return self.log.read_text(errors="replace")
 
     def wait_for(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.output().count(text) < count:
+        def seen() -> bool:
             assert self.proc.poll() is None, f"the daemon exited:\n{self.output()}"
-            assert time.monotonic() < deadline, f"no {text!r} x{count} in:\n{self.output()}"
-            time.sleep(0.02)
+            return self.output().count(text) >= count
+
+        wait_until(seen, timeout=timeout, what=lambda: f"{text!r} x{count} in:\n{self.output()}")
 
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -709,10 +754,11 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 
 
 def wait_for_files(maildir: Path, n: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(maildir_contents(maildir).values()) < n:
-        assert time.monotonic() < deadline, f"fewer than {n} messages in {maildir}"
-        time.sleep(0.02)
+    wait_until(
+        lambda: sum(maildir_contents(maildir).values()) >= n,
+        timeout=timeout,
+        what=f"{n} messages in {maildir}",
+    )
 
 
 def test_sighup_with_a_broken_config_keeps_the_old_one_and_adding_an_account_polls_it(

@@ -15,13 +15,13 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.dovecot_fixtures import require_dovecot
+from tests.helpers import wait_until
 from tests.servers.dovecot import HOST, Dovecot, DovecotError, Mailbox
 
 pytestmark = pytest.mark.dovecot
@@ -67,10 +67,11 @@ def tls_context(ca_file: Path) -> ssl.SSLContext:
 
 def wait_for_log(server: Dovecot, needle: str, count: int, timeout: float = 10.0) -> None:
     """Wait until *needle* occurs *count* times in Dovecot's log."""
-    deadline = time.monotonic() + timeout
-    while server.log_file.read_text("utf-8", "replace").count(needle) < count:
-        assert time.monotonic() < deadline, f"no {needle!r} in the log:\n{server.log_tail()}"
-        time.sleep(0.02)
+    wait_until(
+        lambda: server.log_file.read_text("utf-8", "replace").count(needle) >= count,
+        timeout=timeout,
+        what=lambda: f"{needle!r} in the log:\n{server.log_tail()}",
+    )
 
 
 def group_members(pgid: int) -> list[int]:
@@ -90,10 +91,11 @@ def group_members(pgid: int) -> list[int]:
 
 
 def wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while group_members(pgid):
-        assert time.monotonic() < deadline, f"processes left: {group_members(pgid)}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: not group_members(pgid),
+        timeout=timeout,
+        what=lambda: f"process group {pgid} to end: {group_members(pgid)} left",
+    )
 
 
 # --------------------------------------------------------------- ways in

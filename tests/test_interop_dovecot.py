@@ -58,7 +58,7 @@ from popsync.sync import PollReport, run_account
 from popsync.testing.samples import generate_messages, sample_messages
 from popsync.transport import make_ssl_context
 from tests.dovecot_fixtures import require_dovecot
-from tests.helpers import digest, load, maildir_contents, stored_form, write_config
+from tests.helpers import digest, load, maildir_contents, stored_form, wait_until, write_config
 from tests.servers.dovecot import Dovecot, Mailbox
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(120)]
@@ -212,13 +212,14 @@ def wait_for_log(
 
     Dovecot writes its log through a separate process, so lines lag a little.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def found() -> list[str] | None:
         lines = [line for line in log_lines(dovecot, needles[0]) if all(n in line for n in needles)]
-        if len(lines) >= count:
-            return lines
-        assert time.monotonic() < deadline, f"no {needles!r} in the log:\n{dovecot.log_tail()}"
-        time.sleep(0.02)
+        return lines if len(lines) >= count else None
+
+    return wait_until(
+        found, timeout=timeout, what=lambda: f"{needles!r} in the log:\n{dovecot.log_tail()}"
+    )
 
 
 def wait_session_end(mailbox: Mailbox, count: int = 1) -> list[str]:

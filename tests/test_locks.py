@@ -15,6 +15,7 @@ import pytest
 
 from popsync.errors import ConfigError, PopsyncError
 from popsync.locks import AccountBusy, account_lock
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,10 +36,31 @@ except AccountBusy as exc:
     sys.exit(3)
 """
 
+# A child that first finds the lock held (and says so), then waits up to 20 s
+# for it. argv: state_dir account
+WAITER = """
+import sys
+from pathlib import Path
+from popsync.locks import AccountBusy, account_lock
+state, account = Path(sys.argv[1]), sys.argv[2]
+try:
+    with account_lock(state, account, wait=False):
+        sys.exit(4)  # the parent holds it: never here
+except AccountBusy:
+    print("refused", flush=True)
+with account_lock(state, account, wait=20.0):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
 
 def start_holder(state: Path, account: str, wait: str = "false") -> subprocess.Popen[str]:
+    return start_child(HOLDER, str(state), account, wait)
+
+
+def start_child(script: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(state), account, wait],
+        [sys.executable, "-c", script, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -107,8 +129,8 @@ def test_bounded_wait_times_out(tmp_path: Path) -> None:
 
 def test_waiting_process_gets_the_lock_when_released(tmp_path: Path) -> None:
     with account_lock(tmp_path, "home", wait=False):
-        waiter = start_holder(tmp_path, "home", wait="20")
-        time.sleep(0.5)  # the child is up and polling for the lock
+        waiter = start_child(WAITER, str(tmp_path), "home")
+        assert wait_for_line(waiter) == "refused"  # it is up, and now polls for the lock
         assert waiter.poll() is None
     try:
         assert wait_for_line(waiter) == "locked"
@@ -157,6 +179,13 @@ def test_threads_exclude_each_other(tmp_path: Path) -> None:
         pass
 
 
+def blocked_flock_waiters(lock: Path) -> int:
+    """How many flock(2) requests the kernel holds blocked on *lock* (from /proc/locks)."""
+    inode = f":{lock.stat().st_ino} "
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(" -> FLOCK " in line and inode in line for line in lines)
+
+
 def test_wait_true_blocks_until_release(tmp_path: Path) -> None:
     order: list[str] = []
     held = threading.Event()
@@ -164,7 +193,11 @@ def test_wait_true_blocks_until_release(tmp_path: Path) -> None:
     def holder() -> None:
         with account_lock(tmp_path, "home", wait=False):
             held.set()
-            time.sleep(0.3)
+            # Release only once the main thread sleeps in flock(LOCK_EX).
+            wait_until(
+                lambda: blocked_flock_waiters(tmp_path / "locks" / "home.lock"),
+                what="the main thread to block on the lock",
+            )
             order.append("released")
 
     th = threading.Thread(target=holder)

@@ -36,6 +36,7 @@ from popsync.testing.server import (
     to_crlf,
     to_wire,
 )
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -1063,7 +1064,15 @@ def test_stop_is_prompt_with_busy_sessions(
     streaming.login()
     streaming.send(b"RETR 1\r\n")  # never read: the server blocks in sendall
     half_open = Raw(server.address)  # never reads its greeting
-    time.sleep(0.3)
+
+    def all_busy() -> bool:
+        records = server.sessions
+        return len(records) == 4 and [r.command_names()[-1:] for r in records[1:3]] == [
+            ["STAT"],
+            ["RETR"],
+        ]
+
+    wait_until(all_busy, what="four sessions: idle, stalled in STAT, streaming, half-open")
     start = time.monotonic()
     server.stop()
     assert time.monotonic() - start < 3
@@ -1095,7 +1104,7 @@ def test_stop_interrupts_a_tls_handshake_in_progress(
 ) -> None:
     server = POP3TestServer(store, tls="implicit", ssl_context=server_ssl_context).start()
     raw = Raw(server.address)  # connects, never starts the handshake
-    time.sleep(0.2)
+    wait_until(lambda: server.sessions, what="the server to accept the connection")
     start = time.monotonic()
     server.stop()
     assert time.monotonic() - start < 3
