@@ -30,13 +30,11 @@ reserved or finished but not handed out by :meth:`complete`.
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from popsync.deliver.maildir.store import Maildir
 from popsync.deliver.maildir.tmp import TmpMessage
-from popsync.errors import DeliveryError
 
 #: Threads doing creates and fsyncs; enough for the journal to batch them.
 WORKERS = 8
@@ -131,6 +129,13 @@ def _wait(future: Future[_T]) -> BaseException | None:
 
 
 def _result_or_none(future: Future[TmpMessage]) -> TmpMessage | None:
-    with contextlib.suppress(DeliveryError):
+    """The file a reservation created, or None if creating it failed.
+
+    Any failure counts (a DeliveryError, or the ValueError of an unsafe
+    name): the caller never opened this file, so its error is nobody's to
+    handle, and :meth:`DeliveryPipeline.close` must not raise.
+    """
+    try:
         return future.result()
-    return None
+    except Exception:
+        return None
