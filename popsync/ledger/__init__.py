@@ -1,6 +1,7 @@
 """The ledger: popsync's durable record of every message it fetched, and every poll.
 
-Public API (see :mod:`popsync.ledger.store` for the contract of each call)::
+Public API (see :mod:`popsync.ledger.store` for the contract, and
+:mod:`~popsync.ledger.messages` and :mod:`~popsync.ledger.polls` for each call)::
 
     ledger = Ledger.open("sqlite:////var/lib/popsync/ledger.db")
     rows = ledger.rows("home")                  # {(uid, occurrence): LedgerRow}

@@ -1,0 +1,120 @@
+"""What every part of the ledger shares: the engine, transactions, batched writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple, Self
+
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from popsync.errors import LedgerError
+from popsync.ledger.engine import (
+    WRITE_OPTION,
+    create_ledger_engine,
+    describe_url,
+    parse_url,
+    prepare_sqlite_file,
+    translate_errors,
+    upgrade,
+)
+
+
+class _Prepared(NamedTuple):
+    sql: str
+    #: Bind names in positional order, or None for a named paramstyle.
+    order: tuple[str, ...] | None
+
+
+def _prepare(stmt: ClauseElement, dialect: Dialect) -> _Prepared:
+    compiled = stmt.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)
+    if compiled.positional:
+        return _Prepared(compiled.string, tuple(compiled.positiontup or ()))
+    return _Prepared(compiled.string, None)
+
+
+class LedgerBase:
+    """One database connection pool and its transactions (see :mod:`popsync.ledger.store`).
+
+    Create it with :meth:`open`; the constructor takes an engine that is
+    already at the newest schema (as :meth:`open` leaves it).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._shown = describe_url(engine.url)
+        self._closed = False
+        # Batched write statements compiled for this engine's dialect.
+        self._prepared: dict[ClauseElement, _Prepared] = {}
+
+    # -- life cycle --------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str | URL) -> Self:
+        """Open (creating and migrating if needed) the ledger at *url*.
+
+        A SQLite file's parent directory is created with mode 0700 and the
+        file with mode 0600; the schema is upgraded to the newest revision.
+
+        Raises:
+            LedgerError: the database cannot be created, opened or migrated,
+                or it was written by a newer popsync (unknown revision).
+        """
+        parsed = parse_url(url)
+        prepare_sqlite_file(parsed)
+        engine = create_ledger_engine(parsed)
+        try:
+            upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying engine (for diagnostics and tests; do not dispose it)."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close every pooled connection. Later calls raise :class:`LedgerError`."""
+        self._closed = True
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self, what: str, *, write: bool) -> Iterator[Connection]:
+        if self._closed:
+            raise LedgerError(f"ledger {self._shown}: cannot {what}: the ledger is closed")
+        with translate_errors(self._shown, what), self._engine.connect() as conn:
+            if write:
+                conn.execution_options(**{WRITE_OPTION: True})
+            with conn.begin():
+                yield conn
+
+    def _executemany(
+        self, conn: Connection, stmt: ClauseElement, params: list[dict[str, Any]]
+    ) -> None:
+        """Run *stmt* once per parameter set, through the driver's executemany."""
+        if not params:
+            return
+        prepared = self._prepared.get(stmt)
+        if prepared is None:
+            prepared = self._prepared[stmt] = _prepare(stmt, conn.dialect)
+        sql, order = prepared
+        if order is None:
+            conn.exec_driver_sql(sql, params)
+        else:
+            conn.exec_driver_sql(sql, [tuple(p[name] for name in order) for p in params])
