@@ -623,10 +623,11 @@ def test_password_command_timeout_kills_the_whole_group(tmp_path: Path) -> None:
 def test_default_command_timeout_is_30_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import popsync.config as config_module
+    import popsync.config
+    import popsync.config.models
 
-    assert config_module.PASSWORD_COMMAND_TIMEOUT == 30.0
-    monkeypatch.setattr(config_module, "PASSWORD_COMMAND_TIMEOUT", 0.3)
+    assert popsync.config.PASSWORD_COMMAND_TIMEOUT == 30.0
+    monkeypatch.setattr(popsync.config.models, "PASSWORD_COMMAND_TIMEOUT", 0.3)
     account = command_account(tmp_path, "sleep 30\n")
     with pytest.raises(ConfigError, match=r"within 0\.3 seconds"):
         account.secret()

@@ -1,0 +1,389 @@
+"""The validated config: :class:`Account` and :class:`Config`, frozen pydantic models.
+
+Invariants once a model exists:
+
+* Every path (``maildir``, ``ca_file``, ``password_file``, the sqlite ledger
+  file) is absolute (see :mod:`popsync.config.paths`).
+* ``Account.port`` is an int (995 for implicit TLS, 110 otherwise, when
+  absent); ``interval`` is whole seconds, ``timeout`` and ``poll_timeout``
+  seconds (``poll_timeout >= timeout``), ``min_rate`` bytes per second.
+* Each account has exactly one secret source.  A ``password`` is a
+  :class:`SecretStr`; the file and command sources are read only by
+  :meth:`Account.secret`, afresh on each call.
+* ``tls: none`` is refused unless ``allow_plaintext: true``: credentials
+  cross the network in clear only when the user asked for it.
+* Unknown keys are refused at every level; account names are unique.
+
+Validation reads ``base_dir`` (the config file's directory), ``environ`` and
+``source`` (the file) from the pydantic validation context; without one (a
+model built in code) paths are relative to the current directory and
+variables come from ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from popsync.config.paths import ledger_url, resolve_path, sqlite_file, state_dir
+from popsync.config.values import (
+    AccountName,
+    Days,
+    HostName,
+    Interval,
+    KeyedValueError,
+    LineLength,
+    MessageSize,
+    Port,
+    Rate,
+    Timeout,
+    Window,
+    WireText,
+    parse_duration,
+)
+from popsync.credentials import (
+    LINE_BREAKERS,
+    mode_problem,
+    read_password_file,
+    run_password_command,
+)
+from popsync.errors import ConfigError
+from popsync.options import AuthMethod, TlsMode
+
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "DEFAULT_MAX_LINE_LENGTH",
+    "DEFAULT_MIN_RATE",
+    "DEFAULT_PIPELINE_WINDOW",
+    "DEFAULT_POLL_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "PASSWORD_COMMAND_TIMEOUT",
+    "Account",
+    "Config",
+    "duplicate_names",
+]
+
+DEFAULT_INTERVAL: Final = 300
+DEFAULT_TIMEOUT: Final = 60.0
+DEFAULT_MAX_LINE_LENGTH: Final = 65536
+DEFAULT_PIPELINE_WINDOW: Final = 32
+#: Longest one poll may stay connected.  An hour: a first sync of a large
+#: mailbox over a slow link may need that, and cutting it is harmless anyway
+#: (what was stored stays stored; the next poll goes on from there), while a
+#: server that stalls on purpose holds the account for this long at most.
+DEFAULT_POLL_TIMEOUT: Final = 3600.0
+#: Bytes per second a listing or a body must average once ``timeout`` has
+#: passed: far below any real link (a 20 KB/s mobile link is 20 times faster),
+#: far above a server that trickles a byte at a time to hold popsync up.
+DEFAULT_MIN_RATE: Final = 1024
+#: Seconds a ``password_command`` may run before it is killed.
+PASSWORD_COMMAND_TIMEOUT: Final = 30.0
+
+
+def _context(info: ValidationInfo) -> tuple[Path, Mapping[str, str]]:
+    """(config directory, environment) from the validation context."""
+    ctx = info.context if isinstance(info.context, Mapping) else {}
+    base = ctx.get("base_dir")
+    environ = ctx.get("environ")
+    return (
+        base if isinstance(base, Path) else Path.cwd(),
+        environ if isinstance(environ, Mapping) else os.environ,
+    )
+
+
+def _source(info: ValidationInfo) -> Path | None:
+    """The config file named in the validation context, if any."""
+    source = info.context.get("source") if isinstance(info.context, Mapping) else None
+    return source if isinstance(source, Path) else None
+
+
+class Account(BaseModel):
+    """One POP3 account: where to connect, how to log in, where mail goes, what to delete."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: AccountName
+    host: HostName
+    tls: TlsMode = TlsMode.IMPLICIT
+    # The default 0 is never used: _default_port fills the port in from tls
+    # before validation; the default only makes `port` optional in __init__.
+    port: Port = 0
+    ca_file: Path | None = None
+    username: WireText
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_command: str | None = Field(default=None, validate_default=True)
+    auth: AuthMethod = AuthMethod.AUTO
+    allow_plaintext: bool = Field(default=False, validate_default=True)
+    maildir: Path
+    delete_after_days: Days | None = None
+    interval: Interval = DEFAULT_INTERVAL
+    max_message_size: MessageSize | None = None
+    timeout: Timeout = DEFAULT_TIMEOUT
+    # Absent, it is filled in by _default_poll_timeout (never below `timeout`).
+    poll_timeout: Timeout = DEFAULT_POLL_TIMEOUT
+    min_rate: Rate = DEFAULT_MIN_RATE
+    max_line_length: LineLength = DEFAULT_MAX_LINE_LENGTH
+    pipeline_window: Window = DEFAULT_PIPELINE_WINDOW
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("port") is None:
+            implicit = data.get("tls", TlsMode.IMPLICIT) == TlsMode.IMPLICIT
+            data = {**data, "port": 995 if implicit else 110}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_poll_timeout(cls, data: Any) -> Any:
+        # An absent poll_timeout is the default, or `timeout` if that is longer,
+        # so raising `timeout` alone never makes the config invalid.
+        if isinstance(data, dict) and data.get("poll_timeout") is None:
+            try:
+                timeout = parse_duration(data.get("timeout", DEFAULT_TIMEOUT))
+            except ValueError:
+                return data  # `timeout` reports its own error
+            data = {**data, "poll_timeout": max(DEFAULT_POLL_TIMEOUT, timeout)}
+        return data
+
+    @field_validator("poll_timeout")
+    @classmethod
+    def _poll_outlasts_one_operation(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("timeout")
+        if timeout is not None and value < timeout:
+            raise ValueError(f"must be at least timeout ({timeout:.10g} s)")
+        return value
+
+    @field_validator("maildir", "ca_file", "password_file", mode="before")
+    @classmethod
+    def _expand_path(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else resolve_path(value, *_context(info))
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file_safe(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                mode = value.stat().st_mode
+            except OSError as exc:
+                raise ValueError(f"{value}: {exc.strerror}") from None
+            problem = mode_problem(value, mode)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_one_line(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret = value.get_secret_value()
+            if not secret:
+                raise ValueError("must not be empty")
+            if LINE_BREAKERS.intersection(secret):
+                raise ValueError("must not contain line breaks or NUL characters")
+        return value
+
+    @field_validator("password_command")
+    @classmethod
+    def _exactly_one_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            try:
+                argv = shlex.split(value)
+            except ValueError as exc:  # "No closing quotation", "No escaped character"
+                raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
+            if not argv:
+                raise ValueError("must not be empty")
+        # A secret key that failed its own validation is absent from info.data;
+        # it was given all the same, so count it (and let its own error speak).
+        given = [
+            key
+            for key in ("password", "password_file")
+            if key not in info.data or info.data[key] is not None
+        ]
+        if value is not None:
+            given.append("password_command")
+        if not given:
+            raise KeyedValueError(
+                "missing: give one of password, password_file or password_command",
+                key="password",
+            )
+        if len(given) > 1:
+            raise KeyedValueError(
+                "give only one of password, password_file, password_command",
+                key=", ".join(given),
+            )
+        return value
+
+    @field_validator("allow_plaintext")
+    @classmethod
+    def _plaintext_consent(cls, value: bool, info: ValidationInfo) -> bool:
+        # Credentials cross the network in clear only when asked.
+        if info.data.get("tls") == TlsMode.NONE and not value:
+            raise KeyedValueError(
+                "'none' would send the password in clear; set allow_plaintext: true "
+                "to accept that, or use tls: implicit or starttls",
+                key="tls",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _remember_base_dir(self, info: ValidationInfo) -> Account:
+        self._base_dir = _context(info)[0]
+        return self
+
+    def secret(self, *, timeout: float | None = None) -> str:
+        """The password or OAuth token, read afresh from its source on every call.
+
+        ``password_command`` runs with ``shlex.split`` (no shell), stdin closed,
+        the config file's directory as working directory, and *timeout* seconds
+        (default :data:`PASSWORD_COMMAND_TIMEOUT`). Raises ConfigError, naming
+        the account and the key but never the secret, when the file is missing,
+        readable by group or others, empty or not one clean line, or when the
+        command cannot run, fails, times out, prints nothing or more than a line.
+        """
+        try:
+            if self.password is not None:
+                return self.password.get_secret_value()
+            if self.password_file is not None:
+                return read_password_file(self.password_file)
+            if self.password_command is not None:
+                limit = PASSWORD_COMMAND_TIMEOUT if timeout is None else timeout
+                argv = shlex.split(self.password_command)
+                return run_password_command(argv, self._base_dir, limit)
+        except ValueError as exc:
+            key = "password_file" if self.password_file is not None else "password_command"
+            raise ConfigError(f"account {self.name!r}: {key}: {exc}") from None
+        raise ConfigError(f"account {self.name!r}: password: no secret is configured")
+
+
+class Config(BaseModel):
+    """The whole file: the ledger URL and the accounts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # After validation: the effective SQLAlchemy URL (the default filled in by
+    # _default_ledger, a sqlite path made absolute). "" is never kept.
+    ledger: str = ""
+    accounts: tuple[Account, ...]
+
+    _state_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_ledger(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and data.get("ledger") is None:
+            state = state_dir(_context(info)[1])
+            data = {**data, "ledger": f"sqlite:///{state / 'ledger.db'}"}
+        return data
+
+    @field_validator("ledger")
+    @classmethod
+    def _absolute_ledger(cls, value: str, info: ValidationInfo) -> str:
+        return ledger_url(value, *_context(info))
+
+    @field_validator("accounts", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # Checked here, not with min_length: pydantic would also report
+        # "too short" whenever an account is invalid.
+        if isinstance(value, list | tuple) and not value:
+            raise ValueError("must list at least one account")
+        return value
+
+    @field_validator("accounts")
+    @classmethod
+    def _unique_names(cls, value: tuple[Account, ...]) -> tuple[Account, ...]:
+        problems = duplicate_names([account.name for account in value])
+        if problems:
+            where, text = problems[0]
+            raise KeyedValueError(text, key="name", where=where)
+        return value
+
+    @model_validator(mode="after")
+    def _locate_files(self, info: ValidationInfo) -> Config:
+        database = sqlite_file(self.ledger)
+        if database is not None:
+            self._state_dir = database.parent
+        else:
+            self._state_dir = state_dir(_context(info)[1])
+        self._source = _source(info)
+        return self
+
+    @property
+    def ledger_url(self) -> str:
+        """The SQLAlchemy URL of the ledger, default filled in, sqlite path absolute."""
+        return self.ledger
+
+    @property
+    def state_dir(self) -> Path:
+        """Where lock files and other state live: beside a sqlite ledger, else
+        ``$XDG_STATE_HOME/popsync``. Never inside a Maildir. Not created here."""
+        return self._state_dir
+
+    @property
+    def source(self) -> Path | None:
+        """The file this config was loaded from (None when built in code)."""
+        return self._source
+
+    def account(self, name: str) -> Account:
+        """The account called *name*. Raises ConfigError ``unknown account 'x'``."""
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        raise ConfigError(f"unknown account {name!r}")
+
+    def select(self, names: Iterable[str]) -> list[Account]:
+        """The named accounts in the order named (duplicates once), or all when
+        *names* is empty. Raises ConfigError naming every unknown name at once."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return list(self.accounts)
+        by_name = {account.name: account for account in self.accounts}
+        unknown = [name for name in wanted if name not in by_name]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            shown = ", ".join(repr(name) for name in unknown)
+            known = ", ".join(by_name)
+            raise ConfigError(f"unknown account{plural} {shown} (known: {known})")
+        return [by_name[name] for name in wanted]
+
+
+def duplicate_names(names: list[object]) -> list[tuple[str, str]]:
+    """(where, text) for each account whose name an earlier account already uses."""
+    first: dict[str, int] = {}
+    problems = []
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(
+                (f"account #{index + 1}", f"{name!r} is already used by account #{first[name] + 1}")
+            )
+        else:
+            first[name] = index
+    return problems

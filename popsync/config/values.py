@@ -1,0 +1,208 @@
+"""The config's scalar values: parsers, rules, and the annotated types that apply them.
+
+Each parser or rule takes what YAML gave (or a value pydantic already typed)
+and returns the clean value, or raises :class:`ValueError` with a short
+reason that never quotes the input (it may be a secret).  The annotated types
+at the end bind them to model fields; :mod:`popsync.config.problems` turns the
+reasons into ``FILE: account 'x': key: reason`` lines.
+
+:func:`account_name_problem` is the one rule for account names: names
+become lock-file and log names, so :mod:`popsync.locks` relies on it too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Annotated, Final
+
+from pydantic import AfterValidator, BeforeValidator
+
+__all__ = [
+    "MAX_DURATION",
+    "AccountName",
+    "Days",
+    "HostName",
+    "Interval",
+    "KeyedValueError",
+    "LineLength",
+    "MessageSize",
+    "Port",
+    "Rate",
+    "Timeout",
+    "Window",
+    "WireText",
+    "account_name_problem",
+    "between",
+    "check_account_name",
+    "check_host",
+    "check_wire_text",
+    "parse_duration",
+    "parse_size",
+    "positive_seconds",
+    "whole",
+    "whole_seconds",
+]
+
+#: Longest duration accepted for ``interval`` and ``timeout`` (366 days), so a
+#: typo cannot overflow a socket timeout or a scheduler's timedelta.
+MAX_DURATION: Final = 366 * 86400
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DURATION_RE: Final = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
+_SIZE_RE: Final = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE | re.ASCII)
+
+
+class KeyedValueError(ValueError):
+    """A validator's complaint about a key other than the one it validates.
+
+    ``where`` replaces the account label (duplicate names are best told by
+    position), ``key`` the key; either may be ``None`` to keep pydantic's.
+    """
+
+    def __init__(self, text: str, *, key: str | None = None, where: str | None = None) -> None:
+        super().__init__(text)
+        self.key = key
+        self.where = where
+
+
+# --------------------------------------------------------------------------
+# Numbers, durations, sizes
+
+
+def whole(value: object) -> int:
+    """A whole number from YAML (int, or a string of digits); never a bool."""
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number, not true/false")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    raise ValueError("must be a whole number")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a duration string such as ``90s``, ``5m``, ``1h30m``, ``2d``.
+
+    Raises ValueError (with a short reason) for anything else, for negative,
+    non-finite or longer than :data:`MAX_DURATION` values.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a number of seconds, not true/false")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = "".join(value.split())
+        match = _DURATION_RE.fullmatch(text)
+        if text.isascii() and text.isdigit():
+            seconds = float(text)
+        elif text and match:
+            days, hours, minutes, secs = (int(part or 0) for part in match.groups())
+            seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+        else:
+            raise ValueError("must be seconds or a duration such as 90s, 5m, 1h30m")
+    else:
+        raise ValueError("must be seconds or a duration such as 90s, 5m, 1h30m")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a duration of zero or more seconds")
+    if seconds > MAX_DURATION:
+        raise ValueError("must be at most 366 days")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string with an optional K/M/G suffix (powers of 1024).
+
+    Raises ValueError for anything else.
+    """
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError("must be a number of bytes, optionally with K, M or G (as 50M)")
+        power = " KMG".index(match.group(2).upper() or " ")
+        return int(match.group(1)) << (10 * power)
+    return whole(value)
+
+
+def whole_seconds(value: object) -> int:
+    """A duration (as :func:`parse_duration`) that must be whole seconds."""
+    seconds = parse_duration(value)
+    if not seconds.is_integer():
+        raise ValueError("must be a whole number of seconds")
+    return int(seconds)
+
+
+def between(low: int, high: int | None = None) -> Callable[[int], int]:
+    """A check that an int is at least *low* (and at most *high*, if given)."""
+
+    def check(value: int) -> int:
+        if high is not None and not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        if value < low:
+            raise ValueError(f"must be at least {low}")
+        return value
+
+    return check
+
+
+def positive_seconds(value: float) -> float:
+    """A duration that must be more than zero."""
+    if value <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Names and text
+
+
+def account_name_problem(name: str) -> str | None:
+    """Why *name* cannot be an account name, or None if it can.
+
+    Names become lock-file and log names, so they are short and made of
+    characters that are safe in a file name.
+    """
+    if not _NAME_RE.fullmatch(name):
+        return "must be 1-64 letters, digits, '.', '_' or '-'"
+    if name in (".", ".."):
+        return "must not be '.' or '..'"
+    return None
+
+
+def check_account_name(value: str) -> str:
+    """*value* if it is a valid account name; ValueError with the reason otherwise."""
+    problem = account_name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def check_wire_text(value: str) -> str:
+    """Text that is sent to the server or used as a host name: one clean line."""
+    if not value:
+        raise ValueError("must not be empty")
+    if any(ch < " " or ch == "\x7f" for ch in value):
+        raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+def check_host(value: str) -> str:
+    """A host name or address: one clean line without spaces."""
+    check_wire_text(value)
+    if any(ch.isspace() for ch in value):
+        raise ValueError("must be a host name or an IP address, without spaces")
+    return value
+
+
+AccountName = Annotated[str, AfterValidator(check_account_name)]
+HostName = Annotated[str, AfterValidator(check_host)]
+WireText = Annotated[str, AfterValidator(check_wire_text)]
+Port = Annotated[int, BeforeValidator(whole), AfterValidator(between(1, 65535))]
+Days = Annotated[int, BeforeValidator(whole), AfterValidator(between(0))]
+Interval = Annotated[int, BeforeValidator(whole_seconds), AfterValidator(between(1))]
+Timeout = Annotated[float, BeforeValidator(parse_duration), AfterValidator(positive_seconds)]
+MessageSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(between(1))]
+LineLength = Annotated[int, BeforeValidator(parse_size), AfterValidator(between(1024))]
+Window = Annotated[int, BeforeValidator(whole), AfterValidator(between(1, 256))]
+Rate = Annotated[int, BeforeValidator(parse_size), AfterValidator(between(1))]
