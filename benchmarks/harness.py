@@ -95,7 +95,7 @@ class Verdict:
 
 
 def stored_form(data: bytes) -> bytes:
-    """The Maildir form of a server message: LF line endings (DESIGN I5)."""
+    """The Maildir form of a server message: LF line endings (I5, docs/design.md §2)."""
     return to_crlf(data).replace(b"\r\n", b"\n")
 
 

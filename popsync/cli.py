@@ -1,4 +1,4 @@
-"""The command line (DESIGN §5).
+"""The command line (docs/design.md §5).
 
     popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground

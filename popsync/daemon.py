@@ -39,7 +39,7 @@ Contract
   locks).  SIGTERM/SIGINT: stop scheduling, let polls in flight finish
   (bounded by ``grace`` seconds), exit 0.  A second SIGTERM/SIGINT, or the
   grace period running out, ends the process at once with ``os._exit(1)``:
-  that is safe because DESIGN I1/I2 hold under SIGKILL -- the server deletes
+  that is safe because I1/I2 (docs/design.md §2) hold under SIGKILL -- the server deletes
   nothing without QUIT (RFC 1939 §6) and a half-received message never
   reaches ``new/``.  SIGHUP reloads the config: an invalid file is logged and
   the old config kept; added, removed and changed accounts take effect (a

@@ -2,7 +2,7 @@
 the n-th time (default: first) execution reaches ``failpoint(name)``.
 
 The crash tests use these to kill a real ``popsync sync`` at each step of
-DESIGN §4 and then check, after a clean re-run, that every message is in the
+docs/design.md §4 and then check, after a clean re-run, that every message is in the
 Maildir exactly once and nothing was deleted before it was durable.  With the
 variable unset, :func:`failpoint` is one global lookup and a comparison.
 """

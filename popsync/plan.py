@@ -4,7 +4,7 @@
 account's policy it computes which messages to fetch, which to DELE, which
 to skip and why.  The executor (:mod:`popsync.sync`) only carries it out.
 
-Rules (DESIGN §4, PROTOCOL-NOTES §3):
+Rules (docs/design.md §4):
 
 * A message is identified by ``(uid, occurrence)``: the k-th message the
   server lists under one UID is occurrence k (RFC 1939 §7 lets identical
@@ -29,7 +29,7 @@ Rules (DESIGN §4, PROTOCOL-NOTES §3):
 * A row that was due for deletion and is no longer listed is settled as
   ``gone`` (the deletion happened, whoever did it).  Other vanished rows
   stay as they are: history, so a server that hides mail for a while never
-  causes re-downloads (DESIGN §4 step 6).
+  causes re-downloads (docs/design.md §4).
 * Messages in LIST but not in UIDL wait for the next poll.
 """
 

@@ -15,7 +15,7 @@ Security rules enforced here, before any credential is written:
   abort the session (core :meth:`Connection.start_tls`); CAPA is sent again
   over TLS and only that answer counts (RFC 2595 §4).
 * Without TLS, no USER/PASS/APOP/AUTH is sent unless the account says
-  ``allow_plaintext`` (RFC 8314 §5; DESIGN I3).
+  ``allow_plaintext`` (RFC 8314 §5; I3 in docs/design.md §2).
 * APOP is used only when configured: MD5 is broken.
 
 Time is bounded three ways, all owned by the pump (:meth:`Session._next`),

@@ -1,4 +1,4 @@
-"""SIGKILL a real ``popsync sync`` at every step of DESIGN §4, then re-run it.
+"""SIGKILL a real ``popsync sync`` at every step of a poll (docs/design.md §4), then re-run it.
 
 After each crash, and after the clean re-run:
 * I1 no loss: every message the server no longer holds is in the Maildir;

@@ -692,7 +692,7 @@ def test_oversized_message_skipped_and_left_on_dovecot(
     env = make_sync("implicit", delete_after_days=0, max_message_size=1_000_000)
     small = sample_messages()
     env.mailbox.add_messages([*small[:3], BIG_MESSAGE, *small[3:]])
-    assert env.cli_sync() == 0  # a skip by policy is not a failure (DESIGN §5)
+    assert env.cli_sync() == 0  # a skip by policy is not a failure (docs/design.md §5)
     assert "1 skipped" in capsys.readouterr().out
     env.expect_maildir_holds(small)
     # Only what was stored was deleted: the big message waits on the server.

@@ -1,4 +1,4 @@
-"""The layering of DESIGN §3, checked on the source: the protocol core does no I/O."""
+"""The layering of docs/design.md §3, checked on the source: the protocol core does no I/O."""
 
 from __future__ import annotations
 

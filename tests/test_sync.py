@@ -1,5 +1,5 @@
 """End-to-end polls against the project's test server: real sockets, real
-SQLite, real Maildirs.  Each test checks the promises (DESIGN §2) directly:
+SQLite, real Maildirs.  Each test checks the promises (docs/design.md §2) directly:
 what is in the Maildir, what is left on the server, what the ledger says."""
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Contract:
 
 * :func:`create_ledger_engine` returns an :class:`~sqlalchemy.engine.Engine`
   whose every SQLite connection runs with ``journal_mode=WAL``,
-  ``synchronous=FULL`` (a commit survives power loss, not only a crash:
-  PROTOCOL-NOTES §3 "SQLite ledger settings"), ``foreign_keys=ON`` and
+  ``synchronous=FULL`` (in WAL mode, NORMAL survives a crash of popsync but may
+  lose the last commits to a power loss; FULL syncs the WAL on every commit),
+  ``foreign_keys=ON`` and
   ``busy_timeout=10000``. pysqlite's own transaction handling is switched off
   and popsync emits ``BEGIN`` itself, so a SELECT is inside its transaction
   (repeatable reads) and a connection given the execution option

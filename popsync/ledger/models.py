@@ -16,7 +16,7 @@ Schema invariants (enforced by constraints where the database can):
 * ``state`` is one of :data:`MESSAGE_STATES`; ``maildir_name`` is unique per
   account (two rows never claim the same file).
 * Rows are never deleted when a UID vanishes from the server: the history is
-  what stops a server glitch from causing re-downloads (DESIGN §4 step 6).
+  what stops a server glitch from causing re-downloads (docs/design.md §4).
 * All timestamps are UTC seconds since the epoch as floats (``time.time()``),
   everywhere, so comparisons and arithmetic need no time-zone handling.
 

@@ -1,7 +1,7 @@
 """Authentication payloads: APOP digest and SASL initial responses.
 
 Pure functions; the session decides which to use and never chooses APOP on
-its own (MD5 is broken: Leurent, FSE 2007; PROTOCOL-NOTES §1, RFC 5034).
+its own (MD5 is broken: Leurent, FSE 2007; RFC 5034).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class Uidl(Command):
 @dataclass(frozen=True, slots=True)
 class Retr(Command):
     """RETR n.  ``limit`` caps the body (after unstuffing) in bytes; a longer
-    body is a protocol violation (DESIGN §6), so a server cannot fill the disk."""
+    body is a protocol violation (docs/design.md §4), so a server cannot fill the disk."""
 
     name: ClassVar[str] = "RETR"
     pipelinable: ClassVar[bool] = True
