@@ -45,8 +45,7 @@ from pathlib import Path
 from popsync import failpoints
 from popsync.config import Account
 from popsync.deliver.base import Held, Target
-from popsync.deliver.maildir import unique_name
-from popsync.deliver.maildir.target import open_maildir_target
+from popsync.deliver.maildir import open_maildir_target, unique_name
 from popsync.errors import (
     BodyLimitExceeded,
     DeliveryError,

@@ -18,7 +18,10 @@ The modules, each one idea:
 * :mod:`~popsync.deliver.maildir.pipeline` -- creates and fsyncs on a thread
   pool, overlapping the disk with the network (:class:`DeliveryPipeline`);
 * :mod:`~popsync.deliver.maildir.errors` -- :class:`DeliveryConflict`,
-  :class:`UnsafeMaildir`.
+  :class:`UnsafeMaildir`;
+* :mod:`~popsync.deliver.maildir.target` -- all of it as a delivery target
+  (:class:`MaildirTarget`, :func:`open_maildir_target`; see
+  :mod:`popsync.deliver.base`).
 """
 
 from popsync.deliver.maildir.errors import DeliveryConflict, UnsafeMaildir
@@ -26,6 +29,7 @@ from popsync.deliver.maildir.files import file_digest
 from popsync.deliver.maildir.names import delivery_hash, name_hash, unique_name
 from popsync.deliver.maildir.pipeline import WORKERS, DeliveryPipeline
 from popsync.deliver.maildir.store import Maildir, MaildirIndex
+from popsync.deliver.maildir.target import MaildirTarget, open_maildir_target
 from popsync.deliver.maildir.tmp import TmpMessage
 
 __all__ = [
@@ -34,10 +38,12 @@ __all__ = [
     "DeliveryPipeline",
     "Maildir",
     "MaildirIndex",
+    "MaildirTarget",
     "TmpMessage",
     "UnsafeMaildir",
     "delivery_hash",
     "file_digest",
     "name_hash",
+    "open_maildir_target",
     "unique_name",
 ]
