@@ -27,19 +27,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+from popsync.config.values import account_name_problem
 from popsync.errors import ConfigError, PopsyncError
 
 __all__ = ["AccountBusy", "account_lock"]
-
-#: Account names as the config allows them: they become file names here.
-_ACCOUNT_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 # Polling interval bounds while waiting for a held lock (seconds).
 _POLL_FIRST: Final = 0.005
@@ -116,12 +113,14 @@ def account_lock(state_dir: Path, account: str, *, wait: bool | float) -> Iterat
     Raises:
         AccountBusy: the lock is held elsewhere (after waiting, if asked to).
         ConfigError: *account* is not a valid account name (it would not make
-            a safe file name).
+            a safe file name).  The config refuses such names first; this is
+            the same rule, checked again because the name becomes a path.
         PopsyncError: the lock directory or file cannot be created or opened
             (for example a symlink where the lock file should be).
     """
-    if not _ACCOUNT_NAME.fullmatch(account):
-        raise ConfigError(f"account name {account!r} cannot name a lock file")
+    problem = account_name_problem(account)
+    if problem is not None:
+        raise ConfigError(f"account name {account!r} cannot name a lock file: it {problem}")
     try:
         fd = _open_lock_file(state_dir, account)
     except OSError as exc:

@@ -289,7 +289,8 @@ def test_each_error_is_one_clear_line(
     [
         ("home/../x", "letters, digits"),
         ("x" * 65, "1-64"),
-        ("..", "must not be '.' or '..'"),
+        ("..", "must not start with '.'"),
+        (".hidden", "must not start with '.'"),
         ("", "1-64"),
     ],
 )
@@ -298,6 +299,28 @@ def test_bad_account_names_are_named_by_index(tmp_path: Path, name: str, phrase:
     message = load_error(path)
     assert message.startswith(f"{path}: account #1: name: "), message
     assert phrase in message and "\n" not in message
+
+
+@pytest.mark.parametrize("command", [["check"], ["sync", "--no-progress"], ["run"]])
+def test_a_name_the_lock_file_cannot_take_is_refused_by_every_command(
+    tmp_path: Path, clean_env: Path, command: list[str]
+) -> None:
+    # Account names become lock-file names: one rule decides both, so a name
+    # that `check` accepts can always be locked.
+    path = config_file(tmp_path, account_yaml(name=".hidden"))
+    done = subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(path), *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].endswith(f"{path}: account #1: name: must not start with '.'"), lines
+    assert not (clean_env / ".local/state/popsync").exists()
 
 
 @pytest.mark.parametrize(

@@ -160,13 +160,15 @@ def positive_seconds(value: float) -> float:
 def account_name_problem(name: str) -> str | None:
     """Why *name* cannot be an account name, or None if it can.
 
-    Names become lock-file and log names, so they are short and made of
-    characters that are safe in a file name.
+    The one rule, for the config and for :mod:`popsync.locks`: names become
+    lock-file names (``<state_dir>/locks/<name>.lock``), so they are short and
+    made of characters that are safe in a file name, and they do not start
+    with a dot (``.`` and ``..`` are path tricks, ``.x`` a hidden file).
     """
     if not _NAME_RE.fullmatch(name):
         return "must be 1-64 letters, digits, '.', '_' or '-'"
-    if name in (".", ".."):
-        return "must not be '.' or '..'"
+    if name.startswith("."):
+        return "must not start with '.'"
     return None
 
 
