@@ -9,8 +9,10 @@ Usage (the session does the I/O)::
 
 Invariants:
 
-* **Rule 1: every state transition lives in** :data:`_ALLOWED` **and**
-  :meth:`Connection._on_status` -- nowhere else.
+* **Rule 1: every state transition is a row of** :data:`TRANSITIONS`,
+  ``(state, command type, reply kind) -> next state``, and happens in
+  :meth:`Connection._advance` -- nowhere else.  Which commands each state
+  accepts is the other table, :data:`_ALLOWED`.
 * Replies are matched to commands strictly in order through a FIFO of
   outstanding commands (RFC 2449 §6.6).  Only pipelinable commands may join
   a non-empty FIFO, and only once the caller has set :attr:`pipelining`
@@ -104,6 +106,16 @@ class State(enum.Enum):
     ERROR = "ERROR"  # a protocol error happened; nothing more may be done
 
 
+class Reply(enum.Enum):
+    """What happened, as far as the state machine cares."""
+
+    OK = "OK"  # a +OK status line: the greeting, or the reply to a command
+    ERR = "ERR"  # a -ERR status line
+    CLOSED = "CLOSED"  # the server closed with nothing outstanding
+    TLS_READY = "TLS_READY"  # start_tls() found no plaintext after STLS's +OK
+    VIOLATION = "VIOLATION"  # the server broke the protocol (or injected plaintext)
+
+
 class _Phase(enum.Enum):
     STATUS = "STATUS"
     LISTING = "LISTING"
@@ -124,6 +136,29 @@ _ALLOWED: dict[State, frozenset[type[Command]]] = {
     State.TRANSACTION: _TRANSACTION_COMMANDS,
     State.DONE: frozenset(),
     State.ERROR: frozenset(),
+}
+
+#: Every state transition (RFC 1939 §§3-6, RFC 2595 §4, RFC 5034 §4); the
+#: command type is None for what answers no command (the greeting, a close, a
+#: violation).  A pair missing here leaves the state as it is.
+TRANSITIONS: Mapping[tuple[State, type[Command] | None, Reply], State] = {
+    (State.GREETING, None, Reply.OK): State.AUTHORIZATION,
+    (State.GREETING, None, Reply.ERR): State.DONE,
+    (State.AUTHORIZATION, Pass, Reply.OK): State.TRANSACTION,
+    (State.AUTHORIZATION, Apop, Reply.OK): State.TRANSACTION,
+    (State.AUTHORIZATION, Auth, Reply.OK): State.TRANSACTION,
+    (State.AUTHORIZATION, Stls, Reply.OK): State.STARTTLS,
+    (State.STARTTLS, Stls, Reply.TLS_READY): State.AUTHORIZATION,
+    # QUIT ends the conversation whatever the answer (RFC 1939 §§5-6).
+    (State.AUTHORIZATION, Quit, Reply.OK): State.DONE,
+    (State.AUTHORIZATION, Quit, Reply.ERR): State.DONE,
+    (State.TRANSACTION, Quit, Reply.OK): State.DONE,
+    (State.TRANSACTION, Quit, Reply.ERR): State.DONE,
+    # The server may hang up between replies; after that nothing comes.
+    (State.AUTHORIZATION, None, Reply.CLOSED): State.DONE,
+    (State.TRANSACTION, None, Reply.CLOSED): State.DONE,
+    # A violation kills the connection in every state.
+    **{(state, None, Reply.VIOLATION): State.ERROR for state in State if state is not State.ERROR},
 }
 
 
@@ -212,13 +247,13 @@ class Connection:
             raise LocalProtocolError(f"start_tls() in state {self._state.value}")
         if self._buf:
             n = len(self._buf)
-            self._state = State.ERROR
+            self._advance(None, Reply.VIOLATION)
             raise SecurityError(
                 f"server sent {n} plaintext byte(s) after accepting STLS; refusing to "
                 "continue (possible STARTTLS injection attack)"
             )
         self.pipelining = False
-        self._state = State.AUTHORIZATION
+        self._advance(Stls, Reply.TLS_READY)
 
     # -- receiving -----------------------------------------------------------
 
@@ -245,8 +280,12 @@ class Connection:
                 return self._next_listing_event()
             return self._next_status_event()
         except RemoteProtocolError:
-            self._state = State.ERROR
+            self._advance(None, Reply.VIOLATION)
             raise
+
+    def _advance(self, command: type[Command] | None, reply: Reply) -> None:
+        """Move to the state :data:`TRANSITIONS` gives for *reply* to *command*."""
+        self._state = TRANSITIONS.get((self._state, command, reply), self._state)
 
     def _expected(self) -> str:
         if self._state is State.GREETING:
@@ -270,8 +309,7 @@ class Connection:
             if self._eof and self._buf:
                 raise RemoteProtocolError("server sent data that answers no command")
             if self._eof:
-                if self._state is not State.DONE:
-                    self._state = State.DONE
+                self._advance(None, Reply.CLOSED)
                 return ConnectionClosed()
             return NEED_DATA
         line = take_line(self._buf, self.max_line)
@@ -280,13 +318,13 @@ class Connection:
         return self._on_status(line)
 
     def _on_status(self, line: bytes) -> Event:
-        """Interpret one status line; all state transitions happen here."""
+        """Interpret one status line: the greeting, or the reply to the oldest command."""
         if self._state is State.GREETING:
             if line[:3].upper() == b"+OK":
-                self._state = State.AUTHORIZATION
+                self._advance(None, Reply.OK)
                 return Greeting(line[3:].lstrip(b" "))
             if line[:4].upper() == b"-ERR":
-                self._state = State.DONE
+                self._advance(None, Reply.ERR)
                 text = line[4:].lstrip(b" ")
                 return Err(None, text, parse_resp_code(text))
             raise RemoteProtocolError("greeting does not start with +OK or -ERR")
@@ -300,12 +338,12 @@ class Connection:
         if head[:3] == b"+OK" and (len(line) == 3 or line[3:4] == b" "):
             self._challenged = False
             self._on_ok(command)
+            self._advance(type(command), Reply.OK)
             return Ok(command, line[4:])
         if head == b"-ERR" and (len(line) == 4 or line[4:5] == b" "):
             self._challenged = False
             self._pending.popleft()
-            if isinstance(command, Quit):
-                self._state = State.DONE
+            self._advance(type(command), Reply.ERR)
             text = line[5:]
             return Err(command, text, parse_resp_code(text))
         # CPython gh-95252: a line that is not a status where one is due means
@@ -313,6 +351,7 @@ class Connection:
         raise RemoteProtocolError(f"expected +OK or -ERR in reply to {command.name}")
 
     def _on_ok(self, command: Command) -> None:
+        """Start reading the listing or body a +OK announces, or retire *command*."""
         if command.multiline():
             if isinstance(command, Retr | Top):
                 self._phase = _Phase.BODY
@@ -324,12 +363,6 @@ class Connection:
                 self._listing = listing_parser(command.name, self.listing_limits)
             return
         self._pending.popleft()
-        if isinstance(command, Pass | Apop | Auth):
-            self._state = State.TRANSACTION
-        elif isinstance(command, Stls):
-            self._state = State.STARTTLS
-        elif isinstance(command, Quit):
-            self._state = State.DONE
 
     def _next_listing_event(self) -> Event | NeedData:
         parser = self._listing
