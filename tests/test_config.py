@@ -600,7 +600,7 @@ def test_password_command_strips_one_crlf(tmp_path: Path) -> None:
 def test_bad_password_commands(tmp_path: Path, script: str, phrase: str) -> None:
     account = command_account(tmp_path, script)
     with pytest.raises(ConfigError) as info:
-        account.secret(timeout=10)
+        account.secret()
     message = str(info.value)
     assert message.startswith("account 'home': password_command: "), message
     assert phrase in message and "\n" not in message
@@ -629,12 +629,17 @@ def process_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def test_password_command_timeout_kills_the_whole_group(tmp_path: Path) -> None:
+def test_password_command_timeout_kills_the_whole_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import popsync.config.models
+
+    monkeypatch.setattr(popsync.config.models, "PASSWORD_COMMAND_TIMEOUT", 0.5)
     script = "sleep 30 &\necho $! > child.pid\nwait\n"
     account = command_account(tmp_path, script)
     started = time.monotonic()
     with pytest.raises(ConfigError, match=r"did not finish within 0\.5 seconds"):
-        account.secret(timeout=0.5)
+        account.secret()
     assert time.monotonic() - started < 5
     child = int((tmp_path / "child.pid").read_text())
     deadline = time.monotonic() + 5
@@ -777,15 +782,15 @@ def test_resolve_config_path(
     )
 
 
-def test_account_and_select(tmp_path: Path) -> None:
+def test_select(tmp_path: Path) -> None:
     text = GOOD + "".join(
         f"  - {{name: {n}, host: h, username: u, password_file: home.pass, maildir: {n}}}\n"
         for n in ("work", "list")
     )
     config = load_config(config_file(tmp_path, text))
-    assert config.account("work").maildir == tmp_path / "work"
-    with pytest.raises(ConfigError, match=r"^unknown account 'nope'$"):
-        config.account("nope")
+    assert [a.maildir for a in config.select(["work"])] == [tmp_path / "work"]
+    with pytest.raises(ConfigError, match=r"^unknown account 'nope' \(known: home, work, list\)$"):
+        config.select(["nope"])
     assert [a.name for a in config.select([])] == ["home", "work", "list"]
     assert [a.name for a in config.select(["list", "home", "list"])] == ["list", "home"]
     with pytest.raises(ConfigError) as info:

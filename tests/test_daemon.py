@@ -398,7 +398,9 @@ def test_new_mail_is_fetched_within_one_interval_and_status_shows_the_next_poll(
     event = h.wait_event("b", lambda e: e.report.counts.fetched == 1)
     latency = next(t for t, e in h.timed("b") if e is event) - arrived
     assert latency < 1.0 + jitter_for(1) + 0.5, f"new mail took {latency:.2f} s"
-    assert_exactly_once(h.config.account("b").maildir, [m.data for m in srv["b"].store.messages()])
+    assert_exactly_once(
+        h.config.select(["b"])[0].maildir, [m.data for m in srv["b"].store.messages()]
+    )
 
     # `popsync status` (the real command) reads the next poll time from the ledger.
     event = h.wait_polls("a", len(h.polls("a")) + 1)[-1]
@@ -649,7 +651,7 @@ def test_a_daemon_and_concurrent_syncs_never_fetch_a_message_twice(
     counts = retrs.counts()
     assert counts and max(counts.values()) == 1, "a message was fetched twice"
     assert set(counts) == set(srv.store.uids())
-    assert_exactly_once(h.config.account("a").maildir, [m.data for m in srv.store.messages()])
+    assert_exactly_once(h.config.select(["a"])[0].maildir, [m.data for m in srv.store.messages()])
 
 
 def test_a_poll_stuck_past_its_poll_timeout_is_cut_and_frees_the_worker(
@@ -787,8 +789,8 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_and_adding_an_account_pol
     assert d.wait() == 0
     assert "stopped" in d.output()
     config = load_config(cfg)
-    assert_exactly_once(config.account("a").maildir, [m.data for m in a.store.messages()])
-    assert_exactly_once(config.account("b").maildir, [m.data for m in b.store.messages()])
+    assert_exactly_once(config.select(["a"])[0].maildir, [m.data for m in a.store.messages()])
+    assert_exactly_once(config.select(["b"])[0].maildir, [m.data for m in b.store.messages()])
 
 
 def test_sigusr1_polls_every_account_now_and_json_logs_hold_no_secret(
@@ -828,7 +830,7 @@ def test_sigterm_during_a_long_retr_exits_cleanly_and_a_restart_is_exactly_once(
     first = messages(3, 1)
     srv = servers(first, faults=Faults(stall={"RETR": 0.7}), on_command=retrs)
     cfg = write_config(tmp_path, [account("a", srv.port, delete_after_days=0)])
-    maildir = load_config(cfg).account("a").maildir
+    maildir = load_config(cfg).select(["a"])[0].maildir
     d = spawn(cfg)
     assert retrs.first.wait(15), d.output()  # the first RETR is being answered
     d.send(signal.SIGTERM)
@@ -879,7 +881,7 @@ def test_a_forced_stop_cuts_the_poll_and_a_rerun_is_exactly_once(
     srv.faults = Faults()
     srv.wait_for_sessions(1)  # the server notices the cut connection and unlocks the maildrop
     assert cli_main(["-c", str(cfg), "-q", "sync", "--no-progress"]) == 0
-    assert_exactly_once(load_config(cfg).account("a").maildir, msgs)
+    assert_exactly_once(load_config(cfg).select(["a"])[0].maildir, msgs)
     assert len(srv.store) == 0
 
 

@@ -255,12 +255,12 @@ class Account(BaseModel):
         self._base_dir = _context(info)[0]
         return self
 
-    def secret(self, *, timeout: float | None = None) -> str:
+    def secret(self) -> str:
         """The password or OAuth token, read afresh from its source on every call.
 
         ``password_command`` runs with ``shlex.split`` (no shell), stdin closed,
-        the config file's directory as working directory, and *timeout* seconds
-        (default :data:`PASSWORD_COMMAND_TIMEOUT`). Raises ConfigError, naming
+        the config file's directory as working directory, and at most
+        :data:`PASSWORD_COMMAND_TIMEOUT` seconds. Raises ConfigError, naming
         the account and the key but never the secret, when the file is missing,
         readable by group or others, empty or not one clean line, or when the
         command cannot run, fails, times out, prints nothing or more than a line.
@@ -271,9 +271,8 @@ class Account(BaseModel):
             if self.password_file is not None:
                 return read_password_file(self.password_file)
             if self.password_command is not None:
-                limit = PASSWORD_COMMAND_TIMEOUT if timeout is None else timeout
                 argv = shlex.split(self.password_command)
-                return run_password_command(argv, self._base_dir, limit)
+                return run_password_command(argv, self._base_dir, PASSWORD_COMMAND_TIMEOUT)
         except ValueError as exc:
             key = "password_file" if self.password_file is not None else "password_command"
             raise ConfigError(f"account {self.name!r}: {key}: {exc}") from None
@@ -349,13 +348,6 @@ class Config(BaseModel):
     def source(self) -> Path | None:
         """The file this config was loaded from (None when built in code)."""
         return self._source
-
-    def account(self, name: str) -> Account:
-        """The account called *name*. Raises ConfigError ``unknown account 'x'``."""
-        for account in self.accounts:
-            if account.name == name:
-                return account
-        raise ConfigError(f"unknown account {name!r}")
 
     def select(self, names: Iterable[str]) -> list[Account]:
         """The named accounts in the order named (duplicates once), or all when
