@@ -37,3 +37,25 @@ def test_pop3_core_imports_no_io_and_nothing_of_popsync_but_errors() -> None:
 
 def test_errors_module_imports_nothing_of_popsync() -> None:
     assert not any(n.startswith("popsync") for n in imported_modules(PACKAGE / "errors.py"))
+
+
+def test_options_and_textfmt_import_nothing_of_popsync() -> None:
+    # Both are shared by layers that must not depend on each other (config and
+    # session; daemon, cli and sync), so they stand alone.
+    for name in ("options.py", "textfmt.py"):
+        assert not any(n.startswith("popsync") for n in imported_modules(PACKAGE / name)), name
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    # pyproject.toml lists the packages by name: one missing there works in a
+    # checkout and is absent from an installed popsync.
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(PACKAGE.parent).parts)
+        for init in PACKAGE.rglob("__init__.py")
+    }
+    assert "popsync.config" in found
+    assert found <= listed, sorted(found - listed)
