@@ -206,6 +206,24 @@ class Session:
             ssl_context=ctx if options.tls == TlsMode.IMPLICIT else None,
             deadline=deadline,
         )
+        return cls.start(transport, options, on_open=on_open)
+
+    @classmethod
+    def start(
+        cls,
+        transport: Transport,
+        options: SessionOptions,
+        *,
+        on_open: Callable[[Session], None] | None = None,
+    ) -> Session:
+        """The rest of :meth:`open`, over a *transport* already connected:
+        greeting, CAPA and, with ``tls: starttls``, STLS and CAPA again.
+
+        On any error the session is aborted (no QUIT) and the error propagates.
+        """
+        ctx = options.ssl_context
+        if options.tls == TlsMode.STARTTLS and ctx is None:
+            raise LocalProtocolError("tls: starttls needs an ssl_context")
         session = cls(transport, options)
         try:
             if on_open is not None:
@@ -554,7 +572,9 @@ class _Retrieval:
             req = None if self.exhausted else next(self.todo, None)
             if req is None:
                 self.exhausted = True
-                if self.inflight and not self.closed:
+                # A body still unconfirmed needs a reply after it: one in
+                # flight, or one just ended (always so without pipelining).
+                if (self.inflight or self.finished is not None) and not self.closed:
                     out += conn.send(Noop())
                     self.closed = True
                 break
