@@ -155,10 +155,6 @@ class Transport:
     def is_tls(self) -> bool:
         return isinstance(self._sock, ssl.SSLSocket)
 
-    @property
-    def tls_version(self) -> str | None:
-        return self._sock.version() if isinstance(self._sock, ssl.SSLSocket) else None
-
     # -- limits -----------------------------------------------------------------
 
     def ended(self) -> TransportError | None:

@@ -139,20 +139,6 @@ def parse_scan_line(line: bytes) -> tuple[int, int]:
     return _msg_number(parts[0], "LIST"), _size(parts[1], "LIST size")
 
 
-def parse_stat(text: bytes) -> tuple[int, int]:
-    """The text of ``+OK count size`` (RFC 1939 §5)."""
-    parts = text.split()
-    if len(parts) < 2:
-        raise RemoteProtocolError("STAT: reply is not 'count size'")
-    count = _number(parts[0], "STAT count")
-    if count > MAX_MESSAGES:
-        raise RemoteProtocolError(f"STAT: more than {MAX_MESSAGES} messages")
-    size = _number(parts[1], "STAT size")
-    if size > MAX_MESSAGES * MAX_MESSAGE_SIZE:
-        raise RemoteProtocolError(f"STAT: a total of {size} octets cannot be a maildrop")
-    return count, size
-
-
 class ListingParser:
     """Takes one listing piece by piece and enforces its :class:`ListingLimits`.
 
@@ -329,20 +315,6 @@ def listing_parser(name: str, limits: Mapping[str, ListingLimits]) -> ListingPar
     if name == "LIST":
         return ScanParser(limits["LIST"])
     return CapaParser(limits[name])
-
-
-def parse_uidl_listing(raw: bytes) -> list[tuple[int, bytes]]:
-    """All ``(n, uid)`` entries of a whole UIDL listing (lines as on the wire)."""
-    parser = UidlParser()
-    parser.feed(raw)
-    return parser.result
-
-
-def parse_scan_listing(raw: bytes) -> list[tuple[int, int]]:
-    """All ``(n, size)`` entries of a whole LIST listing (lines as on the wire)."""
-    parser = ScanParser()
-    parser.feed(raw)
-    return parser.result
 
 
 @dataclass(frozen=True, slots=True)
