@@ -7,13 +7,15 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from popsync.config import Config, load_config
+from popsync.pop3 import Err
+from popsync.session import RetrRequest
 from popsync.testing.mailstore import to_crlf
 
 T = TypeVar("T")
@@ -92,3 +94,60 @@ def wait_until(
             raise AssertionError(f"waited {timeout:g} s in vain for {text}")
         time.sleep(interval)
     return value
+
+
+class Collect:
+    """A :class:`popsync.session.RetrieveSink` that keeps what it is given.
+
+    ``events`` is the order of calls (``("started", msg)``, ``("ended", msg)``,
+    ``("refused", msg)``, ``("deleted", msg)``); *deletes* are handed out at
+    the first chance, *after_end* (msg -> DELEs) once a body has ended.
+    """
+
+    def __init__(
+        self,
+        deletes: Iterable[int] = (),
+        *,
+        after_end: Mapping[int, list[int]] | None = None,
+        on_started: Callable[[int], None] | None = None,
+    ) -> None:
+        self.bodies: dict[int, bytearray] = {}
+        self.octets: dict[int, int] = {}
+        self.refusals: dict[int, bytes] = {}
+        self.dele_replies: dict[int, Err | None] = {}
+        self.events: list[tuple[str, int]] = []
+        self._ready = list(deletes)
+        self._after_end = dict(after_end or {})
+        self._on_started = on_started
+        self._current: int | None = None
+
+    def started(self, request: RetrRequest) -> None:
+        if self._on_started is not None:
+            self._on_started(request.msg)
+        self._current = request.msg
+        self.bodies[request.msg] = bytearray()
+        self.events.append(("started", request.msg))
+
+    def data(self, chunk: bytes) -> None:
+        assert self._current is not None
+        self.bodies[self._current] += chunk
+
+    def ended(self, request: RetrRequest, octets: int) -> None:
+        self.octets[request.msg] = octets
+        self.events.append(("ended", request.msg))
+        self._ready += self._after_end.pop(request.msg, [])
+
+    def refused(self, request: RetrRequest, err: Err) -> None:
+        self.refusals[request.msg] = err.text
+        self.events.append(("refused", request.msg))
+
+    def take_deletes(self) -> list[int]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def deleted(self, msg: int, err: Err | None) -> None:
+        self.dele_replies[msg] = err
+        self.events.append(("deleted", msg))
+
+    def got(self) -> dict[int, bytes]:
+        return {msg: bytes(body) for msg, body in self.bodies.items()}

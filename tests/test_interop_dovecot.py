@@ -46,9 +46,7 @@ from popsync.pop3 import (
     Err,
     Event,
     Listing,
-    Noop,
     Ok,
-    Retr,
     Rset,
     Stat,
     Top,
@@ -58,7 +56,15 @@ from popsync.sync import PollReport, run_account
 from popsync.testing.samples import generate_messages, sample_messages
 from popsync.transport import make_ssl_context
 from tests.dovecot_fixtures import require_dovecot
-from tests.helpers import digest, load, maildir_contents, stored_form, wait_until, write_config
+from tests.helpers import (
+    Collect,
+    digest,
+    load,
+    maildir_contents,
+    stored_form,
+    wait_until,
+    write_config,
+)
 from tests.servers.dovecot import Dovecot, Mailbox
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(120)]
@@ -147,27 +153,13 @@ def exchange(session: Session, command: Command) -> list[Event]:
 
 
 def fetch_all(
-    session: Session, msgs: list[int], on_event: Callable[[Event], None] | None = None
+    session: Session, msgs: list[int], on_started: Callable[[int], None] | None = None
 ) -> tuple[dict[int, bytes], dict[int, int]]:
-    """RETR *msgs* (pipelined when on); returns bodies and EndOfBody octet counts."""
-    bodies: dict[int, bytearray] = {}
-    octets: dict[int, int] = {}
-    for event in session.retrieve(RetrRequest(m) for m in msgs):
-        if on_event is not None:
-            on_event(event)
-        if isinstance(event, Err):
-            raise AssertionError(event)
-        if isinstance(event.command, Noop):  # closes the stream: the last body is sound
-            continue
-        assert isinstance(event.command, Retr)
-        msg = event.command.msg
-        if isinstance(event, Ok):
-            bodies[msg] = bytearray()
-        elif isinstance(event, BodyData):
-            bodies[msg] += event.data
-        elif isinstance(event, EndOfBody):
-            octets[msg] = event.octets
-    return {k: bytes(v) for k, v in bodies.items()}, octets
+    """RETR *msgs* (pipelined when on); returns bodies and their wire octet counts."""
+    sink = Collect(on_started=on_started)
+    session.retrieve((RetrRequest(m) for m in msgs), sink)
+    assert sink.refusals == {}
+    return sink.got(), sink.octets
 
 
 def virtual_size(data: bytes) -> int:
@@ -492,10 +484,10 @@ def test_thousand_messages_pipelined(
         uids, sizes = session.listings()
         assert len(uids) == len(sizes) == 1000
 
-        def watch(_: Event) -> None:
+        def watch(_: int) -> None:
             in_flight.append(len(session.conn.pending))
 
-        bodies, _ = fetch_all(session, [n for n, _ in uids], on_event=watch)
+        bodies, _ = fetch_all(session, [n for n, _ in uids], on_started=watch)
         session.quit()
     # Many RETRs really were outstanding at once, not one at a time.
     assert max(in_flight) > 1

@@ -16,13 +16,13 @@ from popsync.errors import (
     TimeoutError_,
     TransportError,
 )
-from popsync.pop3 import BodyData, Dele, EndOfBody, Err, Ok, Retr
 from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore, to_crlf
 from popsync.testing.samples import generate_messages, sample_messages
 from popsync.testing.server import POP3TestServer
 from popsync.transport import make_ssl_context
+from tests.helpers import Collect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,16 +33,10 @@ def stored_form(data: bytes) -> bytes:
 
 
 def fetch_all(session: Session, msgs: list[int]) -> dict[int, bytes]:
-    bodies: dict[int, bytearray] = {}
-    for event in session.retrieve(RetrRequest(m) for m in msgs):
-        if isinstance(event, Ok) and isinstance(event.command, Retr):
-            bodies[event.command.msg] = bytearray()
-        elif isinstance(event, BodyData):
-            assert isinstance(event.command, Retr)
-            bodies[event.command.msg] += event.data
-        elif isinstance(event, Err):
-            raise AssertionError(event)
-    return {k: bytes(v) for k, v in bodies.items()}
+    sink = Collect()
+    session.retrieve((RetrRequest(m) for m in msgs), sink)
+    assert sink.refusals == {}
+    return sink.got()
 
 
 @pytest.fixture
@@ -266,16 +260,11 @@ def test_thousand_messages_pipelined(
             s.login("pass")
             assert s.conn.pipelining and s.secure == (tls != "none")
             uids, _ = s.listings()
-            sent_before_first_reply = 0
-            bodies: dict[int, bytearray] = {}
-            for event in s.retrieve(RetrRequest(n) for n, _ in uids):
-                if isinstance(event, Ok) and isinstance(event.command, Retr):
-                    if not bodies:
-                        sent_before_first_reply = len(s.conn.pending)
-                    bodies[event.command.msg] = bytearray()
-                elif isinstance(event, BodyData):
-                    assert isinstance(event.command, Retr)
-                    bodies[event.command.msg] += event.data
+            in_flight: list[int] = []
+            sink = Collect(on_started=lambda _: in_flight.append(len(s.conn.pending)))
+            s.retrieve((RetrRequest(n) for n, _ in uids), sink)
+            sent_before_first_reply = in_flight[0]
+            bodies = sink.got()
             s.quit()
     assert sent_before_first_reply == 50  # the window was full: really pipelined
     assert len(bodies) == 1000
@@ -286,17 +275,18 @@ def test_thousand_messages_pipelined(
 def test_retr_and_queued_dele_share_the_pipeline(plain: POP3TestServer, store: MailStore) -> None:
     with Session.open(opts(plain)) as s:
         s.login("pass")
-        events = []
-        for event in s.retrieve([RetrRequest(1), RetrRequest(2)]):
-            events.append(event)
-            if (
-                isinstance(event, EndOfBody)
-                and isinstance(event.command, Retr)
-                and event.command.msg == 1
-            ):
-                s.queue_dele(1)
-        dele_replies = [e for e in events if isinstance(e.command, Dele)]  # type: ignore[union-attr]
-        assert dele_replies == [Ok(Dele(1), dele_replies[0].text)]  # type: ignore[union-attr]
+        sink = Collect(after_end={1: [1]})  # DELE 1 allowed once RETR 1 has ended
+        s.retrieve([RetrRequest(1), RetrRequest(2)], sink)
+        assert sink.dele_replies == {1: None}
+        # RETR 1 ends only when the next reply (RETR 2's +OK) shows it whole,
+        # and the DELE then rides the same pipeline.
+        assert sink.events == [
+            ("started", 1),
+            ("ended", 1),
+            ("started", 2),
+            ("ended", 2),
+            ("deleted", 1),
+        ]
         s.quit()
     assert len(store) == len(sample_messages()) - 1
 
@@ -315,13 +305,12 @@ def test_endless_body_cut_off_by_limit(store: MailStore) -> None:
     with POP3TestServer(store, faults=Faults(endless_body=1)) as srv:
         s = Session.open(opts(srv))
         s.login("pass")
-        got = 0
+        sink = Collect()
         with pytest.raises(RemoteProtocolError, match="limit"):
-            for event in s.retrieve([RetrRequest(1, limit=1_000_000)]):
-                if isinstance(event, BodyData):
-                    got += len(event.data)
+            s.retrieve([RetrRequest(1, limit=1_000_000)], sink)
         s.abort()
-    assert got <= 1_000_000
+    assert 0 < len(sink.bodies[1]) <= 1_000_000
+    assert sink.octets == {}  # never "ended": nothing of it may be kept
 
 
 def test_stall_times_out(store: MailStore) -> None:
