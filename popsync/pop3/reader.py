@@ -8,7 +8,7 @@ Contract (RFC 1939 §3):
 * A multi-line body ends with a line holding a single ``.`` -- ``.CRLF``,
   or ``.LF``.  Every other line that starts with ``.`` had one ``.`` added
   by the server (byte-stuffing); exactly one is removed.
-* Bodies are never held whole.  :func:`read_body` consumes whatever complete
+* Bodies are never held whole.  :meth:`BodyReader.read` consumes whatever complete
   lines the buffer holds and hands them out at once, so memory is bounded by
   the receive chunk size, not by the message.  A body line with no line end
   in sight is streamed too once it exceeds ``partial_flush`` bytes, so a
@@ -19,9 +19,10 @@ Contract (RFC 1939 §3):
   (:func:`take_listing_lines`), for the listing's own parser to bound and
   check as they stream; a listing is never held whole here.
 
-Speed: all work is done with ``bytes.find`` / ``replace`` / ``count`` over
-the whole buffer -- a few C-level passes per receive, never a Python call
-per line.
+Speed: all work is done over the whole buffer in a few C-level passes per
+receive, never a Python call per line: one regex search finds the
+terminator in either line-end form, ``re.sub`` turns CRLF into LF, and
+``bytes.replace`` unstuffs dots only when a ``\n.`` occurs at all.
 """
 
 from __future__ import annotations
