@@ -430,6 +430,28 @@ def test_capa_line_count_and_octet_bounds(chunks: Chunker) -> None:
 
 
 @CHUNKINGS
+@pytest.mark.parametrize("command", [Capa(), Uidl(), List()])
+def test_overlong_lines_past_the_octet_bound_are_named_as_overlong(
+    chunks: Chunker, command: Capa | Uidl | List
+) -> None:
+    # However the bytes are cut, the fault named is the line's: a piece that
+    # holds several overlong lines also breaks the octet bound, and must not
+    # report that instead (it did, depending on how a read was cut).
+    limits = ListingLimits(line=64, lines=100, octets=300)
+    line = {"CAPA": b"X-", "UIDL": b"1 ", "LIST": b"1 "}[command.name] + b"9" * 200 + b"\r\n"
+    conn = Connection(listing_limits={command.name: limits})
+    conn.receive_data(b"+OK\r\n")
+    conn.next_event()
+    conn.send(Pass("p"))
+    conn.receive_data(b"+OK\r\n")
+    conn.next_event()
+    conn.send(command)
+    wire = b"+OK\r\n" + line * 3 + b".\r\n"
+    with pytest.raises(RemoteProtocolError, match=r"listing line longer than 64 octets"):
+        drain(conn, wire, chunks)
+
+
+@CHUNKINGS
 def test_uidl_and_list_line_count_and_octet_bounds(chunks: Chunker) -> None:
     small = ListingLimits(line=64, lines=3, octets=1000)
     wire = b"+OK\r\n1 a\r\n2 b\r\n3 c\r\n4 d\r\n.\r\n"

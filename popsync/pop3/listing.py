@@ -170,14 +170,21 @@ class ListingParser:
         )
 
     def _account(self, raw: bytes) -> None:
-        """Count *raw* against the line and octet totals, before it is parsed."""
+        """Count *raw* against the line and octet totals, before it is parsed.
+
+        Past a total, an overlong line in *raw* is named first: which fault
+        shows must not depend on how the reads happened to cut the stream.
+        """
         self.lines += raw.count(b"\n")
         self.octets += len(raw)
         limits = self.limits
+        if self.lines <= limits.lines and self.octets <= limits.octets:
+            return
+        if max(map(len, raw.split(b"\n"))) >= limits.line:  # + the LF
+            self._too_long()
         if self.lines > limits.lines:
             raise RemoteProtocolError(f"{self.what}: listing has more than {limits.lines} lines")
-        if self.octets > limits.octets:
-            raise RemoteProtocolError(f"{self.what}: listing is longer than {limits.octets} octets")
+        raise RemoteProtocolError(f"{self.what}: listing is longer than {limits.octets} octets")
 
     def _split(self, raw: bytes) -> list[bytes]:
         """The lines of *raw*: each checked for length, line end and stuffing removed."""
