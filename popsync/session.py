@@ -362,14 +362,6 @@ class Session:
 
     # -- transaction ------------------------------------------------------------
 
-    def listings(self) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]]]:
-        """The UIDL listing and the whole LIST listing: :meth:`uidl`, then :meth:`scan`.
-
-        Raises ServerError if either is refused (a server without UIDL cannot
-        be synced safely: the caller reports that).
-        """
-        return self.uidl(), self.scan()
-
     def uidl(self) -> list[tuple[int, bytes]]:
         """The UIDL listing (RFC 1939 §7); ServerError if refused.
 

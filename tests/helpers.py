@@ -15,7 +15,7 @@ import yaml
 
 from popsync.config import Config, load_config
 from popsync.pop3 import Err
-from popsync.session import RetrRequest
+from popsync.session import RetrRequest, Session
 from popsync.testing.mailstore import to_crlf
 
 T = TypeVar("T")
@@ -151,3 +151,11 @@ class Collect:
 
     def got(self) -> dict[int, bytes]:
         return {msg: bytes(body) for msg, body in self.bodies.items()}
+
+
+def delete(session: Session, msgs: Iterable[int]) -> dict[int, Err | None]:
+    """DELE each of *msgs* as popsync does, through :meth:`Session.retrieve`
+    (pipelined when on); msg -> None for +OK, or the Err."""
+    sink = Collect(msgs)
+    session.retrieve((), sink)
+    return sink.dele_replies

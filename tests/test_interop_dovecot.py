@@ -58,6 +58,7 @@ from popsync.transport import make_ssl_context
 from tests.dovecot_fixtures import require_dovecot
 from tests.helpers import (
     Collect,
+    delete,
     digest,
     load,
     maildir_contents,
@@ -309,7 +310,7 @@ def test_password_with_spaces_and_utf8(
     dovecot.add_user(user, "pa ss wörd €")
     mailbox = Mailbox(dovecot, user)
     with login(mailbox, "implicit", client_ctx, auth=auth) as session:
-        assert session.listings() == ([], [])
+        assert (session.uidl(), session.scan()) == ([], [])
         session.quit()
 
 
@@ -348,7 +349,7 @@ def test_listings_match_what_dovecot_holds(
     messages = messages_for_session()
     mailbox.add_messages(messages)
     with login(mailbox, tls, client_ctx) as session:
-        uids, sizes = session.listings()
+        uids, sizes = session.uidl(), session.scan()
         session.quit()
     held = dovecot_holdings(mailbox)
     assert [data for _, data in held] == messages
@@ -360,7 +361,7 @@ def test_listings_match_what_dovecot_holds(
     # RFC 1939 §7: unique-ids persist across sessions; a new message gets a new one.
     mailbox.add_message(b"Subject: later\n\nlater\n")
     with login(mailbox, tls, client_ctx) as session:
-        again, _ = session.listings()
+        again = session.uidl()
         session.quit()
     assert again[: len(uids)] == uids
     assert again[-1][1] not in {uid for _, uid in uids}
@@ -371,7 +372,7 @@ def test_retr_is_byte_exact(dovecot_mailbox: Mailbox, client_ctx: ssl.SSLContext
     mailbox = dovecot_mailbox
     mailbox.add_messages(messages_for_session())
     with login(mailbox, tls, client_ctx) as session:
-        _, sizes = session.listings()
+        sizes = session.scan()
         bodies, octets = fetch_all(session, [n for n, _ in sizes])
         session.quit()
     held = mailbox.stored_messages()
@@ -413,7 +414,7 @@ def test_dele_rset_quit_deletes_nothing(
     messages = sample_messages()
     mailbox.add_messages(messages)
     with login(mailbox, tls, client_ctx) as session:
-        assert session.delete([1, 2, 5]) == {1: None, 2: None, 5: None}
+        assert delete(session, [1, 2, 5]) == {1: None, 2: None, 5: None}
         stat = exchange(session, Stat())[0]
         assert isinstance(stat, Ok) and stat.text.split()[0] == b"%d" % (len(messages) - 3)
         (rset,) = exchange(session, Rset())  # RFC 1939 §5: unmark every DELEd message
@@ -433,14 +434,14 @@ def test_dele_then_quit_deletes(
     messages = sample_messages()
     mailbox.add_messages(messages)
     with login(mailbox, tls, client_ctx) as session:
-        before, _ = session.listings()
-        assert session.delete([1, 3]) == {1: None, 3: None}
+        before = session.uidl()
+        assert delete(session, [1, 3]) == {1: None, 3: None}
         session.quit()  # RFC 1939 §6: removal happens in UPDATE, at QUIT
     kept = [m for i, m in enumerate(messages, start=1) if i not in (1, 3)]
     assert mailbox.stored_messages() == kept
     assert "del=2/" in wait_session_end(mailbox)[0]
     with login(mailbox, tls, client_ctx) as session:
-        after, _ = session.listings()
+        after = session.uidl()
         session.quit()
     # Renumbered 1..n, same unique-ids for the survivors.
     assert [uid for _, uid in after] == [uid for n, uid in before if n not in (1, 3)]
@@ -455,15 +456,15 @@ def test_dropped_connection_after_dele_deletes_nothing(
     messages = sample_messages()
     mailbox.add_messages(messages)
     session = login(mailbox, tls, client_ctx)
-    before, _ = session.listings()
-    assert session.delete([1, 2]) == {1: None, 2: None}
+    before = session.uidl()
+    assert delete(session, [1, 2]) == {1: None, 2: None}
     session.abort()  # no QUIT: the session never enters UPDATE (RFC 1939 §6)
     # Only look once Dovecot has finished that session.
     (ended,) = wait_session_end(mailbox)
     assert "Connection closed" in ended and "Logged out" not in ended and "del=0/" in ended
     assert mailbox.stored_messages() == messages
     with login(mailbox, tls, client_ctx) as session:
-        after, _ = session.listings()
+        after = session.uidl()
         session.quit()
     assert after == before
 
@@ -481,7 +482,7 @@ def test_thousand_messages_pipelined(
     with login(mailbox, tls, client_ctx, pipeline_window=32) as session:
         assert session.capabilities.pipelining  # Dovecot advertises PIPELINING
         assert session.conn.pipelining  # ... and the session turned it on
-        uids, sizes = session.listings()
+        uids, sizes = session.uidl(), session.scan()
         assert len(uids) == len(sizes) == 1000
 
         def watch(_: int) -> None:
@@ -655,7 +656,7 @@ def test_cli_sync_delete_after_delivery_empties_dovecot(
     # One listing session first, so Dovecot assigns UIDs we can read back
     # before the sync deletes the files.
     with login(env.mailbox, tls, client_ctx) as session:
-        session.listings()
+        session.uidl()
         session.quit()
     held = dovecot_holdings(env.mailbox)
 

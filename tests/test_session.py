@@ -22,7 +22,7 @@ from popsync.testing.mailstore import MailStore, to_crlf
 from popsync.testing.samples import generate_messages, sample_messages
 from popsync.testing.server import POP3TestServer
 from popsync.transport import make_ssl_context
-from tests.helpers import Collect
+from tests.helpers import Collect, delete
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,13 +71,13 @@ def plain(store: MailStore) -> Iterator[POP3TestServer]:
 def test_plain_full_cycle_byte_exact(plain: POP3TestServer, store: MailStore) -> None:
     with Session.open(opts(plain)) as s:
         s.login("pass")
-        uids, sizes = s.listings()
+        uids, sizes = s.uidl(), s.scan()
         assert [u for _, u in uids] == store.uids()
         assert len(sizes) == len(store)
         bodies = fetch_all(s, [n for n, _ in uids])
         for (n, _), msg in zip(uids, store.messages(), strict=True):
             assert bodies[n] == stored_form(msg.data)
-        assert s.delete([1]) == {1: None}
+        assert delete(s, [1]) == {1: None}
         s.quit()
     assert plain.sessions[0].deleted == [store_uid_first(uids)]
     assert len(store) == len(sample_messages()) - 1
@@ -90,7 +90,7 @@ def store_uid_first(uids: list[tuple[int, bytes]]) -> bytes:
 def test_dropped_connection_deletes_nothing(plain: POP3TestServer, store: MailStore) -> None:
     s = Session.open(opts(plain))
     s.login("pass")
-    s.delete([1, 2])
+    delete(s, [1, 2])
     s.abort()  # no QUIT: RFC 1939 §6, no UPDATE
     plain.wait_for_sessions(1)
     assert len(store) == len(sample_messages())
@@ -115,7 +115,7 @@ def test_implicit_tls(
         ) as s:
             assert s.secure
             s.login("pass")
-            uids, _ = s.listings()
+            uids = s.uidl()
             assert len(uids) == len(store)
             s.quit()
         record = srv.sessions[0]
@@ -132,7 +132,7 @@ def test_starttls_recapa_and_no_secret_in_clear(
             opts(srv, tls="starttls", ssl_context=client_ctx, allow_plaintext=False)
         ) as s:
             s.login("pass")
-            s.listings()
+            s.uidl()
             s.quit()
         record = srv.sessions[0]
         names = record.command_names()
@@ -188,7 +188,7 @@ def test_each_auth_method(plain: POP3TestServer, method: str) -> None:
     # AUTH LOGIN is exercised against Dovecot (tests/test_interop_dovecot.py).
     with Session.open(opts(plain, auth=method)) as s:
         s.login("pass")
-        s.listings()
+        s.uidl()
         s.quit()
     names = plain.sessions[-1].command_names()
     expected = {"user": "PASS", "plain": "AUTH", "apop": "APOP"}[method]
@@ -259,7 +259,7 @@ def test_thousand_messages_pipelined(
         with Session.open(client) as s:
             s.login("pass")
             assert s.conn.pipelining and s.secure == (tls != "none")
-            uids, _ = s.listings()
+            uids = s.uidl()
             in_flight: list[int] = []
             sink = Collect(on_started=lambda _: in_flight.append(len(s.conn.pending)))
             s.retrieve((RetrRequest(n) for n, _ in uids), sink)
@@ -291,6 +291,19 @@ def test_retr_and_queued_dele_share_the_pipeline(plain: POP3TestServer, store: M
     assert len(store) == len(sample_messages()) - 1
 
 
+def test_without_pipelining_every_body_is_confirmed(store: MailStore) -> None:
+    # One command at a time: the last body has ended before the requests run
+    # out, and a NOOP must still follow it, or it never counts (nor gets stored).
+    with POP3TestServer(store, pipelining=False) as srv, Session.open(opts(srv)) as s:
+        s.login("pass")
+        assert not s.conn.pipelining
+        sink = Collect()
+        s.retrieve((RetrRequest(n) for n, _ in s.uidl()), sink)
+        s.quit()
+    assert sorted(sink.octets) == list(range(1, len(sample_messages()) + 1))
+    assert srv.sessions[0].command_names()[-2:] == ["NOOP", "QUIT"]
+
+
 def test_drop_mid_retr_raises(store: MailStore) -> None:
     with POP3TestServer(store, faults=Faults(drop_during_retr=(2, 100))) as srv:
         s = Session.open(opts(srv))
@@ -318,7 +331,7 @@ def test_stall_times_out(store: MailStore) -> None:
         s = Session.open(opts(srv, timeout=0.5))
         s.login("pass")
         with pytest.raises(TimeoutError_):
-            s.listings()
+            s.uidl()
         s.abort()
 
 
@@ -328,7 +341,7 @@ def test_overlong_lines_are_protocol_errors(store: MailStore, place: str) -> Non
     with POP3TestServer(store, faults=faults) as srv, pytest.raises(RemoteProtocolError):
         s = Session.open(opts(srv))
         s.login("pass")
-        s.listings()
+        s.uidl()
 
 
 def test_unstuffed_dot_line_detected(store: MailStore) -> None:
@@ -346,7 +359,7 @@ def test_quit_error_reported(store: MailStore) -> None:
     with POP3TestServer(store, faults=Faults(quit_error=True)) as srv:
         s = Session.open(opts(srv))
         s.login("pass")
-        s.delete([1, 2])
+        delete(s, [1, 2])
         with pytest.raises(ServerError, match="QUIT"):
             s.quit()
 

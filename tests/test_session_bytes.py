@@ -9,15 +9,15 @@ DELEs riding along, and silence after a protocol error.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from popsync.errors import LocalProtocolError, RemoteProtocolError
 from popsync.options import AuthMethod, TlsMode
-from popsync.pop3 import Err
 from popsync.session import RetrRequest, Session, SessionOptions
 from tests.fakes import FakeTransport
+from tests.helpers import Collect
 
 GREETING = b"+OK POP3 ready <1.2@pop.test>\r\n"
 
@@ -40,40 +40,6 @@ def capa(*lines: bytes) -> bytes:
 def bytewise(data: bytes) -> Iterator[bytes]:
     """The script one octet per read: the session must not care how replies are cut."""
     return (data[i : i + 1] for i in range(len(data)))
-
-
-class Sink:
-    """A :class:`popsync.session.RetrieveSink` that records every call, and
-    allows the DELE of each message once its body has ended."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[object, ...]] = []
-        self.bodies: dict[int, bytes] = {}
-        self._current: int | None = None
-        self._deletable: list[int] = []
-
-    def started(self, request: RetrRequest) -> None:
-        self.calls.append(("started", request.msg))
-        self._current = request.msg
-        self.bodies[request.msg] = b""
-
-    def data(self, chunk: bytes) -> None:
-        assert self._current is not None
-        self.bodies[self._current] += chunk
-
-    def ended(self, request: RetrRequest, octets: int) -> None:
-        self.calls.append(("ended", request.msg, octets))
-        self._deletable.append(request.msg)
-
-    def refused(self, request: RetrRequest, err: Err) -> None:
-        self.calls.append(("refused", request.msg, err.text))
-
-    def take_deletes(self) -> Iterable[int]:
-        taken, self._deletable = self._deletable, []
-        return taken
-
-    def deleted(self, msg: int, err: Err | None) -> None:
-        self.calls.append(("deleted", msg, None if err is None else err.text))
 
 
 @pytest.mark.parametrize("cut", ["whole", "bytewise"])
@@ -126,43 +92,45 @@ def test_pipelined_retr_stream_closes_with_noop_and_deletes_ride_along() -> None
         b"+OK\r\n"  # NOOP: only now is the last body known to be whole
         b"+OK 1 deleted\r\n+OK 2 deleted\r\n"
     )
-    sink = Sink()
+    sink = Collect(after_end={1: [1], 2: [2]})
     session.retrieve([RetrRequest(1), RetrRequest(2)], sink)
     assert t.writes == [
         b"RETR 1\r\nRETR 2\r\nNOOP\r\n",  # one write: the window is open
         b"DELE 1\r\n",  # once RETR 2's +OK showed body 1 ended well
         b"DELE 2\r\n",  # once NOOP's +OK showed the same for body 2
     ]
-    assert sink.bodies == {1: b"Subject: a\n\n.x\n", 2: b"Subject: b\n"}
-    assert sink.calls == [
+    assert sink.got() == {1: b"Subject: a\n\n.x\n", 2: b"Subject: b\n"}
+    assert sink.octets == {1: 18, 2: 12}  # RFC 1939 §11: CRLF as two, the stuffing dot not at all
+    assert sink.events == [
         ("started", 1),
-        ("ended", 1, 18),  # RFC 1939 §11: CRLF as two, the stuffing dot not at all
+        ("ended", 1),
         ("started", 2),
-        ("ended", 2, 12),
-        ("deleted", 1, None),
-        ("deleted", 2, None),
+        ("ended", 2),
+        ("deleted", 1),
+        ("deleted", 2),
     ]
+    assert sink.dele_replies == {1: None, 2: None}
 
 
 def test_without_pipelining_the_last_body_is_still_closed_by_noop() -> None:
     # One command at a time: the last body has ended before the requests run
     # out, and still needs a reply after it before it counts.
     session, t = logged_in(b"+OK\r\nSubject: a\r\n.\r\n", b"+OK\r\n", b"+OK\r\n", pipelining=False)
-    sink = Sink()
+    sink = Collect(after_end={1: [1], 2: [2]})
     session.retrieve([RetrRequest(1)], sink)
     assert t.writes == [b"RETR 1\r\n", b"NOOP\r\n", b"DELE 1\r\n"]
-    assert sink.calls == [("started", 1), ("ended", 1, 12), ("deleted", 1, None)]
+    assert sink.events == [("started", 1), ("ended", 1), ("deleted", 1)]
 
 
 def test_nothing_is_sent_after_a_protocol_error() -> None:
     # Body 1 ends, then where RETR 2's status line is due comes the rest of a
     # message: the stream is out of step, and body 1 may have been cut short.
     session, t = logged_in(b"+OK\r\nSubject: a\r\n.\r\nthe rest of message 1\r\n", b"")
-    sink = Sink()
+    sink = Collect(after_end={1: [1], 2: [2]})
     with pytest.raises(RemoteProtocolError, match="RETR"), session:
         session.retrieve([RetrRequest(1), RetrRequest(2)], sink)
     assert t.writes == [b"RETR 1\r\nRETR 2\r\nNOOP\r\n"]  # no DELE, no QUIT
-    assert sink.calls == [("started", 1)]  # body 1 never counted as whole
+    assert sink.events == [("started", 1)]  # body 1 never counted as whole
     assert t.closed
     with pytest.raises(LocalProtocolError):
         session.quit()
