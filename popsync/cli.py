@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
         if args.command == "demo":
             from popsync.demo import run_demo
 
-            return run_demo(Path(args.dir) if args.dir else None)
+            return run_demo(Path(args.dir) if args.dir else None, run_command=main)
         config = _load(args.config)
         if args.command == "check":
             return _check(config)

@@ -2,7 +2,7 @@
 
 It starts the project's own POP3 server on 127.0.0.1 with sample mail
 (dot-stuffed lines, 8-bit text, an attachment), writes a real config file
-and runs the real ``popsync sync`` code path three times:
+and runs ``popsync sync`` on it three times:
 
 1. the first poll fetches everything into a fresh Maildir;
 2. two new messages arrive; the second poll fetches exactly those two;
@@ -10,6 +10,10 @@ and runs the real ``popsync sync`` code path three times:
 
 The demo server speaks plain POP3 on loopback, so the demo account says
 ``tls: none`` and ``allow_plaintext: true`` -- a real account would not.
+
+The command line is handed in (:func:`run_demo`'s *run_command*), so the demo
+runs exactly what a user would type without importing :mod:`popsync.cli`,
+which imports this module.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import email.parser
 import email.policy
 import tempfile
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: The demo account's password (the built-in server is the only one that knows it).
@@ -64,9 +69,12 @@ def _write_config(root: Path, port: int) -> Path:
     return config
 
 
-def run_demo(directory: Path | None = None) -> int:
-    """Run the demo; returns the exit status of the last sync (0 when all went well)."""
-    from popsync.cli import main as cli_main
+def run_demo(directory: Path | None, run_command: Callable[[Sequence[str]], int]) -> int:
+    """Run the demo in *directory* (None: a temporary one, removed after).
+
+    *run_command* runs one popsync command line (``popsync.cli.main``).
+    Returns 0 when every sync succeeded, else the status of a failed one.
+    """
     from popsync.testing.mailstore import MailStore
     from popsync.testing.samples import generate_messages, sample_messages
     from popsync.testing.server import POP3TestServer
@@ -84,20 +92,20 @@ def run_demo(directory: Path | None = None) -> int:
             print(f"Config: {config}\n")
 
             print("1) First poll: everything is new.")
-            status = cli_main(["-c", str(config), "sync", "--no-progress"])
+            status = run_command(["-c", str(config), "sync", "--no-progress"])
             _show_maildir(root / "Maildir")
 
             print("\n2) Two new messages arrive on the server; poll again.")
             for data in generate_messages(2, 1500, seed=7):
                 store.add(data)
-            status = cli_main(["-c", str(config), "sync", "--no-progress"]) or status
+            status = run_command(["-c", str(config), "sync", "--no-progress"]) or status
             _show_maildir(root / "Maildir")
 
             print("\n3) Poll once more: nothing new, nothing fetched twice.")
-            status = cli_main(["-c", str(config), "sync", "--no-progress"]) or status
+            status = run_command(["-c", str(config), "sync", "--no-progress"]) or status
 
             print("\nWhat the ledger knows:")
-            cli_main(["-c", str(config), "status"])
+            run_command(["-c", str(config), "status"])
         if directory is None:
             print(
                 "\n(The demo's files were in a temporary directory, now removed; "
