@@ -72,7 +72,7 @@ def digest(data: bytes) -> str:
 
 
 def wait_until(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     *,
     timeout: float = 10.0,
     what: str | Callable[[], str] = "the condition",

@@ -38,6 +38,7 @@ from popsync.cli import main as cli_main
 from popsync.config import Account, Config
 from popsync.errors import SecurityError, ServerError, TimeoutError_, TransportError
 from popsync.ledger import Ledger
+from popsync.options import TlsMode
 from popsync.pop3 import (
     NEED_DATA,
     BodyData,
@@ -325,7 +326,7 @@ def test_wrong_port_for_the_tls_mode_fails_cleanly(
                 host=mailbox.host,
                 port=mailbox.pop3_port,
                 username=mailbox.user,
-                tls="implicit",
+                tls=TlsMode.IMPLICIT,
                 ssl_context=client_ctx,
                 timeout=5.0,
             )

@@ -337,7 +337,14 @@ def test_leaving_the_block_undelivered_removes_the_tmp_file(md: Maildir) -> None
 
 
 def test_size_and_hash_track_every_write_path(md: Maildir) -> None:
-    pieces = [b"a", b"b" * 100_000, b"c" * 300_000, b"", memoryview(b"d" * 200_000), b"e" * 70_000]
+    pieces: list[bytes | memoryview] = [
+        b"a",
+        b"b" * 100_000,
+        b"c" * 300_000,
+        b"",
+        memoryview(b"d" * 200_000),
+        b"e" * 70_000,
+    ]
     whole = b"".join(bytes(p) for p in pieces)
     with md.open_tmp(name_for()) as tmp:
         for piece in pieces:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popsync.errors import LocalProtocolError, RemoteProtocolError, SecurityError
+from popsync.errors import LocalProtocolError, RemoteProtocolError, RespCode, SecurityError
 from popsync.pop3 import (
     NEED_DATA,
     Apop,
@@ -44,6 +44,7 @@ from popsync.pop3 import (
     User,
 )
 from popsync.pop3.auth import apop_digest, apop_timestamp, oauthbearer, sasl_plain, xoauth2
+from popsync.pop3.events import parse_resp_code
 from popsync.pop3.listing import (
     LISTING_LIMITS,
     MAX_MESSAGE_SIZE,
@@ -189,22 +190,23 @@ def test_greeting_then_login(chunks: Chunker) -> None:
     assert conn.state is State.AUTHORIZATION
 
 
-def parse_code(text: bytes):  # type: ignore[no-untyped-def]
-    from popsync.pop3.events import parse_resp_code
-
-    return parse_resp_code(text)
+def parse_code(text: bytes) -> RespCode:
+    """The response code at the start of *text*, which must have one."""
+    code = parse_resp_code(text)
+    assert code is not None, text
+    return code
 
 
 def test_resp_codes_parsed_and_unknown_levels_kept() -> None:
     code = parse_code(b"[SYS/TEMP/EXTRA] later")
-    assert code is not None and code.top == "SYS" and code.temporary is True
-    assert parse_code(b"[in-use] busy").top == "IN-USE"  # type: ignore[union-attr]
-    assert parse_code(b"[SYS/PERM] no").temporary is False  # type: ignore[union-attr]
-    assert parse_code(b"[AUTH] no").temporary is False  # type: ignore[union-attr]
-    assert parse_code(b"[WHATEVER] x").temporary is None  # type: ignore[union-attr]
-    assert parse_code(b"no code") is None
-    assert parse_code(b"[unterminated") is None
-    assert parse_code(b"[\x1b[31m] evil") is None
+    assert code.top == "SYS" and code.temporary is True
+    assert parse_code(b"[in-use] busy").top == "IN-USE"
+    assert parse_code(b"[SYS/PERM] no").temporary is False
+    assert parse_code(b"[AUTH] no").temporary is False
+    assert parse_code(b"[WHATEVER] x").temporary is None
+    assert parse_resp_code(b"no code") is None
+    assert parse_resp_code(b"[unterminated") is None
+    assert parse_resp_code(b"[\x1b[31m] evil") is None
 
 
 def test_err_greeting() -> None:

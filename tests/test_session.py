@@ -16,6 +16,7 @@ from popsync.errors import (
     TimeoutError_,
     TransportError,
 )
+from popsync.options import TlsMode
 from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore, to_crlf
@@ -372,5 +373,5 @@ def test_connection_refused_is_transport_error() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(TransportError):
         Session.open(
-            SessionOptions(host="127.0.0.1", port=port, username="u", tls="none", timeout=2)
+            SessionOptions(host="127.0.0.1", port=port, username="u", tls=TlsMode.NONE, timeout=2)
         )

@@ -133,7 +133,7 @@ class Watch:
         self.deles += 1
         rows = [r for r in self.ledger.rows(self.account).values() if r.uid == uid]
         if not rows or any(r.state not in ("delivered", "deleted") for r in rows):
-            states = [r.state for r in rows] or ["no row"]
+            states: list[str] = [r.state for r in rows] or ["no row"]
             self.violations.append(f"DELE of {uid!r} while the ledger says {states}")
             return None
         for row in rows:
