@@ -20,11 +20,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from popsync import failpoints
-from popsync.deliver.base import Draft, Target
-from popsync.errors import escape_server_text
+from popsync.deliver.base import Draft, Receipt, Target
+from popsync.errors import DeliveryError, escape_server_text
 from popsync.identity import HeaderDigest, HeaderHasher, is_short
 from popsync.ledger import Delivered, Key, Ledger
 from popsync.plan import Fetch
@@ -113,8 +113,11 @@ class FetchOutcome:
     bytes: int = 0
     #: Why a message could not be fetched ("RETR 3: -ERR ...").
     failed: list[str] = field(default_factory=list)
-    #: Keys of bodies that arrived short (not trusted; an attempt each).
+    #: Keys of bodies that arrived short or that the target refused (an
+    #: attempt each: they are fetched after the others next time).
     short: list[Key] = field(default_factory=list)
+    #: The target refused a message for now: the poll ends as temporary.
+    deferred: str | None = None
 
 
 class Fetcher:
@@ -158,7 +161,7 @@ class Fetcher:
 
     def requests(self) -> Iterable[RetrRequest]:
         for item, name in self.fetches:
-            if self.stopped():
+            if self.stopped() or self.outcome.deferred is not None:
                 return
             self.target.reserve(name)
             yield RetrRequest(item.message.msg, self.limit(item))
@@ -209,24 +212,56 @@ class Fetcher:
     # -- durability -----------------------------------------------------------------
 
     def commit(self, *, allow_deletes: bool = True) -> None:
-        """Make the batch durable at the target, record it in one ledger
-        commit, and only then allow the DELEs it covers (I1)."""
+        """Deliver the batch, record it in one ledger commit, and only then
+        allow the DELEs it covers (I1).
+
+        A target that must note an intent first gets it committed in the
+        ledger before its irreversible step.  A message the target refuses
+        stays on the server (an attempt is counted); a temporary refusal
+        also ends the stream of new RETRs.
+        """
         entries = self.batch.take()
         if not entries:
             return
-        self.target.commit([draft for draft, _, _ in entries])
+        target = self.target
+        intents = [
+            ((d.uid, d.occurrence), intent)
+            for draft, d, _ in entries
+            if (intent := target.intent(draft)) is not None
+        ]
+        if intents:
+            self.ledger.record_intents(self.account, intents)
+            failpoints.failpoint("after_intent")
+        results = target.commit([draft for draft, _, _ in entries])
+        if len(results) != len(entries):
+            raise DeliveryError(f"{target.kind} target answered {len(results)} of {len(entries)}")
         failpoints.failpoint("after_dir_fsync")
-        items = [delivered for _, delivered, _ in entries]
-        self.ledger.mark_delivered(self.account, items)
+        done = [
+            (replace(d, target=target.kind, receipt=r.text), msg)
+            for (_, d, msg), r in zip(entries, results, strict=True)
+            if isinstance(r, Receipt)
+        ]
+        self.ledger.mark_delivered(self.account, [d for d, _ in done])
         failpoints.failpoint("after_commit")
-        self.outcome.fetched += len(items)
-        self.outcome.bytes += sum(d.stored_size for d in items)
+        self.outcome.fetched += len(done)
+        self.outcome.bytes += sum(d.stored_size for d, _ in done)
+        for (_, d, _), r in zip(entries, results, strict=True):
+            if not isinstance(r, Receipt):
+                self.refused_by_target(d, r.text, temporary=r.temporary)
         if allow_deletes:
             self.gate.allow_recorded(
-                (msg, (d.uid, d.occurrence)) for _, d, msg in entries if msg is not None
+                (msg, (d.uid, d.occurrence)) for d, msg in done if msg is not None
             )
         if self.progress is not None:
             self.progress(self.outcome.fetched, self.outcome.bytes)
+
+    def refused_by_target(self, d: Delivered, text: str, *, temporary: bool) -> None:
+        uid = escape_server_text(d.uid)
+        shown = f"unique-id {uid}: the {self.target.kind} target refused it: {text}"
+        self.outcome.failed.append(shown)
+        self.outcome.short.append((d.uid, d.occurrence))
+        if temporary and self.outcome.deferred is None:
+            self.outcome.deferred = shown
 
     def in_flight(self) -> Fetch | None:
         """The message whose body was arriving when the session failed."""

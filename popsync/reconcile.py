@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from popsync.deliver.base import Held
+from popsync.deliver.base import Held, Pending
 from popsync.identity import digest_headers
 from popsync.ledger import Delivered, Key, LedgerRow
 from popsync.plan import Fetch
@@ -34,9 +34,14 @@ def pending_names(rows: Mapping[Key, LedgerRow]) -> dict[str, Key]:
     }
 
 
-def recovered(names: Mapping[str, Key], held: Iterable[Held]) -> list[Delivered]:
+def pending(rows: Mapping[Key, LedgerRow], names: Mapping[str, Key]) -> list[Pending]:
+    """What to ask the target about those rows: each name, with its intent."""
+    return [Pending(name, rows[key].receipt) for name, key in names.items()]
+
+
+def recovered(names: Mapping[str, Key], held: Iterable[Held], target: str) -> list[Delivered]:
     """Deliveries to record for the *held* copies of the rows named in *names*."""
-    return [as_delivered(names[h.asked], h) for h in held if h.asked in names]
+    return [as_delivered(names[h.asked], h, target) for h in held if h.asked in names]
 
 
 def split_already_held(
@@ -50,8 +55,8 @@ def split_already_held(
     return to_fetch, already
 
 
-def as_delivered(key: Key, held: Held) -> Delivered:
-    """The ledger record of a copy found at the target."""
+def as_delivered(key: Key, held: Held, target: str) -> Delivered:
+    """The ledger record of a copy found at a target of kind *target*."""
     headers = digest_headers(held.header_section)
     return Delivered(
         key[0],
@@ -64,4 +69,6 @@ def as_delivered(key: Key, held: Held) -> Delivered:
         headers.stable,
         headers.mutable_octets,
         headers.mutable_lines,
+        target,
+        held.receipt or held.name,
     )

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from popsync import failpoints
 from popsync.config import Account
-from popsync.deliver.base import Held, Target
+from popsync.deliver.base import Held, Pending, Target
 from popsync.deliver.maildir import open_maildir_target, unique_name
 from popsync.errors import (
     BodyLimitExceeded,
@@ -79,7 +79,13 @@ from popsync.plan import (
     needs_size,
     plan,
 )
-from popsync.reconcile import as_delivered, pending_names, recovered, split_already_held
+from popsync.reconcile import (
+    as_delivered,
+    pending,
+    pending_names,
+    recovered,
+    split_already_held,
+)
 from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.textfmt import format_size
 from popsync.transport import make_ssl_context
@@ -266,7 +272,8 @@ class Poll:
         names = pending_names(rows)
         if not names:
             return rows
-        found = recovered(names, self.target.recover(names))
+        kind = self.target.kind
+        found = recovered(names, self.target.recover(pending(rows, names)), kind)
         if not found:
             return rows
         self.ledger.mark_delivered(self.name, found)
@@ -358,7 +365,8 @@ class Poll:
         withheld: list[tuple[Key, str | None]] = []
         # Rows of an older popsync recorded less: measure their copies, at once.
         older = [d.row.maildir_name for d in deletes if stored_of(d.row) is None]
-        held = {h.asked: h for h in self.target.recover(n for n in older if n is not None)}
+        asks = [Pending(name, None) for name in older if name is not None]
+        held = {h.asked: h for h in self.target.recover(asks)}
         for item in deletes:
             row, msg = item.row, item.message.msg
             assert item.message.size is not None  # plan() only offers sized messages
@@ -407,7 +415,8 @@ class Poll:
             return []
         named = [(item, item.existing_name or self.name_for(item, now)) for item in fetch]
         fresh = [name for item, name in named if item.existing_name is None]
-        to_fetch, already = split_already_held(named, self.target.recover(fresh))
+        asks = [Pending(name, None) for name in fresh]
+        to_fetch, already = split_already_held(named, self.target.recover(asks))
         intents = [
             FetchIntent(m.uid, m.occurrence, m.size or 0, name, now)
             for item, name in to_fetch
@@ -421,7 +430,10 @@ class Poll:
         if already:
             self.ledger.mark_delivered(
                 self.name,
-                [as_delivered((i.message.uid, i.message.occurrence), h) for i, h in already],
+                [
+                    as_delivered((i.message.uid, i.message.occurrence), h, self.target.kind)
+                    for i, h in already
+                ],
             )
             self.warn(f"{len(already)} message(s) were already delivered; not fetched again")
         failpoints.failpoint("after_begin_fetch")

@@ -9,12 +9,12 @@ can be asserted call by call.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from popsync.deliver.base import Held
+from popsync.deliver.base import Held, Pending, Receipt, Refusal
 from popsync.fetch import DeleGate, Fetcher, HeaderReader
 from popsync.identity import digest_headers
 from popsync.ledger import Delivered, FetchIntent, Ledger
@@ -49,7 +49,9 @@ class Draft:
 
 
 class Target:
+    kind = "test"
     batch = 2
+    exactly_once = True
 
     def __init__(self) -> None:
         self.log: list[str] = []
@@ -63,10 +65,14 @@ class Target:
     def end(self, draft: Draft) -> None:  # type: ignore[override]
         self.log.append(f"end {draft.name}")
 
-    def commit(self, drafts: list[Draft]) -> None:  # type: ignore[override]
-        self.log.append("commit " + ",".join(d.name for d in drafts))
+    def intent(self, draft: Draft) -> str | None:  # type: ignore[override]
+        return None
 
-    def recover(self, names: Iterable[str]) -> list[Held]:
+    def commit(self, drafts: list[Draft]) -> list[Receipt | Refusal]:  # type: ignore[override]
+        self.log.append("commit " + ",".join(d.name for d in drafts))
+        return [Receipt(f"at {d.name}") for d in drafts]
+
+    def recover(self, pending: Sequence[Pending]) -> list[Held]:
         return []
 
     def close(self) -> None:
@@ -142,7 +148,12 @@ def test_mirror_mode_allows_no_dele(ledger: SpyLedger) -> None:
     deliver(fetcher, 2)
     fetcher.commit()
     assert fetcher.take_deletes() == []
-    assert {r.state for r in ledger.rows("acct").values()} == {"delivered"}
+    rows = ledger.rows("acct").values()
+    assert {r.state for r in rows} == {"delivered"}
+    assert sorted((r.target, r.receipt) for r in rows) == [
+        ("test", "at name1"),
+        ("test", "at name2"),
+    ]
 
 
 def test_after_an_error_the_batch_is_recorded_but_no_dele_allowed(ledger: SpyLedger) -> None:
@@ -199,10 +210,52 @@ def test_reconcile_is_pure_bookkeeping() -> None:
     }
     names = pending_names(rows)
     assert names == {"n.a": (b"a", 0)}
-    found = recovered(names, [held("n.a", "older.a"), held("n.zzz")])
-    assert found == [as_delivered((b"a", 0), held("n.a", "older.a"))]
+    found = recovered(names, [held("n.a", "older.a"), held("n.zzz")], "maildir")
+    assert found == [as_delivered((b"a", 0), held("n.a", "older.a"), "maildir")]
+    assert found[0].receipt == "older.a" and found[0].target == "maildir"
     assert found[0].wire_size == WIRE and found[0].stable_sha256 is not None
     items = plan_items(2, delete_after=False)
     to_fetch, already = split_already_held(items, [held("name2", "old-name2")])
     assert [n for _, n in to_fetch] == ["name1"]
     assert [(f.message.msg, h.name) for f, h in already] == [(2, "old-name2")]
+
+
+class Refusing(Target):
+    """Refuses message u2: permanently, or for now."""
+
+    def __init__(self, *, temporary: bool) -> None:
+        super().__init__()
+        self.temporary = temporary
+
+    def intent(self, draft: Draft) -> str | None:  # type: ignore[override]
+        return f"before {draft.name}"
+
+    def commit(self, drafts: list[Draft]) -> list[Receipt | Refusal]:  # type: ignore[override]
+        self.log.append("commit " + ",".join(d.name for d in drafts))
+        return [
+            Refusal("550 no", self.temporary) if d.name == "name2" else Receipt(f"at {d.name}")
+            for d in drafts
+        ]
+
+
+@pytest.mark.parametrize("temporary", [False, True])
+def test_a_refused_message_stays_and_the_rest_is_delivered(
+    ledger: SpyLedger, temporary: bool
+) -> None:
+    items = plan_items(3, delete_after=True)
+    fetcher, _, _ = make_fetcher(ledger, items)
+    fetcher.target = target = Refusing(temporary=temporary)
+    ledger.log = target.log
+    requests = iter(fetcher.requests())
+    for msg in (1, 2):
+        next(requests)
+        deliver(fetcher, msg)  # the second completes a batch: commit
+    rows = ledger.rows("acct")
+    assert rows[(b"u1", 0)].state == "delivered" and rows[(b"u1", 0)].receipt == "at name1"
+    assert rows[(b"u2", 0)].state == "fetching" and rows[(b"u2", 0)].receipt == "before name2"
+    assert fetcher.take_deletes() == [1]  # only the delivered one
+    assert "refused it: 550 no" in fetcher.outcome.failed[0]
+    assert fetcher.outcome.short == [(b"u2", 0)]
+    # A temporary refusal ends the stream of new RETRs; a permanent one does not.
+    assert (next(requests, None) is None) is temporary
+    assert (fetcher.outcome.deferred is not None) is temporary

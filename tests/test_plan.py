@@ -44,6 +44,8 @@ def row(
         mutable_lines=None,
         attempts=attempts,
         withheld=None,
+        target="maildir",
+        receipt=None,
     )
 
 

@@ -75,6 +75,8 @@ class LedgerRow(NamedTuple):
     mutable_lines: int | None
     attempts: int
     withheld: str | None
+    target: str
+    receipt: str | None
 
     @property
     def key(self) -> Key:
@@ -97,7 +99,8 @@ class FetchIntent:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """The copy is durable in the Maildir (file and directory fsynced)."""
+    """The copy is durable at the delivery target (e.g. a Maildir file and
+    directory fsynced)."""
 
     uid: bytes
     occurrence: int
@@ -112,6 +115,9 @@ class Delivered:
     stable_sha256: str | None = None
     mutable_octets: int | None = None
     mutable_lines: int | None = None
+    #: the kind of target, and where it holds the copy (see deliver.base.Receipt)
+    target: str = "maildir"
+    receipt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +196,12 @@ _DELIVER: Final = (
         stable_sha256=bindparam("b_ssha"),
         mutable_octets=bindparam("b_mocts"),
         mutable_lines=bindparam("b_mlines"),
+        target=bindparam("b_target"),
+        receipt=bindparam("b_receipt"),
     )
+)
+_INTENT: Final = (
+    update(_messages).where(_m.id == bindparam("b_id")).values(receipt=bindparam("b_receipt"))
 )
 _DELETE: Final = (
     update(_messages)
@@ -362,6 +373,8 @@ class MessageStore(LedgerBase):
                             "b_ssha": item.stable_sha256,
                             "b_mocts": item.mutable_octets,
                             "b_mlines": item.mutable_lines,
+                            "b_target": item.target,
+                            "b_receipt": item.receipt,
                         }
                     )
                 elif row is None or row.state != "delivered" or row.sha256 != item.sha256:
@@ -436,6 +449,34 @@ class MessageStore(LedgerBase):
                     again.append(params)
             self._executemany(conn, _INSERT, new)
             self._executemany(conn, _RESKIP, again)
+
+    def record_intents(self, account: str, items: Sequence[tuple[Key, str]]) -> None:
+        """Note, in ``fetching`` rows, what their target needs to recognise a
+        copy after a crash (see :meth:`popsync.deliver.base.Target.intent`).
+
+        Committed before the target's irreversible step; recovery reads it
+        back as the row's ``receipt``.
+
+        Raises:
+            LedgerError: a row is missing or not ``fetching``, or the database fails.
+        """
+        keys = _unique_keys(account, (key for key, _ in items))
+        if not keys:
+            return
+        with self._transaction(
+            f"record delivery intents for account {account}", write=True
+        ) as conn:
+            prior = self._prior(conn, account, keys)
+            params: list[dict[str, Any]] = []
+            for key, intent in items:
+                row = prior.get(key)
+                if row is None or row.state != "fetching":
+                    state = "no row" if row is None else f"state {row.state}"
+                    raise LedgerError(
+                        f"account {account}: cannot note an intent for {_show_key(key)} ({state})"
+                    )
+                params.append({"b_id": row.id, "b_receipt": intent})
+            self._executemany(conn, _INTENT, params)
 
     def record_attempts(self, account: str, keys: Sequence[Key], now: float) -> None:
         """Count one failed fetch of each of these ``fetching`` rows.

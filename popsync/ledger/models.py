@@ -118,6 +118,10 @@ messages = Table(
     Column("mutable_lines", Integer),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("withheld", Text),
+    # Migration 0004: the delivery target's kind, and its receipt (or, while
+    # fetching, the intent it noted before its irreversible step).
+    Column("target", String(16), nullable=False, server_default=text("'maildir'")),
+    Column("receipt", Text),
     # Also the index behind every per-account lookup (its prefix is account).
     UniqueConstraint("account", "uid", "occurrence"),
     UniqueConstraint("account", "maildir_name"),

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from popsync import failpoints
-from popsync.deliver.base import Draft, Held
+from popsync.deliver.base import Draft, Held, Pending, Receipt, Refusal
 from popsync.deliver.maildir.names import name_hash
 from popsync.deliver.maildir.pipeline import DeliveryPipeline
 from popsync.deliver.maildir.store import Maildir
@@ -40,7 +40,9 @@ _READ_CHUNK = 1 << 20
 class MaildirTarget:
     """One poll's deliveries into one Maildir."""
 
+    kind = "maildir"
     batch = BATCH
+    exactly_once = True
 
     def __init__(self, maildir: Maildir) -> None:
         self.maildir = maildir
@@ -56,33 +58,35 @@ class MaildirTarget:
         assert isinstance(draft, TmpMessage)
         self.pipeline.finish(draft)  # flush + fsync + close, in the background
 
-    def commit(self, drafts: list[Draft]) -> None:
+    def intent(self, draft: Draft) -> None:
+        return None  # the name alone finds the file again
+
+    def commit(self, drafts: Sequence[Draft]) -> list[Receipt | Refusal]:
         """fsync every file (waited for), link each into ``new/``, fsync ``new/``.
 
         Raises DeliveryError; then nothing of the batch counts as delivered
         (files already linked are found by the next poll's recovery).
         """
         finished = self.pipeline.complete()  # raises if any fsync failed: nothing linked
-        if finished != drafts:
+        if finished != list(drafts):
             raise DeliveryError("Maildir batch out of step with the files finished")
         failpoints.failpoint("after_tmp_fsync")
         for tmp in finished:
             self.maildir.deliver(tmp)
         failpoints.failpoint("after_link")
         self.maildir.sync_new()
+        return [Receipt(tmp.name) for tmp in finished]
 
-    def recover(self, names: Iterable[str]) -> list[Held]:
-        wanted = list(names)
-        if not wanted:
+    def recover(self, pending: Sequence[Pending]) -> list[Held]:
+        if not pending:
             return []
         index = self.maildir.snapshot()
         held = []
-        for name in wanted:
-            path = index.find(name) or index.find_hash(name_hash(name))
+        for item in pending:
+            path = index.find(item.name) or index.find_hash(name_hash(item.name))
             if path is not None:
-                with_info = path.name
-                base = with_info.split(self.maildir.info_sep, 1)[0]
-                held.append(measure(path, asked=name, name=base))
+                base = path.name.split(self.maildir.info_sep, 1)[0]
+                held.append(measure(path, asked=item.name, name=base))
         if held:
             self.maildir.sync_new()  # a crashed run may not have fsynced new/
         return held
@@ -146,4 +150,5 @@ def measure(path: Path, *, asked: str, name: str) -> Held:
         wire_size=size + lines,  # each stored LF was a CRLF on the wire
         header_section=section,
         delivered_at=info.st_mtime,
+        receipt=name,
     )
