@@ -170,7 +170,7 @@ class Fetcher:
 
     def started(self, request: RetrRequest) -> None:
         item, name = self.by_msg[request.msg]
-        self.current = (item, self.target.begin(name), HeaderHasher())
+        self.current = (item, self.target.begin(name, item.message.uid), HeaderHasher())
 
     def data(self, chunk: bytes) -> None:
         assert self.current is not None

@@ -59,7 +59,7 @@ class Target:
     def reserve(self, name: str) -> None:
         self.log.append(f"reserve {name}")
 
-    def begin(self, name: str) -> Draft:
+    def begin(self, name: str, uid: bytes) -> Draft:
         return Draft(name, self.log)
 
     def end(self, draft: Draft) -> None:  # type: ignore[override]

@@ -131,8 +131,9 @@ class Target(Protocol):
     def reserve(self, name: str) -> None:
         """A hint: a RETR for *name* was just sent (prepare ahead if useful)."""
 
-    def begin(self, name: str) -> Draft:
-        """Start writing the message committed under *name*."""
+    def begin(self, name: str, uid: bytes) -> Draft:
+        """Start writing the message committed under *name* (server unique-id
+        *uid*: for an MDA's environment and for messages, never for a path)."""
         ...
 
     def end(self, draft: Draft) -> None:

@@ -51,7 +51,7 @@ class MaildirTarget:
     def reserve(self, name: str) -> None:
         self.pipeline.reserve(name)  # tmp/<name> is created meanwhile
 
-    def begin(self, name: str) -> TmpMessage:
+    def begin(self, name: str, uid: bytes) -> TmpMessage:
         return self.pipeline.open(name)
 
     def end(self, draft: Draft) -> None:
