@@ -141,6 +141,7 @@ class Fetcher:
         now: Callable[[], float],
         stopped: Callable[[], bool],
         progress: Callable[[int, int], None] | None = None,
+        received: Callable[[], bytes] | None = None,
     ) -> None:
         self.account = account
         self.target = target
@@ -152,6 +153,8 @@ class Fetcher:
         self.now = now
         self.stopped = stopped
         self.progress = progress
+        #: A ``Received:`` header field to put before each message, if configured.
+        self.received = received
         self.batch = Batch()
         self.outcome = FetchOutcome()
         #: The body being received: its plan item, draft and header digest.
@@ -170,7 +173,10 @@ class Fetcher:
 
     def started(self, request: RetrRequest) -> None:
         item, name = self.by_msg[request.msg]
-        self.current = (item, self.target.begin(name, item.message.uid), HeaderHasher())
+        draft = self.target.begin(name, item.message.uid)
+        if self.received is not None:
+            draft.write(self.received())  # ours: kept out of the identity digests
+        self.current = (item, draft, HeaderHasher())
 
     def data(self, chunk: bytes) -> None:
         assert self.current is not None

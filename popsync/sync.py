@@ -35,6 +35,7 @@ DELE is simply repeated next time.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -44,8 +45,9 @@ from pathlib import Path
 
 from popsync import failpoints
 from popsync.config import Account
+from popsync.deliver import open_target
 from popsync.deliver.base import Held, Pending, Target
-from popsync.deliver.maildir import open_maildir_target, unique_name
+from popsync.deliver.maildir import unique_name
 from popsync.errors import (
     BodyLimitExceeded,
     DeliveryError,
@@ -458,6 +460,7 @@ class Poll:
             now=self.now,
             stopped=self.stopped,
             progress=self.progressed(len(fetches)),
+            received=self.received_line if self.account.received_header else None,
         )
         try:
             session.retrieve(fetcher.requests(), fetcher)
@@ -477,6 +480,18 @@ class Poll:
             raise
         finally:
             self.merge(fetcher.outcome)
+
+    def received_line(self) -> bytes:
+        """One ``Received:`` header field (RFC 5322 §3.6.7) naming the server,
+        the account and the time, folded to stay under 78 characters a line."""
+        host = (
+            self.account.host.encode("idna")
+            if not self.account.host.isascii()
+            else (self.account.host.encode("ascii"))
+        )
+        name = self.name.encode("ascii")
+        stamp = email.utils.formatdate(self.now(), localtime=True).encode("ascii")
+        return b"Received: from %s\n\tby popsync (account %s);\n\t%s\n" % (host, name, stamp)
 
     def merge(self, outcome: FetchOutcome) -> None:
         self.totals.fetched += outcome.fetched
@@ -634,7 +649,7 @@ def run_account(
             stack.enter_context(account_lock(state_dir, account.name, wait=lock_wait))
             poll_id = ledger.start_poll(account.name, now())
             target = stack.enter_context(
-                open_maildir_target(account.maildir, lambda text: warn(report, text))
+                open_target(account, state_dir=state_dir, warn=lambda text: warn(report, text))
             )
             poll = Poll(
                 account,

@@ -206,11 +206,15 @@ def test_example_config_loads_and_documents_every_key(tmp_path: Path, clean_env:
 
     config = load_config(target)
 
-    assert [a.name for a in config.accounts] == ["home", "archive", "test"]
+    names = [a.name for a in config.accounts]
+    assert names == ["home", "archive", "test", "lists", "filtered", "sieve", "move"]
+    assert [a.target for a in config.accounts] == [
+        "maildir", "maildir", "maildir", "mbox", "mda", "lmtp", "imap"
+    ]  # fmt: skip
     used = set().union(*(account.model_fields_set for account in config.accounts))
     assert used >= set(Account.model_fields), set(Account.model_fields) - used
     assert config.model_fields_set >= set(Config.model_fields)
-    home, archive, test = config.accounts
+    home, archive, test, *_ = config.accounts
     assert home.secret() == "from-the-example"
     assert home.delete_after_days == 0 and home.tls is TlsMode.IMPLICIT
     assert archive.tls is TlsMode.STARTTLS and archive.password_command
@@ -366,14 +370,15 @@ def test_many_problems_one_line_each_and_duplicates(tmp_path: Path) -> None:
     path = config_file(tmp_path, text)
     lines = load_error(path).splitlines()
     assert lines == [
-        f"{path}: account 'work': port: must be between 1 and 65535",
         f"{path}: account 'work': password: missing: give one of password, "
+        "password_file or password_command",
+        f"{path}: account 'work': port: must be between 1 and 65535",
+        f"{path}: account #4: password: missing: give one of password, "
         "password_file or password_command",
         f"{path}: account #4: name: missing (this key is required)",
         f"{path}: account #4: username: missing (this key is required)",
-        f"{path}: account #4: password: missing: give one of password, "
-        "password_file or password_command",
-        f"{path}: account #4: maildir: missing (this key is required)",
+        f"{path}: account #4: maildir: missing: give one delivery target: "
+        "maildir, mbox, mda, lmtp, imap",
         f"{path}: account #3: name: 'home' is already used by account #1",
     ]
 
@@ -632,9 +637,9 @@ def process_gone(pid: int) -> bool:
 def test_password_command_timeout_kills_the_whole_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import popsync.config.models
+    import popsync.config.secrets
 
-    monkeypatch.setattr(popsync.config.models, "PASSWORD_COMMAND_TIMEOUT", 0.5)
+    monkeypatch.setattr(popsync.config.secrets, "PASSWORD_COMMAND_TIMEOUT", 0.5)
     script = "sleep 30 &\necho $! > child.pid\nwait\n"
     account = command_account(tmp_path, script)
     started = time.monotonic()
@@ -652,10 +657,10 @@ def test_default_command_timeout_is_30_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import popsync.config
-    import popsync.config.models
+    import popsync.config.secrets
 
     assert popsync.config.PASSWORD_COMMAND_TIMEOUT == 30.0
-    monkeypatch.setattr(popsync.config.models, "PASSWORD_COMMAND_TIMEOUT", 0.3)
+    monkeypatch.setattr(popsync.config.secrets, "PASSWORD_COMMAND_TIMEOUT", 0.3)
     account = command_account(tmp_path, "sleep 30\n")
     with pytest.raises(ConfigError, match=r"within 0\.3 seconds"):
         account.secret()

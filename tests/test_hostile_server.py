@@ -229,3 +229,17 @@ def test_an_internal_error_is_one_line_and_the_other_accounts_still_run(
     assert len(lines) == 1 and "internal error: ZeroDivisionError" in lines[0]
     assert "Traceback" not in captured.err
     assert len(maildir_files(tmp_path / "Maildir" / "good")) == len(sample_messages())
+
+
+def test_received_header_is_prepended_and_identity_ignores_it(make_env: Any) -> None:
+    messages = sample_messages()[:2]
+    env = make_env(list(messages), received_header=True, delete_after_days=1)
+    assert env.poll().ok
+    stored_files = sorted(maildir_contents(env.maildir))
+    for data in stored_files:
+        head, rest = data.split(b"\n\tby popsync (account acct);\n\t", 1)
+        assert head == b"Received: from 127.0.0.1"
+        assert rest.split(b"\n", 1)[1] in {stored_form(m) for m in messages}
+    # The added field is ours: the messages are still recognised for deletion.
+    later = poll_at(env, 2)
+    assert later.ok and later.counts.deleted == 2 and later.warnings == []

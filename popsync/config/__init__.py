@@ -24,6 +24,9 @@ The package, one idea per module:
   rules and the annotated field types;
 * :mod:`~popsync.config.models` -- :class:`Account` and :class:`Config`, and
   their invariants;
+* :mod:`~popsync.config.secrets` -- the three secret sources and their rules;
+* :mod:`~popsync.config.targets` -- the delivery-target keys, exactly one per
+  account, and :class:`ImapTarget`;
 * :mod:`~popsync.config.problems` -- pydantic's errors as one line each;
 * :mod:`~popsync.config.loading` -- file checks, YAML, :func:`load_config`.
 
@@ -46,6 +49,7 @@ from popsync.config.models import (
     Config,
 )
 from popsync.config.paths import resolve_config_path
+from popsync.config.targets import TARGET_KEYS, ImapTarget
 from popsync.config.values import parse_duration, parse_size
 from popsync.options import AuthMethod, TlsMode
 
@@ -57,9 +61,11 @@ __all__ = [
     "DEFAULT_POLL_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "PASSWORD_COMMAND_TIMEOUT",
+    "TARGET_KEYS",
     "Account",
     "AuthMethod",
     "Config",
+    "ImapTarget",
     "TlsMode",
     "load_config",
     "parse_duration",

@@ -23,7 +23,6 @@ variables come from ``os.environ``.
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -33,13 +32,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from popsync.config.paths import ledger_url, resolve_path, sqlite_file, state_dir
+from popsync.config.secrets import PASSWORD_COMMAND_TIMEOUT, SecretSource
+from popsync.config.targets import TARGET_KEYS, ImapTarget, check_lmtp, check_mda, one_target
 from popsync.config.values import (
     AccountName,
     Days,
@@ -54,12 +54,6 @@ from popsync.config.values import (
     Window,
     WireText,
     parse_duration,
-)
-from popsync.credentials import (
-    LINE_BREAKERS,
-    mode_problem,
-    read_password_file,
-    run_password_command,
 )
 from popsync.errors import ConfigError
 from popsync.options import AuthMethod, TlsMode
@@ -90,8 +84,6 @@ DEFAULT_POLL_TIMEOUT: Final = 3600.0
 #: passed: far below any real link (a 20 KB/s mobile link is 20 times faster),
 #: far above a server that trickles a byte at a time to hold popsync up.
 DEFAULT_MIN_RATE: Final = 1024
-#: Seconds a ``password_command`` may run before it is killed.
-PASSWORD_COMMAND_TIMEOUT: Final = 30.0
 
 
 def _context(info: ValidationInfo) -> tuple[Path, Mapping[str, str]]:
@@ -111,7 +103,7 @@ def _source(info: ValidationInfo) -> Path | None:
     return source if isinstance(source, Path) else None
 
 
-class Account(BaseModel):
+class Account(SecretSource):
     """One POP3 account: where to connect, how to log in, where mail goes, what to delete."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -124,12 +116,16 @@ class Account(BaseModel):
     port: Port = 0
     ca_file: Path | None = None
     username: WireText
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    password_command: str | None = Field(default=None, validate_default=True)
     auth: AuthMethod = AuthMethod.AUTO
     allow_plaintext: bool = Field(default=False, validate_default=True)
-    maildir: Path
+    # The delivery target: exactly one of these (see popsync.config.targets).
+    maildir: Path | None = None
+    mbox: Path | None = None
+    mda: str | None = None
+    lmtp: str | None = None
+    lmtp_recipient: WireText | None = None
+    imap: ImapTarget | None = None
+    received_header: bool = Field(default=False, validate_default=True)
     delete_after_days: Days | None = None
     interval: Interval = DEFAULT_INTERVAL
     max_message_size: MessageSize | None = None
@@ -171,71 +167,40 @@ class Account(BaseModel):
             raise ValueError(f"must be at least timeout ({timeout:.10g} s)")
         return value
 
-    @field_validator("maildir", "ca_file", "password_file", mode="before")
+    @field_validator("maildir", "mbox", "ca_file", mode="before")
     @classmethod
     def _expand_path(cls, value: Any, info: ValidationInfo) -> Any:
         return None if value is None else resolve_path(value, *_context(info))
+
+    @field_validator("mda")
+    @classmethod
+    def _mda_words(cls, value: str | None) -> str | None:
+        return check_mda(value)
+
+    @field_validator("lmtp")
+    @classmethod
+    def _lmtp_address(cls, value: str | None) -> str | None:
+        return check_lmtp(value)
+
+    @field_validator("received_header")
+    @classmethod
+    def _exactly_one_target(cls, value: bool, info: ValidationInfo) -> bool:
+        # Declared after every target key, so info.data holds them all (a key
+        # that failed its own validation is absent: count it as given).
+        given: dict[str, object] = {key: info.data.get(key, True) for key in TARGET_KEYS}
+        kind = one_target(given)
+        recipient = info.data.get("lmtp_recipient")
+        if kind == "lmtp" and recipient is None and "lmtp_recipient" in info.data:
+            raise KeyedValueError("missing: lmtp needs lmtp_recipient", key="lmtp_recipient")
+        if kind != "lmtp" and recipient is not None:
+            raise KeyedValueError("only with lmtp", key="lmtp_recipient")
+        return value
 
     @field_validator("ca_file")
     @classmethod
     def _ca_file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{value}: no such file")
-        return value
-
-    @field_validator("password_file")
-    @classmethod
-    def _password_file_safe(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            try:
-                mode = value.stat().st_mode
-            except OSError as exc:
-                raise ValueError(f"{value}: {exc.strerror}") from None
-            problem = mode_problem(value, mode)
-            if problem:
-                raise ValueError(problem)
-        return value
-
-    @field_validator("password")
-    @classmethod
-    def _password_one_line(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            secret = value.get_secret_value()
-            if not secret:
-                raise ValueError("must not be empty")
-            if LINE_BREAKERS.intersection(secret):
-                raise ValueError("must not contain line breaks or NUL characters")
-        return value
-
-    @field_validator("password_command")
-    @classmethod
-    def _exactly_one_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            try:
-                argv = shlex.split(value)
-            except ValueError as exc:  # "No closing quotation", "No escaped character"
-                raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
-            if not argv:
-                raise ValueError("must not be empty")
-        # A secret key that failed its own validation is absent from info.data;
-        # it was given all the same, so count it (and let its own error speak).
-        given = [
-            key
-            for key in ("password", "password_file")
-            if key not in info.data or info.data[key] is not None
-        ]
-        if value is not None:
-            given.append("password_command")
-        if not given:
-            raise KeyedValueError(
-                "missing: give one of password, password_file or password_command",
-                key="password",
-            )
-        if len(given) > 1:
-            raise KeyedValueError(
-                "give only one of password, password_file, password_command",
-                key=", ".join(given),
-            )
         return value
 
     @field_validator("allow_plaintext")
@@ -250,33 +215,15 @@ class Account(BaseModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _remember_base_dir(self, info: ValidationInfo) -> Account:
-        self._base_dir = _context(info)[0]
-        return self
+    @property
+    def target(self) -> str:
+        """The kind of delivery target: maildir, mbox, mda, lmtp or imap."""
+        return next(key for key in TARGET_KEYS if getattr(self, key) is not None)
 
     def secret(self) -> str:
-        """The password or OAuth token, read afresh from its source on every call.
-
-        ``password_command`` runs with ``shlex.split`` (no shell), stdin closed,
-        the config file's directory as working directory, and at most
-        :data:`PASSWORD_COMMAND_TIMEOUT` seconds. Raises ConfigError, naming
-        the account and the key but never the secret, when the file is missing,
-        readable by group or others, empty or not one clean line, or when the
-        command cannot run, fails, times out, prints nothing or more than a line.
-        """
-        try:
-            if self.password is not None:
-                return self.password.get_secret_value()
-            if self.password_file is not None:
-                return read_password_file(self.password_file)
-            if self.password_command is not None:
-                argv = shlex.split(self.password_command)
-                return run_password_command(argv, self._base_dir, PASSWORD_COMMAND_TIMEOUT)
-        except ValueError as exc:
-            key = "password_file" if self.password_file is not None else "password_command"
-            raise ConfigError(f"account {self.name!r}: {key}: {exc}") from None
-        raise ConfigError(f"account {self.name!r}: password: no secret is configured")
+        """The password or OAuth token, read afresh from its source on every call
+        (see :meth:`SecretSource.read_secret`)."""
+        return self.read_secret(f"account {self.name!r}")
 
 
 class Config(BaseModel):

@@ -16,6 +16,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from popsync.config.models import Account, Config, duplicate_names
+from popsync.config.targets import ImapTarget
 from popsync.config.values import KeyedValueError, account_name_problem
 
 __all__ = ["validation_problems"]
@@ -81,12 +82,14 @@ def _describe(path: Path, data: Mapping[str, Any], error: Mapping[str, Any]) -> 
     if len(loc) >= 2 and loc[0] == "accounts" and isinstance(loc[1], int):
         where = _account_label(raw_accounts, loc[1])
         loc = loc[2:]
-        known = Account.model_fields
+        known = ImapTarget.model_fields if loc[:1] == ("imap",) else Account.model_fields
     key = ".".join(str(part) for part in loc)
     custom = (error.get("ctx") or {}).get("error")
     if isinstance(custom, KeyedValueError):
         where = custom.where or where
-        key = custom.key or key
+        if custom.key:  # the key it names sits beside the one validated
+            prefix = ".".join(str(part) for part in loc[:-1])
+            key = f"{prefix}.{custom.key}" if prefix else custom.key
     parts = [str(path), where, key, _phrase(error, known)]
     return ": ".join(part for part in parts if part)
 

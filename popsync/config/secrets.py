@@ -1,0 +1,149 @@
+"""Where a secret comes from: exactly one of ``password``, ``password_file``,
+``password_command`` -- for an account, and for an IMAP delivery target.
+
+A ``password`` is a :class:`SecretStr` (never in a ``repr`` or a message); a
+file must not be readable by group or others; a command is split like a
+shell would (it runs without one) and must not be empty.  The file and the
+command are read only by :meth:`SecretSource.secret`, afresh on each call.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from popsync.config.paths import resolve_path
+from popsync.config.values import KeyedValueError
+from popsync.credentials import (
+    LINE_BREAKERS,
+    mode_problem,
+    read_password_file,
+    run_password_command,
+)
+from popsync.errors import ConfigError
+
+#: Seconds a ``password_command`` may run before it is killed.
+PASSWORD_COMMAND_TIMEOUT: Final = 30.0
+
+
+def context_of(info: ValidationInfo) -> tuple[Path, Mapping[str, str]]:
+    """(config directory, environment) from the validation context."""
+    ctx = info.context if isinstance(info.context, Mapping) else {}
+    base = ctx.get("base_dir")
+    environ = ctx.get("environ")
+    return (
+        base if isinstance(base, Path) else Path.cwd(),
+        environ if isinstance(environ, Mapping) else os.environ,
+    )
+
+
+class SecretSource(BaseModel):
+    """The three secret keys and their rules; a model that logs in inherits them."""
+
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_command: str | None = Field(default=None, validate_default=True)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("password_file", mode="before")
+    @classmethod
+    def _expand_password_file(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else resolve_path(value, *context_of(info))
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file_safe(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                mode = value.stat().st_mode
+            except OSError as exc:
+                raise ValueError(f"{value}: {exc.strerror}") from None
+            problem = mode_problem(value, mode)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_one_line(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret = value.get_secret_value()
+            if not secret:
+                raise ValueError("must not be empty")
+            if LINE_BREAKERS.intersection(secret):
+                raise ValueError("must not contain line breaks or NUL characters")
+        return value
+
+    @field_validator("password_command")
+    @classmethod
+    def _exactly_one_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            try:
+                argv = shlex.split(value)
+            except ValueError as exc:  # "No closing quotation", "No escaped character"
+                raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
+            if not argv:
+                raise ValueError("must not be empty")
+        # A secret key that failed its own validation is absent from info.data;
+        # it was given all the same, so count it (and let its own error speak).
+        given = [
+            key
+            for key in ("password", "password_file")
+            if key not in info.data or info.data[key] is not None
+        ]
+        if value is not None:
+            given.append("password_command")
+        if not given:
+            raise KeyedValueError(
+                "missing: give one of password, password_file or password_command",
+                key="password",
+            )
+        if len(given) > 1:
+            raise KeyedValueError(
+                "give only one of password, password_file, password_command",
+                key=", ".join(given),
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _remember_base_dir(self, info: ValidationInfo) -> SecretSource:
+        self._base_dir = context_of(info)[0]
+        return self
+
+    def read_secret(self, owner: str) -> str:
+        """The secret, read afresh from its source; *owner* names it in errors.
+
+        ``password_command`` runs with ``shlex.split`` (no shell), stdin closed,
+        the config file's directory as working directory, and at most
+        :data:`PASSWORD_COMMAND_TIMEOUT` seconds.  Raises ConfigError, naming
+        *owner* and the key but never the secret, when the file is missing,
+        readable by group or others, empty or not one clean line, or when the
+        command cannot run, fails, times out, prints nothing or more than a line.
+        """
+        try:
+            if self.password is not None:
+                return self.password.get_secret_value()
+            if self.password_file is not None:
+                return read_password_file(self.password_file)
+            if self.password_command is not None:
+                argv = shlex.split(self.password_command)
+                timeout = PASSWORD_COMMAND_TIMEOUT
+                return run_password_command(argv, self._base_dir, timeout)
+        except ValueError as exc:
+            key = "password_file" if self.password_file is not None else "password_command"
+            raise ConfigError(f"{owner}: {key}: {exc}") from None
+        raise ConfigError(f"{owner}: password: no secret is configured")
