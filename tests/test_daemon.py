@@ -65,7 +65,7 @@ def messages(n: int, seed: int) -> list[bytes]:
     return list(generate_messages(n, 600, seed=seed))
 
 
-def assert_exactly_once(maildir: Path, expected: list[bytes]) -> None:
+def assert_exactly_once(maildir: Path | None, expected: list[bytes]) -> None:
     contents = maildir_contents(maildir)
     assert set(contents) == {stored_form(m) for m in expected}
     assert all(n == 1 for n in contents.values()), "a message was delivered twice"
@@ -755,7 +755,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
             p.proc.wait()
 
 
-def wait_for_files(maildir: Path, n: int, timeout: float = 10.0) -> None:
+def wait_for_files(maildir: Path | None, n: int, timeout: float = 10.0) -> None:
     wait_until(
         lambda: sum(maildir_contents(maildir).values()) >= n,
         timeout=timeout,

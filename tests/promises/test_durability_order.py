@@ -117,7 +117,8 @@ def durable_in_order(events: list[tuple[str, str]], maildir: Path, name: str) ->
 class Watch:
     """The server hook: checks I1 at every DELE, collects violations."""
 
-    def __init__(self, ledger: Ledger, account: str, maildir: Path, spy: Spy) -> None:
+    def __init__(self, ledger: Ledger, account: str, maildir: Path | None, spy: Spy) -> None:
+        assert maildir is not None, "the account delivers to no Maildir"
         self.ledger, self.account, self.maildir, self.spy = ledger, account, maildir, spy
         self.deles = 0
         self.violations: list[str] = []
