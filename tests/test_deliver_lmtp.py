@@ -1,0 +1,399 @@
+"""The LMTP target against a scripted LMTP server (a socket thread in the test).
+
+The scripted server speaks just enough RFC 2033 to store what it is sent,
+and can be told to refuse a step (4xx, 5xx, 421), to answer with a flood,
+to hang, or to hang up in the middle of DATA.  The target must turn each of
+those into a Receipt, a Refusal or one clear DeliveryError -- and the body
+must arrive byte-exact, with CRLF line ends and dot-stuffing undone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from popsync.deliver.base import Receipt, Refusal
+from popsync.deliver.lmtp import (
+    MAX_LINE,
+    DataEncoder,
+    LmtpTarget,
+    open_lmtp_target,
+    parse_address,
+    return_path,
+)
+from popsync.errors import DeliveryError
+
+pytestmark = pytest.mark.timeout(60)
+
+OK_FINAL = b"250 2.0.0 <rcpt@example.org> Q1a2b3 Saved\r\n"
+
+
+@dataclass
+class Script:
+    """How the scripted server behaves; the defaults are a well-behaved server."""
+
+    greeting: bytes = b"220 lmtp.test LMTP ready\r\n"
+    pipelining: bool = True
+    #: Replies by command verb (MAIL, RCPT, DATA, RSET): the raw reply.
+    replies: dict[str, bytes] = field(default_factory=dict)
+    #: The reply after the final dot.
+    final: bytes = OK_FINAL
+    #: Close the connection after this many bytes of DATA (None: never).
+    close_mid_data: int | None = None
+    #: Never answer the final dot.
+    hang_after_data: bool = False
+    #: Pipelining check: answer MAIL only once DATA has arrived too.
+    insist_on_pipelining: bool = False
+
+
+class ScriptedLmtp:
+    """A one-connection-at-a-time LMTP server on a unix socket, driven by a Script."""
+
+    def __init__(self, path: Path, script: Script | None = None) -> None:
+        self.path = path
+        self.script = script or Script()
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []  # as stored: dot-stuffing undone, LF line ends
+        self.connections = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.release = threading.Event()  # lets a hanging server go at the end
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.path}"
+
+    def close(self) -> None:
+        self.release.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn, contextlib.suppress(OSError):
+                self._session(conn, conn.makefile("rb"))
+
+    def _session(self, conn: socket.socket, rfile: Any) -> None:
+        conn.sendall(self.script.greeting)
+        while line := rfile.readline():
+            self.commands.append(line.rstrip(b"\r\n"))
+            if not self._answer(conn, rfile, line[:4].upper().decode("latin-1")):
+                return
+
+    def _answer(self, conn: socket.socket, rfile: Any, verb: str) -> bool:
+        """Answer one command; False when the session is over."""
+        s = self.script
+        if verb == "LHLO":
+            ext = [b"PIPELINING"] if s.pipelining else []
+            conn.sendall(_multiline(250, [b"lmtp.test", *ext, b"8BITMIME", b"ENHANCEDSTATUSCODES"]))
+            return True
+        if verb == "QUIT":
+            conn.sendall(b"221 2.0.0 Bye\r\n")
+            return False
+        if verb == "MAIL" and s.insist_on_pipelining:
+            rcpt, data = rfile.readline(), rfile.readline()  # before any reply
+            self.commands += [rcpt.rstrip(b"\r\n"), data.rstrip(b"\r\n")]
+            conn.sendall(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 go ahead\r\n")
+            return self._data(conn, rfile)
+        if verb in ("MAIL", "RCPT", "RSET"):
+            reply = s.replies.get(verb, b"250 2.1.0 OK\r\n")
+            conn.sendall(reply)
+            return not reply.startswith(b"421")
+        if verb == "DATA":
+            refused = any(s.replies.get(v, b"250")[:1] != b"2" for v in ("MAIL", "RCPT"))
+            default = b"503 5.5.1 No valid recipients\r\n" if refused else b"354 go ahead\r\n"
+            reply = s.replies.get("DATA", default)
+            conn.sendall(reply)
+            return not reply.startswith(b"354") or self._data(conn, rfile)
+        conn.sendall(b"500 5.5.2 what?\r\n")
+        return True
+
+    def _data(self, conn: socket.socket, rfile: Any) -> bool:
+        s = self.script
+        body = bytearray()
+        seen = 0
+        while True:
+            line = rfile.readline()
+            seen += len(line)
+            if not line or (s.close_mid_data is not None and seen > s.close_mid_data):
+                return False
+            if line == b".\r\n":
+                break
+            assert line.endswith(b"\r\n"), "a line without CRLF in DATA"
+            body += line[1:] if line.startswith(b".") else line
+        self.messages.append(bytes(body).replace(b"\r\n", b"\n"))
+        if s.hang_after_data:
+            self.release.wait(30)
+            return False
+        conn.sendall(s.final)
+        return True
+
+
+def _multiline(code: int, lines: list[bytes]) -> bytes:
+    out = [b"%d-%s\r\n" % (code, line) for line in lines[:-1]]
+    return b"".join(out) + b"%d %s\r\n" % (code, lines[-1])
+
+
+@pytest.fixture
+def lmtp(tmp_path: Path) -> Iterator[Callable[..., ScriptedLmtp]]:
+    servers: list[ScriptedLmtp] = []
+
+    def start(**kw: Any) -> ScriptedLmtp:
+        servers.append(ScriptedLmtp(tmp_path / f"lmtp{len(servers)}.sock", Script(**kw)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _no_warning(text: str) -> None:
+    raise AssertionError(f"unexpected warning: {text}")
+
+
+def deliver_with(target: LmtpTarget, message: bytes, name: str = "n1") -> Receipt | Refusal:
+    draft = target.begin(name, b"uid-" + name.encode())
+    for start in range(0, len(message), 5000):
+        draft.write(message[start : start + 5000])
+    target.end(draft)
+    assert target.intent(draft) is None
+    [result] = target.commit([draft])
+    return result
+
+
+def deliver(server: ScriptedLmtp, message: bytes, *, timeout: float = 10) -> Receipt | Refusal:
+    with open_lmtp_target(
+        server.address, "rcpt@example.org", timeout=timeout, warn=_no_warning
+    ) as target:
+        return deliver_with(target, message)
+
+
+# Stored form: LF line ends.
+TRICKY = (
+    b"Return-Path: <bounce+x=y@example.org>\nSubject: tricky\n\n"
+    b".\n..two\n.\r\nFrom the start\n>From\n\xe9\xff\x00\x80\n" + b"z" * 20_000 + b"\nend\n"
+)
+
+
+# -- the data encoding ------------------------------------------------------------------
+
+
+def _unstuff(wire: bytes) -> bytes:
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+    lines = wire[:-3].split(b"\r\n")[:-1] if wire != b".\r\n" else []
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\n" for line in lines)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_data_encoding_is_independent_of_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    message = TRICKY[: rng.randrange(len(TRICKY) + 1)]
+    message = message if message.endswith(b"\n") or not message else message + b"\n"
+    cuts = sorted(rng.sample(range(len(message) + 1), min(8, len(message) + 1)))
+    pieces = [message[a:b] for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True)]
+    encoder = DataEncoder()
+    wire = b"".join(encoder.encode(p) for p in pieces) + encoder.end()
+    assert b"\n" not in wire.replace(b"\r\n", b"")
+    assert _unstuff(wire) == message
+
+
+def test_data_encoding_of_edge_cases() -> None:
+    def encode(*pieces: bytes) -> bytes:
+        encoder = DataEncoder()
+        return b"".join(encoder.encode(p) for p in pieces) + encoder.end()
+
+    assert encode(b"") == b".\r\n"
+    assert encode(b".") == b"..\r\n.\r\n"  # no final line end: one is added
+    assert encode(b"a\n", b".b\n") == b"a\r\n..b\r\n.\r\n"
+    assert encode(b"a\n.", b"\n") == b"a\r\n..\r\n.\r\n"
+    assert encode(b"a\r\n") == b"a\r\r\n.\r\n"  # a CR the server sent stays
+
+
+def test_return_path_is_the_sender() -> None:
+    assert return_path(b"Return-Path: <a@b.example>\nSubject: x\n\nbody") == b"a@b.example"
+    assert return_path(b"Subject: x\nreturn-path:\n  <folded@b.example>\n\n") == b"folded@b.example"
+    assert return_path(b"Return-Path: <>\n\n") == b""
+    assert return_path(b"Return-Path: <a b@c>\n\n") == b""
+    assert return_path(b"Return-Path: <\xe9@c>\n\n") == b""
+    assert return_path(b"Subject: x\n\nReturn-Path: <body@b.example>\n") == b""
+    assert return_path(b"\nReturn-Path: <a@b>\n") == b""
+
+
+def test_addresses() -> None:
+    assert parse_address("unix:/run/lmtp") == (socket.AF_UNIX, "/run/lmtp")
+    assert parse_address("localhost:24") == (socket.AF_UNSPEC, ("localhost", 24))
+    assert parse_address("[::1]:2424") == (socket.AF_UNSPEC, ("::1", 2424))
+    for bad in ("unix:relative", "host", "host:0", "host:x", ":24"):
+        with pytest.raises(ValueError, match=r"unix:|host:port"):
+            parse_address(bad)
+
+
+# -- against the scripted server ------------------------------------------------------
+
+
+def test_a_message_arrives_byte_exact_with_its_sender(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp()
+    assert deliver(server, TRICKY) == Receipt("250 2.0.0 <rcpt@example.org> Q1a2b3 Saved")
+    assert server.messages == [TRICKY]
+    assert server.commands[1:4] == [
+        b"MAIL FROM:<bounce+x=y@example.org> BODY=8BITMIME",
+        b"RCPT TO:<rcpt@example.org>",
+        b"DATA",
+    ]
+    assert server.commands[0].startswith(b"LHLO ") and server.commands[-1] == b"QUIT"
+
+
+def test_one_session_serves_the_poll(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp()
+    with open_lmtp_target(server.address, "r@x", timeout=10, warn=_no_warning) as target:
+        assert (target.kind, target.batch, target.exactly_once) == ("lmtp", 1, False)
+        assert server.connections == 0  # lazily opened
+        for i in range(3):
+            message = b"Subject: %d\n\nbody\n" % i
+            assert isinstance(deliver_with(target, message, f"n{i}"), Receipt)
+        assert target.recover([]) == []
+    assert server.connections == 1
+    assert [c.split()[0] for c in server.commands].count(b"LHLO") == 1
+    assert server.commands[1] == b"MAIL FROM:<> BODY=8BITMIME"  # no Return-Path
+    assert len(server.messages) == 3 and server.commands[-1] == b"QUIT"
+
+
+def test_mail_rcpt_and_data_are_pipelined(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    # This server answers MAIL only after RCPT and DATA arrived: without
+    # pipelining, the client would wait for it until its timeout.
+    server = lmtp(insist_on_pipelining=True)
+    assert isinstance(deliver(server, TRICKY, timeout=5), Receipt)
+    assert server.messages == [TRICKY]
+
+
+def test_without_pipelining_a_refused_mail_is_not_followed_by_rcpt(
+    lmtp: Callable[..., ScriptedLmtp],
+) -> None:
+    server = lmtp(pipelining=False, replies={"MAIL": b"451 4.3.0 try later\r\n"})
+    result = deliver(server, TRICKY)
+    assert result == Refusal("MAIL FROM: 451 4.3.0 try later", temporary=True)
+    verbs = [c.split(b":")[0].split()[0] for c in server.commands]
+    assert verbs == [b"LHLO", b"MAIL", b"RSET", b"QUIT"]
+
+
+def test_a_5xx_to_rcpt_is_permanent_and_the_session_goes_on(
+    lmtp: Callable[..., ScriptedLmtp],
+) -> None:
+    server = lmtp(replies={"RCPT": b"550 5.1.1 <r@x> User doesn't exist\r\n"})
+    with open_lmtp_target(server.address, "r@x", timeout=10, warn=_no_warning) as target:
+        first = deliver_with(target, TRICKY, "n1")
+        server.script.replies.clear()
+        second = deliver_with(target, TRICKY, "n2")
+    assert first == Refusal("RCPT TO: 550 5.1.1 <r@x> User doesn't exist", temporary=False)
+    assert isinstance(second, Receipt)
+    assert server.connections == 1 and b"RSET" in server.commands
+    assert server.messages == [TRICKY]
+
+
+@pytest.mark.parametrize(
+    ("final", "temporary"),
+    [(b"452 4.2.2 <r@x> Quota exceeded\r\n", True), (b"552 5.2.2 <r@x> Mailbox full\r\n", False)],
+)
+def test_the_reply_after_the_dot_decides(
+    lmtp: Callable[..., ScriptedLmtp], final: bytes, temporary: bool
+) -> None:
+    server = lmtp(final=final)
+    result = deliver(server, TRICKY)
+    text = "after DATA: " + final.decode().strip()
+    assert result == Refusal(text, temporary=temporary)
+
+
+def test_a_421_refuses_for_now_and_the_next_message_reconnects(
+    lmtp: Callable[..., ScriptedLmtp],
+) -> None:
+    server = lmtp(replies={"MAIL": b"421 4.3.2 shutting down\r\n"})
+    with open_lmtp_target(server.address, "r@x", timeout=10, warn=_no_warning) as target:
+        first = deliver_with(target, TRICKY, "n1")
+        server.script.replies.clear()
+        second = deliver_with(target, TRICKY, "n2")
+    assert first == Refusal("MAIL FROM: 421 4.3.2 shutting down", temporary=True)
+    assert isinstance(second, Receipt) and server.connections == 2
+
+
+def test_a_multiline_final_reply_is_one_receipt(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp(final=b"250-2.0.0 first\r\n250 2.0.0 second\r\n")
+    assert deliver(server, TRICKY) == Receipt("250 2.0.0 first 2.0.0 second")
+
+
+def test_a_megabyte_reply_line_is_refused_early(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp(greeting=b"220 " + b"x" * (1 << 20) + b"\r\n")
+    with pytest.raises(DeliveryError, match=f"reply line longer than {MAX_LINE} octets"):
+        deliver(server, TRICKY)
+
+
+def test_a_reply_of_too_many_lines_is_refused(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp(greeting=b"220-hi\r\n" * 5000 + b"220 ready\r\n")
+    with pytest.raises(DeliveryError, match="reply of more than 100 lines"):
+        deliver(server, TRICKY)
+
+
+@pytest.mark.parametrize(
+    ("greeting", "error"),
+    [
+        (b"554 5.3.2 go away\r\n", "refused the session: 554 5.3.2 go away"),
+        (b"hello\r\n", "malformed reply: hello"),
+    ],
+)
+def test_a_bad_greeting_is_one_clear_error(
+    lmtp: Callable[..., ScriptedLmtp], greeting: bytes, error: str
+) -> None:
+    server = lmtp(greeting=greeting)
+    with pytest.raises(DeliveryError, match=f"LMTP server unix:.* {error}"):
+        deliver(server, TRICKY, timeout=2)
+
+
+def test_a_server_that_closes_mid_data_fails_the_delivery(
+    lmtp: Callable[..., ScriptedLmtp],
+) -> None:
+    server = lmtp(close_mid_data=10_000)
+    big = b"Subject: big\n\n" + b"line of text\n" * 200_000
+    with pytest.raises(DeliveryError, match=r"connection lost|closed the connection"):
+        deliver(server, big)
+    assert server.messages == []
+
+
+def test_a_silent_server_times_out(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp(hang_after_data=True)
+    with pytest.raises(DeliveryError, match=r"did not answer within 1\.5 s"):
+        deliver(server, TRICKY, timeout=1.5)
+
+
+def test_no_server_is_one_clear_error(tmp_path: Path) -> None:
+    with (
+        open_lmtp_target(
+            f"unix:{tmp_path}/none.sock", "r@x", timeout=2, warn=_no_warning
+        ) as target,
+        pytest.raises(DeliveryError, match=r"none\.sock: cannot connect: No such file"),
+    ):
+        deliver_with(target, TRICKY)
+
+
+def test_a_bad_recipient_fails_at_open() -> None:
+    with (
+        pytest.raises(DeliveryError, match="not a plain address"),
+        open_lmtp_target("unix:/x", "a b@c", timeout=2, warn=_no_warning),
+    ):
+        pass
