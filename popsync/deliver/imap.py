@@ -25,12 +25,15 @@ Exactly once
 ------------
 Before the APPENDs of a batch, :meth:`ImapTarget.intent` gives the ledger
 ``imap1 <mailbox hex> <UIDVALIDITY> <UIDNEXT> <size> <CRLF size> <sha256>
-<Message-ID>``
+<sha256 with NUL as 0x80> <Message-ID>``
 (UIDNEXT as known before the batch, kept current from APPENDUID).  After a
 crash, :meth:`ImapTarget.recover` searches for each such message: UIDs from
 the noted UIDNEXT on while UIDVALIDITY is unchanged (else all), narrowed by
 its size and Message-ID, and every candidate confirmed by its SHA-256 over
-the fetched body, CRLF turned back to LF (fetched in bounded pieces).  The
+the fetched body, CRLF turned back to LF (fetched in bounded pieces).  A
+literal cannot carry NUL (RFC 3501 §4.3): Dovecot stores one as sent but
+FETCH shows it as 0x80, so for a message with NULs the intent also notes
+the hash of that form, and either hash confirms a copy.  The
 same search gives the receipt after an APPEND when the server does not offer
 UIDPLUS (RFC 4315), whose APPENDUID otherwise names the new UID.
 
@@ -341,10 +344,22 @@ class ImapDraft(SpoolDraft):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.lines = 0
+        self.has_nul = False
+        self.intent: Intent | None = None
 
     def write(self, data: bytes) -> None:
         super().write(data)
         self.lines += data.count(b"\n")
+        self.has_nul = self.has_nul or b"\0" in data
+
+    def nul_mapped_sha256(self) -> str:
+        """SHA-256 of the body with each NUL as 0x80 (how FETCH may show it), or "-"."""
+        if not self.has_nul:
+            return "-"
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk.replace(b"\0", b"\x80"))
+        return digest.hexdigest()
 
     @property
     def wire_size(self) -> int:
@@ -370,25 +385,31 @@ class Intent:
     size: int
     wire_size: int
     sha256: str
+    #: The hash with NUL as 0x80, or "-" for a message without NUL.
+    sha256_nul: str
     message_id: str
 
     def text(self) -> str:
         box = self.mailbox.encode("utf-8").hex()
         fields = (box, self.uidvalidity, self.uidnext, self.size, self.wire_size, self.sha256)
-        return "imap1 " + " ".join(map(str, fields)) + f" {self.message_id or '-'}"
+        tail = f" {self.sha256_nul} {self.message_id or '-'}"
+        return "imap1 " + " ".join(map(str, fields)) + tail
+
+    def matches(self, sha256: str) -> bool:
+        return sha256 in (self.sha256, self.sha256_nul)
 
     @classmethod
     def parse(cls, text: str) -> Intent | None:
         """The intent noted as *text*, or None if it is not one of ours."""
         parts = text.split(" ")
-        if len(parts) != 8 or parts[0] != "imap1":
+        if len(parts) != 9 or parts[0] != "imap1":
             return None
         try:
             box = bytes.fromhex(parts[1]).decode("utf-8")
             numbers = int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])
         except (ValueError, UnicodeDecodeError):
             return None
-        return cls(box, *numbers, parts[6], "" if parts[7] == "-" else parts[7])
+        return cls(box, *numbers, parts[6], parts[7], "" if parts[8] == "-" else parts[8])
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,7 +510,7 @@ class ImapSession:
             # "n:*" also matches the highest UID when it is below n (RFC 3501 §6.4.8)
             if uid < since or uid in taken:
                 continue
-            found = self.confirm(uid, intent.size, intent.sha256)
+            found = self.confirm(uid, intent)
             if found is not None:
                 return found
         return None
@@ -506,8 +527,9 @@ class ImapSession:
                 uids += [int(w) for w in reply.line.split()[2:] if w.isdigit()]
         return sorted(set(uids))
 
-    def confirm(self, uid: int, size: int, sha256: str) -> Found | None:
-        """Fetch *uid* in pieces and compare its LF form with *size* and *sha256*."""
+    def confirm(self, uid: int, intent: Intent) -> Found | None:
+        """Fetch *uid* in pieces and compare its LF form with the intent's size and hash."""
+        size = intent.size
         done = self.wire.command(b"UID FETCH %d (UID RFC822.SIZE INTERNALDATE)" % uid)
         wire_size = _fetch_number(done, b"RFC822.SIZE")
         if done.status != "OK" or wire_size is None or wire_size < size:
@@ -525,7 +547,7 @@ class ImapSession:
         tail = back.end()
         digest.update(tail)
         stored += len(tail)
-        if stored != size or digest.hexdigest() != sha256:
+        if stored != size or not intent.matches(digest.hexdigest()):
             return None
         end = head.find(b"\n\n")
         section = bytes(head[: end + 2]) if end >= 0 else bytes(head)
@@ -705,6 +727,12 @@ class ImapTarget:
         return self._intent(draft).text()
 
     def _intent(self, draft: ImapDraft) -> Intent:
+        """The draft's intent, computed once (the UIDNEXT known before its batch)."""
+        if draft.intent is None:
+            draft.intent = self._new_intent(draft)
+        return draft.intent
+
+    def _new_intent(self, draft: ImapDraft) -> Intent:
         s = self.session
         return Intent(
             self.mailbox,
@@ -713,6 +741,7 @@ class ImapTarget:
             draft.size,
             draft.wire_size,
             draft.sha256_hex,
+            draft.nul_mapped_sha256(),
             draft.message_id(),
         )
 

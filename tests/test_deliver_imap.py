@@ -1,0 +1,375 @@
+"""The IMAP target: the wire rules on a scripted transport, the rest against a
+real Dovecot IMAP server (plain, STARTTLS and implicit TLS, with a quota).
+
+What is checked: a message reads back byte-identical (CRLF->LF) whatever it
+holds; a copy APPENDed before a crash is found again by its intent, and one
+never APPENDed is not; a quota refusal refuses that message only; TLS is
+verified and the password is never sent in clear without consent; a reply
+the server makes too long is cut off; memory stays flat for a 200 MB
+message.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from popsync.deliver.base import Pending, Receipt, Refusal
+from popsync.deliver.imap import (
+    LINE_CAP,
+    LITERAL_CAP,
+    FromWire,
+    ImapAuthError,
+    ImapDraft,
+    ImapSession,
+    ImapTarget,
+    Intent,
+    Wire,
+    mailbox_name,
+    open_imap_target,
+    to_wire,
+)
+from popsync.errors import DeliveryError, SecurityError
+from popsync.options import TlsMode
+from tests.dovecot_fixtures import require_dovecot
+from tests.fakes import FakeTransport
+from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
+
+# Stored form (LF line ends): dot-stuffed-looking lines, "From " lines, 8-bit
+# bytes, a NUL, a bare CR, a 20,000-character line and no final line end.
+TRICKY = (
+    b"From: a@example.org\nSubject: tricky\nMessage-ID: <tricky@example.org>\n\n"
+    b".\n..leading dots\nFrom the start\n>From quoted\n"
+    b"8-bit: \xe9\xff\x80 nul:\x00 bare CR:\r.\n" + b"x" * 20_000 + b"\nno final newline"
+)
+NO_MESSAGE_ID = b"From: a@example.org\nSubject: plain\n\nbody\n"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The fields of the config's ``imap:`` mapping the target reads."""
+
+    host: str
+    port: int
+    tls: TlsMode
+    username: str
+    password: str = field(repr=False)
+    ca_file: Path | None = None
+    allow_plaintext: bool = False
+    mailbox: str = "INBOX"
+
+    def secret(self) -> str:
+        return self.password
+
+
+def draft_of(target: ImapTarget, name: str, data: bytes, piece: int = 65536) -> ImapDraft:
+    draft = target.begin(name, name.encode())
+    for start in range(0, len(data), piece):
+        draft.write(data[start : start + piece])
+    target.end(draft)
+    return draft
+
+
+def deliver(target: ImapTarget, messages: dict[str, bytes]) -> dict[str, Receipt | Refusal]:
+    """begin/write/end, the intents, then one commit, as the Fetcher does."""
+    drafts = [draft_of(target, name, data) for name, data in messages.items()]
+    for draft in drafts:
+        target.intent(draft)
+    return dict(zip(messages, target.commit(drafts), strict=True))
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def test_intent_text_round_trips() -> None:
+    intent = Intent("Entwürfe 2", 7, 42, 100, 103, "ab" * 32, "-", "<x@y>")
+    assert Intent.parse(intent.text()) == intent
+    assert Intent.parse("12 34") is None
+    assert Intent.parse(intent.text().replace("imap1", "imap9")) is None
+
+
+def test_mailbox_names_are_quoted_modified_utf7() -> None:
+    """RFC 3501 §5.1.3: non-ASCII in base64 of UTF-16, "&" as "&-"."""
+    assert mailbox_name("INBOX") == b'"INBOX"'
+    assert mailbox_name("Entwürfe") == b'"Entw&APw-rfe"'
+    assert mailbox_name("A&B") == b'"A&-B"'
+    assert mailbox_name('say "hi"\\') == b'"say \\"hi\\"\\\\"'
+    assert mailbox_name("tab\there") == b'"tab&AAk-here"'  # controls too: never raw
+
+
+@pytest.mark.parametrize("data", [TRICKY, b"\r\r\n\r", b"\n\n", b"\r"])
+def test_crlf_comes_back_to_lf_at_every_split(data: bytes) -> None:
+    wire = to_wire(data)
+    for cut in range(len(wire) + 1) if len(wire) < 100 else (1, 80, 81, 82, len(wire) - 1):
+        back = FromWire()
+        assert back.feed(wire[:cut]) + back.feed(wire[cut:]) + back.end() == data
+
+
+# -- the wire, scripted ---------------------------------------------------------------------
+
+
+def scripted_session(*script: bytes) -> tuple[ImapSession, FakeTransport]:
+    transport = FakeTransport(script, where="imap.test:143")
+    session = ImapSession(Wire(transport, "imap target imap.test:143"), {"IMAP4REV1"})
+    session.examined, session.uidvalidity, session.uidnext = "INBOX", 9, 5
+    return session, transport
+
+
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [
+        ((b"* OK " + b"x" * (LINE_CAP + 10),), "reply line longer than"),
+        ((b"* 1 FETCH (BODY[] {%d}\r\n" % (LITERAL_CAP + 1),), "-octet literal"),
+        ((b"* BYE going away\r\n",), "going away"),
+        ((b"* 1 EXISTS\r\n", b""), "closed the connection"),
+        ((b"A7 OK not ours\r\n",), "never sent"),
+    ],
+    ids=["long-line", "big-literal", "bye", "eof", "stray-tag"],
+)
+def test_a_bad_reply_is_a_delivery_error(script: tuple[bytes, ...], says: str) -> None:
+    session, _ = scripted_session(*script)
+    with pytest.raises(DeliveryError, match=says):
+        session.wire.command(b"NOOP")
+
+
+def test_a_refusal_before_the_continuation_costs_no_body() -> None:
+    """A synchronizing literal: the server can say no before the body is sent."""
+    session, transport = scripted_session(b"A1 NO [OVERQUOTA] Quota exceeded\r\n")
+    target = ImapTarget(session, "INBOX")
+    results = deliver(target, {"m1": b"Subject: big\n\n" + b"y" * 100_000})
+    assert results == {"m1": Refusal("NO [OVERQUOTA] Quota exceeded", temporary=False)}
+    assert transport.sent == b'A1 APPEND "INBOX" {100016}\r\n'
+
+
+@pytest.mark.parametrize(("code", "temporary"), [("INUSE", True), ("UNAVAILABLE", True)])
+def test_in_use_refuses_for_now(code: str, temporary: bool) -> None:
+    session, _ = scripted_session(b"A1 NO [%s] try later\r\n" % code.encode())
+    results = deliver(ImapTarget(session, "INBOX"), {"m1": b"s\n\nb\n"})
+    assert results["m1"] == Refusal(f"NO [{code}] try later", temporary=temporary)
+
+
+def test_the_body_is_sent_with_crlf_after_the_continuation() -> None:
+    session, transport = scripted_session(
+        b"+ OK\r\n", b"* 5 EXISTS\r\nA1 OK [APPENDUID 9 5] done\r\n"
+    )
+    results = deliver(ImapTarget(session, "INBOX"), {"m1": b"a\n\nb\r\nc"})
+    assert results == {"m1": Receipt("INBOX 9 5")}
+    assert transport.sent == b'A1 APPEND "INBOX" {10}\r\na\r\n\r\nb\r\r\nc\r\n'
+    assert session.uidnext == 6
+
+
+# -- against Dovecot -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imap_server(cert_files: tuple[Path, Path]) -> Iterator[DeliveryDovecot]:
+    require_dovecot()
+    ok, reason = DeliveryDovecot.available()
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    workdir = reachable_workdir()
+    chain, key = cert_files
+    try:
+        with DeliveryDovecot(workdir, users={}, cert_file=chain, key_file=key) as server:
+            yield server
+    finally:
+        remove_workdir(workdir)
+
+
+@pytest.fixture
+def spec(imap_server: DeliveryDovecot, ca_file: Path) -> Spec:
+    """A fresh user, reached with STARTTLS and the test CA."""
+    box = imap_server.new_mailbox("imap")
+    return Spec(
+        imap_server.host,
+        imap_server.imap_port,
+        TlsMode.STARTTLS,
+        box.user,
+        box.password,
+        ca_file=ca_file,
+    )
+
+
+def stored(server: DeliveryDovecot, spec: Spec, mailbox: str = "INBOX") -> list[bytes]:
+    return server.stored_messages(spec.username, mailbox)
+
+
+def no_warning(text: str) -> None:
+    raise AssertionError(f"unexpected warning: {text}")
+
+
+def with_tls(spec: Spec, server: DeliveryDovecot, tls: TlsMode) -> Spec:
+    port = server.imaps_port if tls == TlsMode.IMPLICIT else server.imap_port
+    return Spec(
+        spec.host,
+        port,
+        tls,
+        spec.username,
+        spec.password,
+        ca_file=spec.ca_file,
+        allow_plaintext=tls == TlsMode.NONE,
+    )
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("tls", list(TlsMode))
+def test_tricky_messages_read_back_byte_identical(
+    imap_server: DeliveryDovecot, spec: Spec, tls: TlsMode
+) -> None:
+    spec = with_tls(spec, imap_server, tls)
+    attachment = b"Subject: big\nContent-Type: application/octet-stream\n\n" + (
+        b"".join(b"%07d abcdefghijklmnopqrstuvwxyz0123456789\n" % i for i in range(120_000))
+    )
+    assert len(attachment) > 5_000_000
+    messages = {"m1": TRICKY, "m2": NO_MESSAGE_ID, "m3": attachment}
+    with open_imap_target(spec, account="acct", timeout=10, warn=lambda _: None) as target:
+        results = deliver(target, messages)
+        validity = target.session.uidvalidity
+    assert results == {
+        "m1": Receipt(f"INBOX {validity} 1"),
+        "m2": Receipt(f"INBOX {validity} 2"),
+        "m3": Receipt(f"INBOX {validity} 3"),
+    }
+    assert stored(imap_server, spec) == list(messages.values())
+
+
+@pytest.mark.dovecot
+def test_recovery_finds_what_was_appended_and_only_that(
+    imap_server: DeliveryDovecot, spec: Spec
+) -> None:
+    """A crash after the APPENDs, before the receipts were recorded: the next
+    session finds each copy by its intent; a message never sent is not found."""
+    twin = b"Subject: twin\n\nsame bytes, no Message-ID\n"
+    with open_imap_target(spec, account="acct", timeout=10, warn=no_warning) as target:
+        drafts = {n: draft_of(target, n, d) for n, d in [("a", TRICKY), ("t1", twin)]}
+        drafts |= {n: draft_of(target, n, d) for n, d in [("t2", twin), ("lost", NO_MESSAGE_ID)]}
+        intents = {n: target.intent(d) for n, d in drafts.items()}
+        sent = target.commit([drafts["a"], drafts["t1"]])  # t2 and lost: crash before
+    assert all(isinstance(r, Receipt) for r in sent)
+    with open_imap_target(spec, account="acct", timeout=10, warn=no_warning) as target:
+        pending = [Pending(n, intents[n]) for n in ("a", "t1", "t2", "lost")]
+        held = target.recover([*pending, Pending("fresh", None)])
+        validity = target.session.uidvalidity
+    assert [h.asked for h in held] == ["a", "t1"]
+    a, t1 = held
+    assert (a.size, a.wire_size, a.receipt) == (len(TRICKY), len(to_wire(TRICKY)), sent[0].text)
+    assert a.header_section == TRICKY[: TRICKY.index(b"\n\n") + 2]
+    assert t1.receipt == f"INBOX {validity} 2"
+    assert stored(imap_server, spec) == [TRICKY, twin]
+
+
+@pytest.mark.dovecot
+def test_a_missing_mailbox_is_created(imap_server: DeliveryDovecot, spec: Spec) -> None:
+    spec = Spec(**{**spec.__dict__, "mailbox": "Migrated"})
+    with open_imap_target(spec, account="acct", timeout=10, warn=no_warning) as target:
+        results = deliver(target, {"m1": NO_MESSAGE_ID})
+    assert isinstance(results["m1"], Receipt) and results["m1"].text.startswith("Migrated ")
+    assert stored(imap_server, spec, "Migrated") == [NO_MESSAGE_ID]
+
+
+@pytest.mark.dovecot
+def test_over_quota_refuses_that_message_for_good(imap_server: DeliveryDovecot, spec: Spec) -> None:
+    box = imap_server.new_mailbox("quota", quota_bytes=2000)
+    spec = Spec(**{**spec.__dict__, "username": box.user, "password": box.password})
+    big = b"Subject: big\n\n" + b"z" * 5000 + b"\n"
+    with open_imap_target(spec, account="acct", timeout=10, warn=no_warning) as target:
+        results = deliver(target, {"big": big, "small": NO_MESSAGE_ID})
+    refusal = results["big"]
+    assert isinstance(refusal, Refusal) and not refusal.temporary
+    assert refusal.text.startswith("NO [OVERQUOTA]")
+    assert isinstance(results["small"], Receipt)
+    assert stored(imap_server, spec) == [NO_MESSAGE_ID]
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("tls", [TlsMode.IMPLICIT, TlsMode.STARTTLS])
+def test_a_certificate_not_trusted_is_refused(
+    imap_server: DeliveryDovecot, spec: Spec, tls: TlsMode
+) -> None:
+    spec = Spec(**{**with_tls(spec, imap_server, tls).__dict__, "ca_file": None})
+    with (
+        pytest.raises(SecurityError, match="certificate not trusted") as caught,
+        open_imap_target(spec, account="acct", timeout=10, warn=no_warning),
+    ):
+        pass
+    assert spec.password not in str(caught.value)
+
+
+@pytest.mark.dovecot
+def test_no_password_in_clear_without_consent(imap_server: DeliveryDovecot, spec: Spec) -> None:
+    spec = Spec(**{**with_tls(spec, imap_server, TlsMode.NONE).__dict__, "allow_plaintext": False})
+    with (
+        pytest.raises(SecurityError, match="without TLS"),
+        open_imap_target(spec, account="acct", timeout=10, warn=lambda _: None),
+    ):
+        pass
+    assert f"user={spec.username}" not in imap_server.log_tail(200)
+
+
+@pytest.mark.dovecot
+def test_a_wrong_password_is_one_line_without_it(imap_server: DeliveryDovecot, spec: Spec) -> None:
+    spec = Spec(**{**spec.__dict__, "password": "not-the-password-42"})
+    with (
+        pytest.raises(ImapAuthError, match=f"login as '{spec.username}' refused") as caught,
+        open_imap_target(spec, account="acct", timeout=10, warn=no_warning),
+    ):
+        pass
+    assert "not-the-password-42" not in str(caught.value)
+    assert not caught.value.temporary
+
+
+RSS_SCRIPT = """\
+import os, resource, sys
+from tests.test_deliver_imap import Spec
+from popsync.deliver.imap import open_imap_target
+from popsync.options import TlsMode
+
+host, port, user, size = sys.argv[1:5]
+password = os.environ["TEST_IMAP_PASSWORD"]  # never in argv
+spec = Spec(host, int(port), TlsMode.NONE, user, password, allow_plaintext=True)
+line = b"0123456789" * 7 + b"\\n"
+with open_imap_target(spec, account="a", timeout=60, warn=lambda _: None) as target:
+    draft = target.begin("big", b"big")
+    draft.write(b"Subject: big\\n\\n")
+    while draft.size < int(size):
+        draft.write(line * 8192)
+    target.end(draft)
+    target.intent(draft)
+    print(target.commit([draft])[0])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.dovecot
+@pytest.mark.slow
+def test_a_200_mb_message_costs_little_memory(imap_server: DeliveryDovecot, spec: Spec) -> None:
+    size = 200 * 1024 * 1024
+    port = str(imap_server.imap_port)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(RSS_SCRIPT),
+            spec.host,
+            port,
+            spec.username,
+            str(size),
+        ],
+        env={**os.environ, "TEST_IMAP_PASSWORD": spec.password},
+        capture_output=True,
+        check=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    receipt, peak_mib = out.stdout.decode().split("\n")[:2]
+    assert receipt.startswith("Receipt(text='INBOX ")
+    assert int(peak_mib) < 80, f"peak RSS {peak_mib} MiB for a {size >> 20} MiB message"
