@@ -9,9 +9,11 @@ the log (its tail only), never into the answer.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import random
 import select
 import shlex
 import signal
@@ -19,13 +21,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from popsync.deliver.base import Receipt, Refusal
 from popsync.deliver.mda import STDERR_TAIL, MdaTarget, open_mda_target
 from popsync.errors import DeliveryError
+from popsync.ledger import Ledger
+from popsync.sync import PollReport, run_account
+from popsync.testing.mailstore import MailStore
+from popsync.testing.server import POP3TestServer
+from tests.helpers import load, stored_form, write_config
 
 # Stored form: LF line ends.  Dot-stuffed-looking lines, "From " lines,
 # 8-bit bytes, a 20,000-character line and no final line end.
@@ -133,7 +143,9 @@ def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert result == Refusal("timed out after 1.5 s", temporary=False)
     assert elapsed < 10
     child = int((tmp_path / "out" / "child").read_text())
-    assert not _alive(child), "the MDA's child outlived the timeout"
+    if _alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the MDA's child outlived the timeout")
 
 
 def _alive(pid: int, timeout: float = 10.0) -> bool:
@@ -277,3 +289,146 @@ def test_a_50_mb_message_keeps_memory_bounded(tmp_path: Path) -> None:
     peak_kib = int(after)
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
     assert peak_kib - int(before) < 8 * 1024, "delivery grew the peak RSS"
+
+
+# -- end to end: popsync polls the project's POP3 test server into an MDA ------------
+
+E2E_MDA = """\
+import hashlib, json, os, sys
+OUT = sys.argv[1]
+uid = os.environ["POPSYNC_UID"]
+data = sys.stdin.buffer.read()
+assert len(data) == int(os.environ["POPSYNC_SIZE"])
+try:
+    with open(os.path.join(OUT, "exits.json")) as f:
+        status = json.load(f).get(uid, 0)
+except FileNotFoundError:
+    status = 0
+if status == 0:
+    name = hashlib.sha256(uid.encode() + data).hexdigest()
+    with open(os.path.join(OUT, "log"), "a") as f:
+        f.write(uid + " " + name + "\\n")
+    with open(os.path.join(OUT, name), "wb") as f:
+        f.write(data)
+sys.stderr.write("mda: " + uid + " status " + str(status) + "\\n")
+sys.exit(status)
+"""
+
+
+def tricky_messages() -> list[bytes]:
+    """Byte-exact round trip material, as a POP3 server holds it (CRLF)."""
+    rng = random.Random(5)
+    blob = base64.encodebytes(rng.randbytes(5 * 1024 * 1024 // 4 * 3))
+    return [
+        b"Subject: dots\r\n\r\n.\r\n..two\r\n.leading\r\n. \r\nend\r\n",
+        b"Subject: from lines\r\n\r\nFrom me\r\n>From you\r\nFrom: not a header\r\n",
+        b"Subject: 8bit\r\n\r\n\xe9t\xe9 \xff\x80\x00 \x1b[0m\r\n",
+        b"Subject: long line\r\n\r\n" + b"y" * 20_000 + b"\r\n",
+        b"Subject: no final newline\r\n\r\nlast line",
+        b"Subject: attachment\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + blob.replace(b"\n", b"\r\n"),
+    ]
+
+
+class MdaEnv:
+    """One account polling a test server into the E2E_MDA script."""
+
+    def __init__(self, tmp: Path, messages: list[bytes], **account: Any) -> None:
+        self.out = tmp / "mda-out"
+        self.out.mkdir()
+        script = tmp / "e2e_mda.py"
+        script.write_text(E2E_MDA)
+        self.store = MailStore(messages)
+        self.server = POP3TestServer(self.store).start()
+        command = shlex.join([sys.executable, str(script), str(self.out)])
+        kw = {"name": "acct", "port": self.server.port, "maildir": None, "mda": command}
+        self.config_path = write_config(tmp, [{**kw, **account}])
+        self.config = load(self.config_path)
+        self.ledger = Ledger.open(self.config.ledger_url)
+
+    def poll(self) -> PollReport:
+        return run_account(self.config.accounts[0], self.ledger, self.config.state_dir)
+
+    def exits(self, statuses: dict[bytes, int]) -> None:
+        text = json.dumps({uid.decode(): status for uid, status in statuses.items()})
+        (self.out / "exits.json").write_text(text)
+
+    def delivered(self) -> Counter[bytes]:
+        """Every message the MDA took (exit 0), counted."""
+        log = self.out / "log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return Counter((self.out / line.split()[1]).read_bytes() for line in lines)
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def mda_env(tmp_path: Path) -> Iterator[Callable[..., MdaEnv]]:
+    made: list[MdaEnv] = []
+
+    def factory(messages: list[bytes], **account: Any) -> MdaEnv:
+        made.append(MdaEnv(tmp_path, messages, **account))
+        return made[-1]
+
+    yield factory
+    for env in made:
+        env.close()
+
+
+def test_run_account_delivers_byte_exact_and_deletes(mda_env: Callable[..., MdaEnv]) -> None:
+    messages = tricky_messages()
+    env = mda_env(messages, delete_after_days=0, timeout=60)
+    report = env.poll()
+    assert report.ok, report.error
+    assert report.counts.fetched == len(messages) and report.counts.deleted == len(messages)
+    assert env.delivered() == Counter(stored_form(m) for m in messages)
+    assert len(env.store) == 0
+    again = env.poll()  # nothing is handed over twice
+    assert again.ok and again.counts.fetched == 0
+    assert sum(env.delivered().values()) == len(messages)
+
+
+def test_run_account_exit_75_is_temporary_and_deletes_nothing(
+    mda_env: Callable[..., MdaEnv],
+) -> None:
+    env = mda_env([b"Subject: one\r\n\r\nbody\r\n"], delete_after_days=0)
+    [uid] = env.store.uids()
+    env.exits({uid: 75})
+    report = env.poll()
+    assert not report.ok and report.temporary is True
+    assert "exit 75" in (report.error or "")
+    assert env.store.uids() == [uid] and not env.delivered()
+    env.exits({})  # the MDA recovers: the next poll delivers it
+    assert env.poll().ok
+    assert env.delivered() == Counter([b"Subject: one\n\nbody\n"]) and len(env.store) == 0
+
+
+def test_run_account_exit_0_delivers_and_deletes_one(mda_env: Callable[..., MdaEnv]) -> None:
+    env = mda_env([b"Subject: one\r\n\r\nbody\r\n"], delete_after_days=0)
+    report = env.poll()
+    assert report.ok and report.counts.deleted == 1
+    assert env.delivered() == Counter([b"Subject: one\n\nbody\n"]) and len(env.store) == 0
+
+
+def test_popsync_sync_exit_1_leaves_that_message_and_names_it(
+    mda_env: Callable[..., MdaEnv],
+) -> None:
+    messages = [b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i) for i in range(4)]
+    env = mda_env(messages, delete_after_days=0)
+    bad = env.store.uids()[1]
+    env.exits({bad: 1})
+    run = subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(env.config_path), "sync", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr
+    assert f"unique-id {bad.decode()}: the mda target refused it: exit 1" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert env.store.uids() == [bad]  # the others were delivered and deleted
+    others = [stored_form(m) for i, m in enumerate(messages) if i != 1]
+    assert env.delivered() == Counter(others)
