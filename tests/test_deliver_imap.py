@@ -373,3 +373,134 @@ def test_a_200_mb_message_costs_little_memory(imap_server: DeliveryDovecot, spec
     receipt, peak_mib = out.stdout.decode().split("\n")[:2]
     assert receipt.startswith("Receipt(text='INBOX ")
     assert int(peak_mib) < 80, f"peak RSS {peak_mib} MiB for a {size >> 20} MiB message"
+
+
+# -- end to end: POP3 test server -> popsync sync -> Dovecot IMAP --------------------------------
+
+# Through a POP3 server: dot-stuffed lines, "From " lines, 8-bit bytes, a
+# 20,000-character line, no final line end, a 5 MB attachment, and enough
+# plain messages for several batches.
+E2E_TRICKY = [
+    b"Subject: dots\r\nMessage-ID: <dots@x>\r\n\r\n.\r\n..two\r\n.three.\r\n",
+    b"Subject: from\r\n\r\nFrom the start\r\n>From quoted\r\nFrom: x\r\n",
+    b"Subject: 8bit\r\n\r\n\xe9\xff\x80\xc3\xa9 done\r\n",
+    b"Subject: long\r\n\r\n" + b"L" * 20_000 + b"\r\n",
+    b"Subject: no end\r\n\r\nno final newline",
+    b"Subject: att\r\nContent-Type: application/octet-stream\r\n\r\n"
+    + b"".join(b"%07d abcdefghijklmnopqrstuvwxyz0123456789\r\n" % i for i in range(120_000)),
+]
+
+
+def e2e_messages() -> list[bytes]:
+    from popsync.testing.samples import generate_messages
+
+    return E2E_TRICKY + list(generate_messages(34, 1500, seed=21))
+
+
+def imap_config(tmp_path: Path, pop3_port: int, spec: Spec, **pop3: object) -> Path:
+    from tests.helpers import write_config
+
+    secret = tmp_path / "imap.pass"
+    secret.write_text(spec.password + "\n")
+    secret.chmod(0o600)
+    imap = {
+        "host": spec.host,
+        "port": spec.port,
+        "tls": str(spec.tls),
+        "username": spec.username,
+        "password_file": str(secret),
+        "mailbox": spec.mailbox,
+    }
+    if spec.ca_file is not None:
+        imap["ca_file"] = str(spec.ca_file)
+    account = {"name": "mig", "port": pop3_port, "maildir": None, "imap": imap, **pop3}
+    return write_config(tmp_path, [account])
+
+
+def run_sync(config: Path, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "POPSYNC_FAILPOINT"}
+    if failpoint:
+        env["POPSYNC_FAILPOINT"] = failpoint
+    return subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(config), "sync", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def counted(messages: list[bytes]) -> dict[bytes, int]:
+    from collections import Counter
+
+    return dict(Counter(messages))
+
+
+@pytest.mark.dovecot
+def test_sync_into_imap_is_byte_exact(
+    imap_server: DeliveryDovecot, spec: Spec, tmp_path: Path
+) -> None:
+    from popsync.testing.mailstore import MailStore
+    from popsync.testing.server import POP3TestServer
+    from tests.helpers import stored_form
+
+    messages = e2e_messages()
+    store = MailStore(messages)
+    with POP3TestServer(store) as pop3:
+        config = imap_config(tmp_path, pop3.port, spec, delete_after_days=0)
+        first = run_sync(config)
+        assert first.returncode == 0, first.stderr
+        assert f" {len(messages)} fetched" in first.stdout
+        assert len(store) == 0
+    assert stored(imap_server, spec) == [stored_form(m) for m in messages]
+    assert spec.password not in first.stdout + first.stderr
+
+
+# Every step of an IMAP delivery, and a few in a later batch (BATCH is 16).
+IMAP_CRASHES = [
+    "after_begin_fetch",
+    "mid_body",
+    "after_intent",
+    "imap_mid_append",
+    "imap_after_append",
+    "imap_after_append:20",
+    "after_dir_fsync",
+    "after_commit",
+    "after_commit:2",
+    "after_dele",
+    "after_quit",
+]
+
+
+@pytest.mark.dovecot
+@pytest.mark.crash
+@pytest.mark.parametrize("failpoint", IMAP_CRASHES)
+def test_sigkill_then_rerun_delivers_exactly_once(
+    imap_server: DeliveryDovecot, spec: Spec, tmp_path: Path, failpoint: str
+) -> None:
+    """Killed at *failpoint*, then run again: every message is in the mailbox
+    exactly once, and the POP3 server deleted only what the mailbox holds."""
+    from popsync.testing.mailstore import MailStore
+    from popsync.testing.server import POP3TestServer
+    from tests.helpers import stored_form
+
+    messages = e2e_messages()
+    wanted = counted([stored_form(m) for m in messages])
+    store = MailStore(messages)
+    with POP3TestServer(store) as pop3:
+        config = imap_config(tmp_path, pop3.port, spec, delete_after_days=0)
+        crashed = run_sync(config, failpoint)
+        assert crashed.returncode == -9, (crashed.returncode, crashed.stderr)
+        pop3.wait_for_sessions(1, timeout=10)
+        held = counted(stored(imap_server, spec))
+        on_server = {stored_form(m.data) for m in store.messages()}
+        assert all(n == 1 for n in held.values()), "a message was appended twice"
+        assert all(form in on_server or form in held for form in wanted), "a message was lost"
+
+        clean = run_sync(config)
+        assert clean.returncode == 0, clean.stderr
+        assert counted(stored(imap_server, spec)) == wanted
+        assert len(store) == 0
+        third = run_sync(config)
+        assert third.returncode == 0 and " 0 fetched" in third.stdout

@@ -491,6 +491,7 @@ class ImapSession:
             return reply
         for chunk in draft.chunks(SEND_CHUNK):
             self.wire.send(to_wire(chunk))
+            failpoints.failpoint("imap_mid_append")
         self.wire.send(b"\r\n")
         self.wire.arm()  # the reply's time starts once the body is sent
         return self.wire.finish(tag)
