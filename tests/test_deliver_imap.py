@@ -504,3 +504,58 @@ def test_sigkill_then_rerun_delivers_exactly_once(
         assert len(store) == 0
         third = run_sync(config)
         assert third.returncode == 0 and " 0 fetched" in third.stdout
+
+
+def test_without_uidplus_the_receipt_comes_from_a_search() -> None:
+    """No APPENDUID: the new copy is found as recovery finds one (UID from the
+    UIDNEXT noted, size, hash) and its UID becomes the receipt."""
+    body = b"a\n\nb\n"  # 8 octets with CRLF
+    session, transport = scripted_session(
+        b"+ go\r\n",
+        b"A1 OK done\r\n",
+        b"* 6 EXISTS\r\nA2 OK\r\n",
+        b"* SEARCH 3 7\r\nA3 OK\r\n",  # 3: "5:*" matching a lower UID is skipped
+        b'* 6 FETCH (UID 7 RFC822.SIZE 8 INTERNALDATE "27-Nov-2026 17:00:00 +0000")\r\nA4 OK\r\n',
+        b"* 6 FETCH (UID 7 BODY[]<0> {8}\r\n" + to_wire(body) + b")\r\nA5 OK\r\n",
+    )
+    results = deliver(ImapTarget(session, "INBOX"), {"m1": body})
+    assert results == {"m1": Receipt("INBOX 9 7")}
+    assert b"A3 UID SEARCH UID 5:* LARGER 7 SMALLER 9\r\n" in transport.writes
+    assert session.uidnext == 8
+
+
+@pytest.mark.timeout(10)
+def test_a_server_that_never_finishes_a_reply_is_cut_off() -> None:
+    """Untagged lines dribbled forever: the command ends at its timeout."""
+    import socket
+    import threading
+    import time
+
+    from popsync.transport import Transport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def dribble() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"* OK still here\r\n")
+                except OSError:
+                    return
+                stop.wait(0.01)
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    transport = Transport.connect("127.0.0.1", listener.getsockname()[1], timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryError, match="timed out"):
+            Wire(transport, "imap target test").command(b"NOOP")
+        assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        transport.close()
+        listener.close()
+        thread.join(5)
