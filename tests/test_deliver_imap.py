@@ -559,3 +559,46 @@ def test_a_server_that_never_finishes_a_reply_is_cut_off() -> None:
         transport.close()
         listener.close()
         thread.join(5)
+
+
+@pytest.mark.dovecot
+def test_sync_with_an_untrusted_imap_certificate_is_one_line_and_deletes_nothing(
+    imap_server: DeliveryDovecot, spec: Spec, tmp_path: Path
+) -> None:
+    from popsync.testing.mailstore import MailStore
+    from popsync.testing.server import POP3TestServer
+
+    spec = Spec(**{**with_tls(spec, imap_server, TlsMode.IMPLICIT).__dict__, "ca_file": None})
+    messages = e2e_messages()[:3]
+    store = MailStore(messages)
+    with POP3TestServer(store) as pop3:
+        result = run_sync(imap_config(tmp_path, pop3.port, spec, delete_after_days=0))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "certificate not trusted" in line]
+    assert len(errors) == 1 and "mig" in errors[0], result.stderr
+    assert len(store) == len(messages)
+    assert stored(imap_server, spec) == []
+
+
+@pytest.mark.dovecot
+def test_sync_over_quota_leaves_that_message_on_the_server(
+    imap_server: DeliveryDovecot, tmp_path: Path, ca_file: Path
+) -> None:
+    from popsync.testing.mailstore import MailStore
+    from popsync.testing.server import POP3TestServer
+    from tests.helpers import stored_form
+
+    box = imap_server.new_mailbox("quota", quota_bytes=20_000)
+    spec = Spec(imap_server.host, imap_server.imaps_port, TlsMode.IMPLICIT, box.user, box.password)
+    spec = Spec(**{**spec.__dict__, "ca_file": ca_file})
+    small = [b"Subject: s%d\r\n\r\nsmall\r\n" % i for i in range(3)]
+    big = b"Subject: big\r\n\r\n" + b"B" * 50_000 + b"\r\n"
+    store = MailStore([small[0], big, *small[1:]])
+    with POP3TestServer(store) as pop3:
+        result = run_sync(imap_config(tmp_path, pop3.port, spec, delete_after_days=0))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "OVERQUOTA" in result.stdout + result.stderr
+    assert [m.data for m in store.messages()] == [big]
+    assert stored(imap_server, spec) == [stored_form(m) for m in small]

@@ -370,9 +370,11 @@ class ImapDraft(SpoolDraft):
         head = self.head(HEADER_CAP)
         end = head.find(b"\n\n")
         match = _MESSAGE_ID.search(head if end < 0 else head[: end + 1])
-        if match is None or len(match["id"]) > MESSAGE_ID_CAP or b'"' in match["id"]:
+        if match is None or len(match["id"]) > MESSAGE_ID_CAP:
             return ""
-        return match["id"].replace(b"\\", b"").decode("ascii")
+        if b'"' in match["id"] or b"\\" in match["id"]:
+            return ""  # kept out of the quoted string; size and hash still find it
+        return match["id"].decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +490,8 @@ class ImapSession:
         while isinstance(reply, Reply):  # untagged news (EXISTS, ...) may come first
             reply = self.wire.reply()
         if isinstance(reply, Done):
+            if reply.tag != tag:
+                raise DeliveryError(f"{self.where}: reply for a command never sent")
             return reply
         for chunk in draft.chunks(SEND_CHUNK):
             self.wire.send(to_wire(chunk))
@@ -612,10 +616,13 @@ def _ask_capabilities(wire: Wire) -> set[str]:
 
 
 def _greeting(wire: Wire) -> None:
+    """The server's ``* OK`` greeting.  A ``* PREAUTH`` one is refused: popsync
+    always logs in as the configured user, over TLS unless told otherwise."""
     wire.arm()
     reply = wire.reply()
-    if not isinstance(reply, Reply) or not reply.line.upper().startswith((b"* OK", b"* PREAUTH")):
-        raise DeliveryError(f"{wire.where}: not an IMAP greeting")
+    if not isinstance(reply, Reply) or not reply.line.upper().startswith(b"* OK"):
+        shown = escape_server_text(reply.line) if isinstance(reply, Reply) else "+"
+        raise DeliveryError(f"{wire.where}: not an IMAP greeting: {shown}")
 
 
 def _starttls(wire: Wire, config: ImapConfig) -> set[str]:
@@ -654,8 +661,10 @@ def _login(wire: Wire, caps: set[str], config: ImapConfig) -> None:
         if reply is None:
             wire.send(token + b"\r\n")
             done = wire.finish(tag)
-        else:
+        elif reply.tag == tag:
             done = reply
+        else:
+            raise DeliveryError(f"{wire.where}: reply for a command never sent")
     else:
         done = wire.command(b"LOGIN " + quoted(user) + b" " + quoted(secret))
     if done.status != "OK":
