@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from popsync.deliver import base
 from popsync.deliver.base import Held, Pending, Receipt, Refusal
 from popsync.fetch import DeleGate, Fetcher, HeaderReader
 from popsync.identity import digest_headers
@@ -48,7 +49,7 @@ class Draft:
         self.log.append(f"abort {self.name}")
 
 
-class Target:
+class Target(base.Target):
     kind = "test"
     batch = 2
     exactly_once = True
