@@ -9,9 +9,15 @@ must arrive byte-exact, with CRLF line ends and dot-stuffing undone.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +36,11 @@ from popsync.deliver.lmtp import (
     return_path,
 )
 from popsync.errors import DeliveryError
+from popsync.ledger import Ledger
+from popsync.sync import PollReport, run_account
+from popsync.testing.mailstore import MailStore
+from popsync.testing.server import POP3TestServer
+from tests.helpers import load, stored_form, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,6 +63,8 @@ class Script:
     hang_after_data: bool = False
     #: Pipelining check: answer MAIL only once DATA has arrived too.
     insist_on_pipelining: bool = False
+    #: Keep only each message's size and SHA-256 (for very large ones).
+    discard: bool = False
 
 
 class ScriptedLmtp:
@@ -129,6 +142,7 @@ class ScriptedLmtp:
     def _data(self, conn: socket.socket, rfile: Any) -> bool:
         s = self.script
         body = bytearray()
+        digest, size = hashlib.sha256(), 0
         seen = 0
         while True:
             line = rfile.readline()
@@ -138,8 +152,15 @@ class ScriptedLmtp:
             if line == b".\r\n":
                 break
             assert line.endswith(b"\r\n"), "a line without CRLF in DATA"
-            body += line[1:] if line.startswith(b".") else line
-        self.messages.append(bytes(body).replace(b"\r\n", b"\n"))
+            stored = (line[1:] if line.startswith(b".") else line)[:-2] + b"\n"
+            if s.discard:
+                digest.update(stored)
+                size += len(stored)
+            else:
+                body += stored
+        self.messages.append(
+            b"%d %s" % (size, digest.hexdigest().encode()) if s.discard else bytes(body)
+        )
         if s.hang_after_data:
             self.release.wait(30)
             return False
@@ -397,3 +418,222 @@ def test_a_bad_recipient_fails_at_open() -> None:
         open_lmtp_target("unix:/x", "a b@c", timeout=2, warn=_no_warning),
     ):
         pass
+
+
+# -- end to end: popsync polls the project's POP3 test server into LMTP ---------------
+
+
+def tricky_messages() -> list[bytes]:
+    """Byte-exact round trip material, as a POP3 server holds it (CRLF)."""
+    rng = random.Random(7)
+    blob = base64.encodebytes(rng.randbytes(5 * 1024 * 1024 // 4 * 3))
+    return [
+        b"Return-Path: <list-bounces@example.org>\r\nSubject: dots\r\n\r\n"
+        b".\r\n..two\r\n.leading\r\n. \r\nend\r\n",
+        b"Subject: from lines\r\n\r\nFrom me\r\n>From you\r\nFrom: not a header\r\n",
+        b"Subject: 8bit\r\n\r\n\xe9t\xe9 \xff\x80\x00 \x1b[0m\r\n",
+        b"Subject: long line\r\n\r\n" + b"y" * 20_000 + b"\r\n",
+        b"Subject: no final newline\r\n\r\nlast line",
+        b"Subject: attachment\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + blob.replace(b"\n", b"\r\n"),
+    ]
+
+
+class LmtpEnv:
+    """One account polling a POP3 test server into a scripted LMTP server."""
+
+    def __init__(self, tmp: Path, lmtp: ScriptedLmtp, messages: list[bytes], **account: Any):
+        self.lmtp = lmtp
+        self.store = MailStore(messages)
+        self.server = POP3TestServer(self.store).start()
+        kw = {
+            "name": "acct",
+            "port": self.server.port,
+            "maildir": None,
+            "lmtp": lmtp.address,
+            "lmtp_recipient": "rcpt@example.org",
+            "delete_after_days": 0,
+        }
+        self.config_path = write_config(tmp, [{**kw, **account}])
+        self.config = load(self.config_path)
+        self.ledger = Ledger.open(self.config.ledger_url)
+
+    def poll(self) -> PollReport:
+        return run_account(self.config.accounts[0], self.ledger, self.config.state_dir)
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def lmtp_env(tmp_path: Path, lmtp: Callable[..., ScriptedLmtp]) -> Iterator[Callable[..., LmtpEnv]]:
+    made: list[LmtpEnv] = []
+
+    def factory(
+        messages: list[bytes], *, script: dict[str, Any] | None = None, **kw: Any
+    ) -> LmtpEnv:
+        made.append(LmtpEnv(tmp_path, lmtp(**(script or {})), messages, **kw))
+        return made[-1]
+
+    yield factory
+    for env in made:
+        env.close()
+
+
+def test_run_account_delivers_byte_exact_and_deletes(lmtp_env: Callable[..., LmtpEnv]) -> None:
+    messages = tricky_messages()
+    env = lmtp_env(messages, timeout=60)
+    report = env.poll()
+    assert report.ok, report.error
+    assert report.counts.fetched == len(messages) and report.counts.deleted == len(messages)
+    assert sorted(env.lmtp.messages) == sorted(stored_form(m) for m in messages)
+    assert env.lmtp.connections == 1 and len(env.store) == 0
+    assert b"MAIL FROM:<list-bounces@example.org> BODY=8BITMIME" in env.lmtp.commands
+
+
+def test_run_account_a_5xx_leaves_the_message_and_names_it(
+    lmtp_env: Callable[..., LmtpEnv],
+) -> None:
+    env = lmtp_env(
+        [b"Subject: one\r\n\r\nbody\r\n"],
+        script={"replies": {"RCPT": b"550 5.1.1 <rcpt@example.org> User doesn't exist\r\n"}},
+    )
+    report = env.poll()
+    assert not report.ok
+    [uid] = env.store.uids()
+    assert (
+        f"unique-id {uid.decode()}: the lmtp target refused it: RCPT TO: 550 5.1.1 "
+        "<rcpt@example.org> User doesn't exist" in (report.error or "")
+    )
+    assert env.lmtp.messages == []
+
+
+def test_run_account_a_4xx_is_temporary_and_deletes_nothing(
+    lmtp_env: Callable[..., LmtpEnv],
+) -> None:
+    env = lmtp_env(
+        [b"Subject: %d\r\n\r\nbody\r\n" % i for i in range(3)],
+        script={"final": b"452 4.2.2 <rcpt@example.org> Quota exceeded\r\n"},
+    )
+    report = env.poll()
+    assert not report.ok and report.temporary is True
+    assert "after DATA: 452 4.2.2" in (report.error or "")
+    assert len(env.store) == 3  # the first was refused; no RETR after it was delivered
+
+
+def test_run_account_a_broken_connection_records_nothing(
+    lmtp_env: Callable[..., LmtpEnv],
+) -> None:
+    big = b"Subject: big\r\n\r\n" + b"line of text\r\n" * 100_000
+    env = lmtp_env([big], script={"close_mid_data": 50_000})
+    report = env.poll()
+    assert not report.ok and report.temporary is True
+    assert "LMTP server unix:" in (report.error or "")
+    assert len(env.store) == 1 and env.lmtp.messages == []
+    env.lmtp.script.close_mid_data = None  # the server is well again: fetched again
+    assert env.poll().ok
+    assert env.lmtp.messages == [stored_form(big)] and len(env.store) == 0
+
+
+# -- crashes: SIGKILL a real popsync sync at each step, then run it again ------------
+
+#: The crash point and the duplicates it may cost: an LMTP server cannot be
+#: asked afterwards, so a kill once the final dot is sent costs one.
+LMTP_CRASHES = {
+    "after_begin_fetch": 0,
+    "mid_body:3": 0,
+    "lmtp_mid_data:3": 0,  # the server sees the connection drop: nothing stored
+    "lmtp_after_dot:3": 1,
+    "after_dir_fsync:3": 1,
+    "after_commit:3": 0,
+    "after_dele": 0,
+    "after_quit": 0,
+}
+
+
+def run_sync(config: Path, failpoint: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "POPSYNC_FAILPOINT"}
+    if failpoint:
+        env["POPSYNC_FAILPOINT"] = failpoint
+    return subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(config), "sync", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize(("failpoint", "duplicates"), LMTP_CRASHES.items())
+def test_sigkill_then_rerun_loses_nothing_and_duplicates_at_most_one(
+    lmtp_env: Callable[..., LmtpEnv], failpoint: str, duplicates: int
+) -> None:
+    messages = [b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i) for i in range(5)]
+    expected = sorted(stored_form(m) for m in messages)
+    env = lmtp_env(messages)
+
+    crashed = run_sync(env.config_path, failpoint)
+    assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr)
+    on_server = {stored_form(m.data) for m in env.store.messages()}
+    assert set(expected) <= on_server | set(env.lmtp.messages), "a message was lost"
+
+    clean = run_sync(env.config_path, None)
+    assert clean.returncode == 0, clean.stderr
+    got = env.lmtp.messages
+    assert sorted(set(got)) == expected
+    assert len(got) - len(messages) == duplicates
+    assert len(env.store) == 0
+
+
+# -- memory: a 200 MB message through the target, measured in a subprocess -----------
+
+RSS_PROBE = """
+import sys
+
+
+def peak_kib():
+    # This process's peak RSS (VmHWM): ru_maxrss would count the parent's from before exec.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak
+from popsync.deliver.lmtp import open_lmtp_target
+
+size, address = int(sys.argv[1]), sys.argv[2]
+piece = (b"." + b"A" * 998 + b"\\n") * 64
+with open_lmtp_target(address, "r@x", timeout=60, warn=print) as target:
+    draft = target.begin("n1", b"big-1")
+    written = 0
+    while written < size:
+        draft.write(piece)
+        written += len(piece)
+    target.end(draft)
+    before = peak_kib()
+    [result] = target.commit([draft])
+    sha = draft.sha256_hex
+after = peak_kib()
+print(type(result).__name__, written, sha, before, after)
+"""
+
+
+@pytest.mark.slow
+def test_a_200_mb_message_keeps_memory_bounded(lmtp: Callable[..., ScriptedLmtp]) -> None:
+    server = lmtp(discard=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(200 * 1024 * 1024), server.address],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    kind, written, sha, before, after = probe.stdout.split()
+    assert kind == "Receipt"
+    assert server.messages == [f"{written} {sha}".encode()]  # every line dot-stuffed, intact
+    peak_kib = int(after)
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
+    assert peak_kib - int(before) < 8 * 1024, "delivery grew the peak RSS"
