@@ -40,7 +40,9 @@ from popsync.ledger import Ledger
 from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.server import POP3TestServer
+from tests.dovecot_fixtures import require_dovecot
 from tests.helpers import load, stored_form, write_config
+from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -637,3 +639,104 @@ def test_a_200_mb_message_keeps_memory_bounded(lmtp: Callable[..., ScriptedLmtp]
     peak_kib = int(after)
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
     assert peak_kib - int(before) < 8 * 1024, "delivery grew the peak RSS"
+
+
+# -- against Dovecot's LMTP ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dovecot_lmtp() -> Iterator[DeliveryDovecot]:
+    require_dovecot()
+    ok, reason = DeliveryDovecot.available()
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    workdir = reachable_workdir()
+    try:
+        with DeliveryDovecot(workdir, users={}) as server:
+            yield server
+    finally:
+        remove_workdir(workdir)
+
+
+def without_return_path(stored: bytes, sender: bytes) -> bytes:
+    """*stored* without the ``Return-Path:`` line Dovecot's LMTP always prepends."""
+    added = b"Return-Path: <" + sender + b">\n"
+    assert stored.startswith(added), stored[:200]
+    return stored[len(added) :]
+
+
+@pytest.mark.dovecot
+def test_dovecot_stores_what_the_target_sends_byte_exact(
+    dovecot_lmtp: DeliveryDovecot,
+) -> None:
+    box = dovecot_lmtp.new_mailbox("lmtp")
+    messages = [stored_form(m) for m in tricky_messages()]
+    with open_lmtp_target(
+        dovecot_lmtp.lmtp_address, box.user, timeout=30, warn=_no_warning
+    ) as target:
+        results = [deliver_with(target, m, f"n{i}") for i, m in enumerate(messages)]
+    assert all(isinstance(r, Receipt) and r.text.startswith("250 2.0.0") for r in results)
+    stored = dovecot_lmtp.stored_messages(box.user)
+    senders = [return_path(m) for m in messages]
+    assert [without_return_path(s, f) for s, f in zip(stored, senders, strict=True)] == messages
+
+
+@pytest.mark.dovecot
+def test_dovecot_through_run_account_byte_exact(
+    dovecot_lmtp: DeliveryDovecot, tmp_path: Path
+) -> None:
+    box = dovecot_lmtp.new_mailbox("lmtp")
+    messages = tricky_messages()
+    store = MailStore(messages)
+    with POP3TestServer(store) as pop3:
+        account = {
+            "name": "acct",
+            "port": pop3.port,
+            "maildir": None,
+            "lmtp": dovecot_lmtp.lmtp_address,
+            "lmtp_recipient": f"{box.user}@example.org",
+            "delete_after_days": 0,
+            "timeout": 60,
+        }
+        config = load(write_config(tmp_path, [account]))
+        ledger = Ledger.open(config.ledger_url)
+        try:
+            report = run_account(config.accounts[0], ledger, config.state_dir)
+        finally:
+            ledger.close()
+    assert report.ok, report.error
+    assert len(store) == 0
+    stored = sorted(
+        without_return_path(s, return_path(s[s.index(b"\n") + 1 :]))
+        for s in dovecot_lmtp.stored_messages(box.user)
+    )
+    assert stored == sorted(stored_form(m) for m in messages)
+
+
+@pytest.mark.dovecot
+def test_dovecot_unknown_user_is_a_permanent_refusal(dovecot_lmtp: DeliveryDovecot) -> None:
+    with open_lmtp_target(
+        dovecot_lmtp.lmtp_address, "nobody-here", timeout=30, warn=_no_warning
+    ) as target:
+        result = deliver_with(target, TRICKY)
+    assert isinstance(result, Refusal) and not result.temporary
+    assert result.text.startswith("RCPT TO: 550 5.1.1"), result.text
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize(("tempfail", "reply"), [(False, "552 5.2.2"), (True, "452 4.2.2")])
+def test_dovecot_over_quota_is_refused(
+    dovecot_lmtp: DeliveryDovecot, tempfail: bool, reply: str
+) -> None:
+    box = dovecot_lmtp.new_mailbox("quota", quota_bytes=1000, quota_tempfail=tempfail)
+    with open_lmtp_target(
+        dovecot_lmtp.lmtp_address, box.user, timeout=30, warn=_no_warning
+    ) as target:
+        small = deliver_with(target, b"Subject: fits\n\nsmall\n", "n1")
+        big = deliver_with(target, b"Subject: too big\n\n" + b"x" * 5000 + b"\n", "n2")
+    assert isinstance(small, Receipt)
+    assert isinstance(big, Refusal) and big.temporary is tempfail
+    assert big.text.startswith(f"after DATA: {reply}") and "Quota exceeded" in big.text
+    assert len(dovecot_lmtp.stored_messages(box.user)) == 1
