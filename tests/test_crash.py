@@ -27,6 +27,7 @@ from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from tests.helpers import maildir_contents, stored_form, write_config
+from tests.mbox_helpers import mbox_config, mbox_contents, read_mbox
 
 pytestmark = [pytest.mark.crash, pytest.mark.timeout(120)]
 
@@ -91,5 +92,64 @@ def test_sigkill_then_rerun_exactly_once(tmp_path: Path, failpoint: str, mode: s
         assert len(store) == (0 if mode == "delete" else len(MESSAGES))
 
         # and a third run has nothing to do
+        third = run_sync(config, None)
+        assert third.returncode == 0 and " 0 fetched" in third.stdout
+
+
+# -- the mbox target: the same promise, exactly once --------------------------------
+
+MBOX_CRASHES = [
+    "after_begin_fetch",
+    "mid_body",
+    "after_intent",  # the offsets noted, the mbox locked, nothing written
+    "mbox_mid_append",  # half of an entry written
+    "mbox_appended",  # appended and fsynced, still locked, ledger not committed
+    "after_dir_fsync",
+    "after_commit",
+    "after_dele",
+    "after_quit",
+    "after_intent:2",
+    "mbox_mid_append:2",
+    "mbox_appended:2",
+]
+
+
+@pytest.mark.parametrize("failpoint", MBOX_CRASHES)
+@pytest.mark.parametrize("mode", ["delete", "mirror"])
+def test_sigkill_then_rerun_exactly_once_into_an_mbox(
+    tmp_path: Path, failpoint: str, mode: str
+) -> None:
+    store = MailStore(MESSAGES)
+    mbox = tmp_path / "inbox"
+    expected = {stored_form(m) for m in MESSAGES}
+    with POP3TestServer(store) as srv:
+        account: dict[str, object] = {"name": "crashy", "port": srv.port, "mbox": str(mbox)}
+        if mode == "delete":
+            account["delete_after_days"] = 0
+        config = mbox_config(tmp_path, [account])
+
+        crashed = run_sync(config, failpoint)
+        assert crashed.returncode == -signal.SIGKILL, (crashed.returncode, crashed.stderr)
+        srv.wait_for_sessions(1, timeout=10)
+        on_server = {stored_form(m.data) for m in store.messages()}
+        readable = set(read_mbox(mbox))  # a reader's view, partial entry and all
+        assert expected <= on_server | readable, "a message was lost"
+        if failpoint.startswith("mbox_mid_append"):
+            assert not mbox.read_bytes().endswith(b"\n\n"), "the crash left no partial entry"
+        if failpoint.startswith(("after_intent", "mbox_")):
+            assert (tmp_path / "inbox.lock").exists()  # left by the dead process
+        already = len(expected & readable)
+
+        clean = run_sync(config, None)
+        assert clean.returncode == 0, clean.stderr
+        fetched = int(re.search(r" (\d+) fetched", clean.stdout).group(1))  # type: ignore[union-attr]
+        assert fetched == len(MESSAGES) - already
+        contents = mbox_contents(mbox)  # strict: every entry whole
+        assert set(contents) == expected
+        duplicates = [n for n in contents.values() if n > 1]
+        assert not duplicates, f"{len(duplicates)} message(s) delivered twice"
+        assert not (tmp_path / "inbox.lock").exists()
+        assert len(store) == (0 if mode == "delete" else len(MESSAGES))
+
         third = run_sync(config, None)
         assert third.returncode == 0 and " 0 fetched" in third.stdout
