@@ -70,16 +70,25 @@ class Script:
 
 
 class ScriptedLmtp:
-    """A one-connection-at-a-time LMTP server on a unix socket, driven by a Script."""
+    """A one-connection-at-a-time LMTP server driven by a Script, on the unix
+    socket *path*, or on a free TCP port of *host* when *path* is None."""
 
-    def __init__(self, path: Path, script: Script | None = None) -> None:
+    def __init__(
+        self, path: Path | None, script: Script | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.path = path
         self.script = script or Script()
         self.commands: list[bytes] = []
         self.messages: list[bytes] = []  # as stored: dot-stuffing undone, LF line ends
         self.connections = 0
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
+        if path is None:
+            self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self.listener.bind((host, 0))
+            port = self.listener.getsockname()[1]
+            self.tcp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(str(path))
         self.listener.listen(4)
         self.release = threading.Event()  # lets a hanging server go at the end
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -87,7 +96,7 @@ class ScriptedLmtp:
 
     @property
     def address(self) -> str:
-        return f"unix:{self.path}"
+        return f"unix:{self.path}" if self.path is not None else self.tcp
 
     def close(self) -> None:
         self.release.set()
@@ -179,8 +188,9 @@ def _multiline(code: int, lines: list[bytes]) -> bytes:
 def lmtp(tmp_path: Path) -> Iterator[Callable[..., ScriptedLmtp]]:
     servers: list[ScriptedLmtp] = []
 
-    def start(**kw: Any) -> ScriptedLmtp:
-        servers.append(ScriptedLmtp(tmp_path / f"lmtp{len(servers)}.sock", Script(**kw)))
+    def start(*, tcp: str | None = None, **kw: Any) -> ScriptedLmtp:
+        path = tmp_path / f"lmtp{len(servers)}.sock" if tcp is None else None
+        servers.append(ScriptedLmtp(path, Script(**kw), host=tcp or ""))
         return servers[-1]
 
     yield start
@@ -282,6 +292,15 @@ def test_a_message_arrives_byte_exact_with_its_sender(lmtp: Callable[..., Script
         b"DATA",
     ]
     assert server.commands[0].startswith(b"LHLO ") and server.commands[-1] == b"QUIT"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_host_port_addresses(lmtp: Callable[..., ScriptedLmtp], host: str) -> None:
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    server = lmtp(tcp=host)
+    assert isinstance(deliver(server, TRICKY), Receipt)
+    assert server.messages == [TRICKY]
 
 
 def test_one_session_serves_the_poll(lmtp: Callable[..., ScriptedLmtp]) -> None:
