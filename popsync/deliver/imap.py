@@ -33,9 +33,13 @@ its size and Message-ID, and every candidate confirmed by its SHA-256 over
 the fetched body, CRLF turned back to LF (fetched in bounded pieces).  A
 literal cannot carry NUL (RFC 3501 §4.3): Dovecot stores one as sent but
 FETCH shows it as 0x80, so for a message with NULs the intent also notes
-the hash of that form, and either hash confirms a copy.  The
-same search gives the receipt after an APPEND when the server does not offer
-UIDPLUS (RFC 4315), whose APPENDUID otherwise names the new UID.
+the hash of that form, and either hash confirms a copy.  Two messages with
+the same bytes never claim one copy.  The same search gives the receipt
+after an APPEND when the server does not offer UIDPLUS (RFC 4315), whose
+APPENDUID otherwise names the new UID.
+
+Only intents find copies: a message name alone (a lost ledger rebuilt from
+the target) finds nothing in a mailbox, so such a message is APPENDed again.
 
 The mailbox is created (CREATE, RFC 3501 §6.3.3) when it does not exist: the
 config names it, and a migration wants it made.  Replies: ``NO [INUSE]`` or
