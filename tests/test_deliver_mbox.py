@@ -13,12 +13,15 @@ import base64
 import contextlib
 import hashlib
 import os
+import pwd
 import random
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,7 +38,7 @@ from popsync.deliver.mboxrd import NO_SENDER, Quoter, envelope_sender, quote, un
 from popsync.errors import DeliveryError
 from popsync.ledger import Ledger
 from popsync.sync import run_account
-from popsync.testing.mailstore import MailStore
+from popsync.testing.mailstore import MailStore, to_crlf
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from tests.helpers import stored_form
@@ -221,6 +224,75 @@ def test_a_batch_shares_one_lock_and_the_intents_name_the_offsets(tmp_path: Path
     )
 
 
+DOVECOT_IMAP = Path("/usr/lib/dovecot/imap")
+_LITERAL = re.compile(rb"\* \d+ FETCH \(BODY\[\] \{(\d+)\}\r\n")
+
+
+def dovecot_fetch(mbox: Path) -> list[bytes]:
+    """Every message of (a copy of) *mbox* as Dovecot's own mbox reader hands
+    it out: its IMAP binary, preauthenticated over stdin, EXAMINE and FETCH.
+
+    Dovecot will not serve mail as root, so as root the copy belongs to, and
+    the binary runs as, ``nobody``.
+    """
+    if not DOVECOT_IMAP.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DOVECOT_IMAP} missing (CI is set, so this test must run)")
+        pytest.skip(f"{DOVECOT_IMAP} missing")
+    scratch = Path(tempfile.mkdtemp(prefix="popsync-dovecot-"))
+    try:
+        for sub in ("mail", "run", "state"):
+            (scratch / sub).mkdir()
+        shutil.copyfile(mbox, scratch / "inbox")
+        (scratch / "dovecot.conf").write_text(
+            f"mail_location = mbox:{scratch}/mail:INBOX={scratch}/inbox:INDEX=MEMORY\n"
+            f"mbox_read_locks = fcntl\nmbox_write_locks = fcntl\n"
+            f"base_dir = {scratch}/run\nstate_dir = {scratch}/state\nlog_path = /dev/stderr\n"
+        )
+        user = pwd.getpwuid(os.geteuid())
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("nobody")
+            scratch.chmod(0o755)
+            for path in [scratch, *scratch.rglob("*")]:
+                os.chown(path, user.pw_uid, user.pw_gid)
+        script = b"a EXAMINE INBOX\r\nb FETCH 1:* (BODY.PEEK[])\r\nc LOGOUT\r\n"
+        done = subprocess.run(
+            [str(DOVECOT_IMAP), "-c", str(scratch / "dovecot.conf")],
+            input=script,
+            env={"USER": user.pw_name, "HOME": str(scratch), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            timeout=60,
+            check=False,
+            user=user.pw_uid if os.geteuid() == 0 else None,
+            group=user.pw_gid if os.geteuid() == 0 else None,
+            extra_groups=[] if os.geteuid() == 0 else None,
+        )
+    finally:
+        shutil.rmtree(scratch)
+    out = done.stdout
+    assert b"b OK" in out, (out[-500:], done.stderr[-500:])
+    bodies = []
+    for match in _LITERAL.finditer(out):
+        start = match.end()
+        bodies.append(out[start : start + int(match.group(1))])
+    return bodies
+
+
+@pytest.mark.dovecot
+def test_dovecot_reads_every_message_back(tmp_path: Path) -> None:
+    # Dovecot hands out the mboxrd quoting as stored (it does not unquote) in
+    # CRLF, hides the status fields it keeps in an mbox (none here), and sends
+    # a NUL as 0x80 (RFC 3501 §4.3: no NUL in a literal).
+    messages = [*ROUND_TRIP[:-1], attachment(200_000), *generate_messages(20, 3000, seed=6)]
+    path = tmp_path / "inbox"
+    with open_mbox_target(path, warn=pytest.fail) as target:
+        deliver(target, messages[:10])
+    with open_mbox_target(path, warn=pytest.fail) as target:
+        deliver(target, messages[10:])
+    expected = [to_crlf(quote(with_newline(m))).replace(b"\0", b"\x80") for m in messages]
+    assert dovecot_fetch(path) == expected
+
+
 # -- locks -----------------------------------------------------------------------------
 
 
@@ -333,6 +405,37 @@ def test_the_lock_is_held_from_the_first_intent_to_the_end_of_commit(tmp_path: P
         assert probe.returncode == 1, probe.stderr  # locked: the child could not have it
         target.commit([draft])
         assert not lock.exists()
+
+
+def test_two_polls_of_one_process_take_turns(tmp_path: Path) -> None:
+    # fcntl locks belong to the process and the dotlock names its pid: two
+    # daemon threads delivering into one mbox must still exclude each other.
+    path = tmp_path / "inbox"
+    first_locked, second_done = threading.Event(), threading.Event()
+    results: list[Any] = []
+
+    def second() -> None:
+        assert first_locked.wait(10)
+        with open_mbox_target(path, warn=pytest.fail) as target:
+            results.extend(deliver(target, [b"S: second\n\n2\n"]))
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with open_mbox_target(path, warn=pytest.fail) as target:
+        draft = target.begin("first", b"u")
+        draft.write(b"S: first\n\n1\n")
+        target.end(draft)
+        target.intent(draft)
+        first_locked.set()
+        assert not second_done.wait(0.5)  # the second waits for the lock...
+        target.commit([draft])
+    thread.join(10)
+    assert second_done.is_set() and isinstance(results[0][1], Receipt)  # ...then delivers
+    assert [body for _, body in split_mbox(path.read_bytes())] == [
+        b"S: first\n\n1\n",
+        b"S: second\n\n2\n",
+    ]
 
 
 @pytest.fixture
