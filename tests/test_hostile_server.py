@@ -124,6 +124,7 @@ def test_reused_uid_on_a_server_without_top_is_never_deleted(make_env: Any) -> N
     assert any(line == b"TOP 1 0" for line, _ in env.server.sessions[-1].commands)
     again = poll_at(env, 5)
     assert again.ok and again.warnings == [] and env.store.uids() == [b"reused"]
+    assert env.ledger.counts("acct")["withheld"] == 1  # `popsync status` shows it
 
 
 def test_reused_uid_naming_another_message_is_fetched_as_new(make_env: Any) -> None:

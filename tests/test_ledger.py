@@ -464,13 +464,17 @@ def test_touch_seen_rewrites_only_stale_rows(ledger: Ledger) -> None:
 
 
 def test_counts(ledger: Ledger) -> None:
-    assert ledger.counts("acct") == {"fetching": 0, "delivered": 0, "deleted": 0, "skipped": 0}
+    zero = {"fetching": 0, "delivered": 0, "deleted": 0, "skipped": 0, "withheld": 0}
+    assert ledger.counts("acct") == zero
     ledger.begin_fetch("acct", [fetch(b"1", "1"), fetch(b"2", "2"), fetch(b"3", "3")])
     ledger.mark_delivered("acct", [delivered(b"1"), delivered(b"2")])
     ledger.mark_deleted("acct", [(b"1", 0)], at=1.0)
     ledger.mark_skipped("acct", [Skipped(b"4", 0, 9, "big", 1.0), Skipped(b"5", 0, 9, "big", 1.0)])
     ledger.begin_fetch("other", [fetch(b"1", "1")])
-    assert ledger.counts("acct") == {"fetching": 1, "delivered": 1, "deleted": 1, "skipped": 2}
+    ledger.mark_withheld("acct", [((b"2", 0), "cannot confirm"), ((b"1", 0), "no longer")])
+    assert ledger.counts("acct") == {
+        "fetching": 1, "delivered": 1, "deleted": 1, "skipped": 2, "withheld": 1
+    }  # fmt: skip
 
 
 def test_empty_batches_are_no_ops(ledger: Ledger) -> None:

@@ -258,16 +258,22 @@ class MessageStore(LedgerBase):
             return {(r[2], r[3]): make(r) for r in result}
 
     def counts(self, account: str) -> dict[str, int]:
-        """Number of rows of *account* per state (every state present, 0 if none).
+        """Number of rows of *account* per state (every state present, 0 if
+        none), and ``withheld``: delivered rows whose due deletion could not
+        be confirmed (they stay on the server; see :meth:`mark_withheld`).
 
         Raises:
             LedgerError: the database cannot be read.
         """
         stmt = select(_m.state, func.count()).where(_m.account == account).group_by(_m.state)
+        held = select(func.count()).where(
+            _m.account == account, _m.state == "delivered", _m.withheld.is_not(None)
+        )
         out: dict[str, int] = dict.fromkeys(MESSAGE_STATES, 0)
         with self._transaction(f"count the messages of account {account}", write=False) as conn:
             for state, n in conn.execute(stmt):
                 out[str(state)] = int(n)
+            out["withheld"] = int(conn.execute(held).scalar_one())
         return out
 
     def _prior(self, conn: Connection, account: str, keys: Sequence[Key]) -> dict[Key, _Prior]:
