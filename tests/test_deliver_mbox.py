@@ -539,6 +539,20 @@ def test_recovery_truncates_an_append_cut_anywhere(tmp_path: Path) -> None:
         ]
 
 
+def test_recovery_finds_entries_a_reader_moved_by_expunging(tmp_path: Path) -> None:
+    messages = [b"Subject: 1\n\nFrom one\n", b"Subject: 2\n\ntwo\n"]
+    path, full, pending = crashed_batch(tmp_path, messages)
+    path.write_bytes(full[len(PRIOR) :])  # the reader expunged the old message
+    with open_mbox_target(path, warn=pytest.fail) as target:
+        held = target.recover(pending)
+    assert [h.asked for h in held] == ["row0", "row1"]
+    data = path.read_bytes()
+    assert data == full[len(PRIOR) :]
+    for h, message in zip(held, messages, strict=True):
+        offset, length = map(int, h.receipt.split())
+        assert split_mbox(data[offset : offset + length])[0][1] == message
+
+
 def test_a_partial_append_followed_by_other_mail_is_left_alone(tmp_path: Path) -> None:
     path, full, pending = crashed_batch(tmp_path, [b"Subject: 1\n\nbody\n" * 20])
     cut = len(PRIOR) + 60

@@ -44,13 +44,16 @@ intent, locks and looks at the offset noted:
   partial entry followed by other mail is left in place, with a warning.
 
 A mail reader that rewrites the mbox (expunging) between a crash and the
-next poll can move a whole entry away from its noted offset; that message is
-then delivered a second time -- never lost.
+next poll can move a whole entry away from its noted offset: the rows not
+found at their offsets are then looked for in one pass over the mbox, by
+separator line and hash.  Only a copy the reader deleted meanwhile is
+delivered a second time -- never lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import os
@@ -299,8 +302,9 @@ class MboxTarget:
             self._unlock()
 
     def recover(self, pending: Sequence[Pending]) -> list[Held]:
-        """The pending messages whose entries are whole at their noted offsets;
-        truncates a partial last entry (see the module docstring).
+        """The pending messages whose entries are whole at their noted offsets
+        (or, failing that, anywhere in the mbox); truncates a partial last
+        entry (see the module docstring).
 
         Raises DeliveryError (MboxBusy when the lock could not be had).
         """
@@ -314,7 +318,11 @@ class MboxTarget:
             size = os.fstat(fd).st_size
             held = [self._held(fd, p, e) for p, e in entries if _holds(fd, e, size)]
             found = {h.asked for h in held}
-            self._cut_partial(fd, [e for p, e in entries if p.name not in found], size)
+            missing = [(p, e) for p, e in entries if p.name not in found]
+            self._cut_partial(fd, [e for _, e in missing], size)
+            if missing:  # a reader that rewrote the mbox may have moved them
+                moved = _relocate(fd, missing, os.fstat(fd).st_size)
+                held += [self._held(fd, p, e) for p, e in moved]
             return held
         except OSError as exc:
             raise DeliveryError(f"mbox {self.path}: cannot recover: {exc.strerror}") from None
@@ -529,6 +537,47 @@ def _tail(fd: int, entry: Entry, size: int) -> _Tail:
     if _separator_after(fd, entry.start + entry.head, size):
         return _Tail.FOLLOWED
     return _Tail.PARTIAL
+
+
+def _relocate(
+    fd: int, missing: list[tuple[Pending, Entry]], size: int
+) -> list[tuple[Pending, Entry]]:
+    """The *missing* entries found whole elsewhere, each with its new offset.
+
+    One pass over the mbox: each separator line is compared (by length and
+    fingerprint) with the separators noted; only a match is hashed further.
+    """
+    wanted: dict[tuple[int, str], list[tuple[Pending, Entry]]] = {}
+    for pending, entry in missing:
+        wanted.setdefault((entry.head, entry.head_sha), []).append((pending, entry))
+    lengths = {length for length, _ in wanted}
+    found: dict[str, tuple[Pending, Entry]] = {}
+    for start in _separator_starts(fd, size):
+        for length in lengths:
+            for pending, entry in wanted.get(
+                (length, _fingerprint(os.pread(fd, length, start))), []
+            ):
+                moved = dataclasses.replace(entry, offset=start, pad=0)
+                if pending.name not in found and _holds(fd, moved, size):
+                    found[pending.name] = (pending, moved)
+        if len(found) == len(missing):
+            break
+    return list(found.values())
+
+
+def _separator_starts(fd: int, size: int) -> Iterator[int]:
+    """Offsets of the lines in the mbox that start with ``From ``."""
+    pos, carry = 0, b"\n"  # the file's start counts as a line start
+    while pos < size:
+        chunk = os.pread(fd, min(READ_CHUNK, size - pos), pos)
+        if not chunk:
+            return
+        data, base = carry + chunk, pos - len(carry)
+        at = data.find(b"\nFrom ")
+        while at >= 0:
+            yield base + at + 1
+            at = data.find(b"\nFrom ", at + 1)
+        carry, pos = data[-5:], pos + len(chunk)
 
 
 def _separator_after(fd: int, start: int, size: int) -> bool:
