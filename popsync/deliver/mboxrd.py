@@ -57,7 +57,7 @@ class Quoter:
             data = data[newline + 1 :]
             self._at_start = True
         last = data.rfind(b"\n") + 1
-        out.append(_FROM_LINE.sub(rb">\1", data[:last]))
+        out.append(_quote_lines(data[:last]))
         out.append(self._open_line(data[last:]))
         return b"".join(out)
 
@@ -69,12 +69,18 @@ class Quoter:
             self._held = rest
             return run
         self._at_start = False
-        return _FROM_LINE.sub(rb">\1", tail)
+        return _quote_lines(tail)
 
     def flush(self) -> bytes:
         """The bytes held back: a last line too short to be ``From ``."""
         held, self._held = self._held, b""
         return held
+
+
+def _quote_lines(data: bytes) -> bytes:
+    """Quote whole lines (*data* starts at a line start).  Most chunks hold no
+    ``From `` at all, and a substring search is far cheaper than the regex."""
+    return _FROM_LINE.sub(rb">\1", data) if b"From " in data else data
 
 
 def quote(message: bytes) -> bytes:
