@@ -6,7 +6,9 @@
 #
 # Steps:
 #   1. Debian packages, only if missing: dovecot-pop3d (the real POP3 server of
-#      the interop tests), python3 and python3-venv.  apt-get (after an
+#      the interop tests), dovecot-lmtpd and dovecot-imapd (the real LMTP and
+#      IMAP servers the delivery targets are tested against; dovecot-lda comes
+#      with dovecot-core), python3 and python3-venv.  apt-get (after an
 #      "apt-get update") runs directly as root, through sudo otherwise.
 #   2. The virtualenv .venv in the repository (created or reused), with
 #      `pip install -e '.[test]'`.
@@ -21,10 +23,15 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-# --- 1. system packages: the real POP3 server of the interop tests ------------
+# --- 1. system packages: the real Dovecot of the interop and delivery tests ---
 
-if ! { [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/pop3 ]; }; then
-    apt_install dovecot-pop3d
+dovecot_packages=()
+[ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/pop3 ] || dovecot_packages+=(dovecot-pop3d)
+[ -x /usr/lib/dovecot/lmtp ] || dovecot_packages+=(dovecot-lmtpd)
+[ -x /usr/lib/dovecot/imap ] || dovecot_packages+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/dovecot-lda ] || dovecot_packages+=(dovecot-core)
+if [ "${#dovecot_packages[@]}" -gt 0 ]; then
+    apt_install "${dovecot_packages[@]}"
 fi
 
 # --- 2. virtualenv -----------------------------------------------------------

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import os
 import poplib
+import shlex
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -23,6 +25,16 @@ import pytest
 from tests.dovecot_fixtures import require_dovecot
 from tests.helpers import wait_until
 from tests.servers.dovecot import HOST, Dovecot, DovecotError, Mailbox
+from tests.servers.dovecot_delivery import (
+    LDA_EX_NOPERM,
+    LDA_EX_NOUSER,
+    LDA_EX_TEMPFAIL,
+    DeliveryDovecot,
+    DeliveryMailbox,
+    reachable_workdir,
+    remove_workdir,
+    strip_lmtp_headers,
+)
 
 pytestmark = pytest.mark.dovecot
 
@@ -413,3 +425,217 @@ def test_missing_binary_skips_locally_and_fails_in_ci(
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI is set"):
         require_dovecot(absent)
+
+
+# ------------------------------------------------------------------- LMTP
+#
+# The delivery Dovecot (tests/servers/dovecot_delivery.py) takes mail in over
+# LMTP, IMAP and dovecot-lda; these tests check what its docstring promises.
+
+#: A message with the parts a delivery must carry unchanged: dot-leading lines,
+#: a "From " line in the body, 8-bit bytes, a line longer than SMTP's 1000.
+DELIVERED = (
+    b"From: a@example.org\nSubject: carried\n\n"
+    b".leading dot\n..two dots\n.\nFrom the body\n"
+    b"caf\xc3\xa9 \xff\n" + b"L" * 20_000 + b"\nend\n"
+)
+
+
+def lmtp_transaction(address: str, rcpts: list[str], data: bytes) -> list[bytes]:
+    """One LMTP transaction (RFC 2033) from *s@example.org*: every reply line, in order.
+
+    *data* has LF line ends; it is sent dot-stuffed with CRLFs.  After DATA
+    there is one reply per accepted recipient (RFC 2033 §4.2).
+    """
+    if address.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(address.removeprefix("unix:"))
+    else:
+        host, port = address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
+    replies: list[bytes] = []
+    with sock, sock.makefile("rwb") as conn:
+
+        def reply(command: bytes | None) -> bytes:
+            if command is not None:
+                conn.write(command + b"\r\n")
+                conn.flush()
+            while (line := conn.readline()).startswith((b"220-", b"250-")):
+                pass
+            replies.append(line.rstrip(b"\r\n"))
+            return line
+
+        reply(None)
+        reply(b"LHLO client.example.org")
+        reply(b"MAIL FROM:<s@example.org>")
+        accepted = sum(reply(f"RCPT TO:<{r}>".encode()).startswith(b"250") for r in rcpts)
+        if accepted and reply(b"DATA").startswith(b"354"):
+            lines = data.removesuffix(b"\n").split(b"\n")
+            conn.write(b"".join(b"." * line.startswith(b".") + line + b"\r\n" for line in lines))
+            conn.write(b".\r\n")
+            conn.flush()
+            for _ in range(accepted):
+                replies.append(conn.readline().rstrip(b"\r\n"))
+        reply(b"QUIT")
+    return replies
+
+
+def test_lmtp_delivers_byte_exactly_over_the_unix_socket(dovecot_lmtp: DeliveryMailbox) -> None:
+    assert dovecot_lmtp.lmtp_address == f"unix:{dovecot_lmtp.server.lmtp_socket}"
+    replies = lmtp_transaction(dovecot_lmtp.lmtp_address, [dovecot_lmtp.recipient], DELIVERED)
+    assert replies[0].startswith(b"220 ")
+    assert replies[-2].startswith(b"250 2.0.0 <%s> " % dovecot_lmtp.recipient.encode())
+    assert replies[-2].endswith(b" Saved")
+    # Stored with LF line ends, after the one field Dovecot always prepends.
+    assert dovecot_lmtp.stored_messages() == [b"Return-Path: <s@example.org>\n" + DELIVERED]
+    assert dovecot_lmtp.lmtp_messages() == [DELIVERED]
+
+
+def test_lmtp_over_tcp_and_to_a_bare_user_name(dovecot_lmtp: DeliveryMailbox) -> None:
+    host, port = dovecot_lmtp.lmtp_tcp_address.rsplit(":", 1)
+    assert host == HOST and int(port) > 0
+    first = b"Subject: one\n\nbody\n"
+    second = b"Return-Path: <own@example.org>\nSubject: two\n\nbody\n"
+    over_tcp = lmtp_transaction(dovecot_lmtp.lmtp_tcp_address, [dovecot_lmtp.user], first)
+    assert over_tcp[-2].startswith(b"250 2.0.0 <%s> " % dovecot_lmtp.user.encode())
+    over_unix = lmtp_transaction(dovecot_lmtp.lmtp_address, [dovecot_lmtp.recipient], second)
+    assert over_unix[-2].startswith(b"250 2.0.0 ")
+    # The message's own Return-Path is kept, below the one Dovecot adds.
+    assert dovecot_lmtp.lmtp_messages() == [first, second]
+
+
+def test_lmtp_refuses_unknown_users_and_full_mailboxes(
+    dovecot_delivery: DeliveryDovecot, dovecot_lmtp: DeliveryMailbox
+) -> None:
+    full = dovecot_delivery.new_mailbox("full", quota_bytes=10)
+    busy = dovecot_delivery.new_mailbox("busy", quota_bytes=10, quota_tempfail=True)
+    rcpts = [dovecot_lmtp.recipient, "ghost@example.org", full.recipient, busy.recipient]
+    replies = lmtp_transaction(dovecot_lmtp.lmtp_address, rcpts, DELIVERED)
+    assert replies[4] == b"550 5.1.1 <ghost@example.org> User doesn't exist: ghost@example.org"
+    after_data = replies[-4:-1]
+    assert after_data[0].startswith(b"250 2.0.0 <%s>" % dovecot_lmtp.recipient.encode())
+    assert after_data[1] == (
+        b"552 5.2.2 <%s> Quota exceeded (mailbox for user is full)" % full.recipient.encode()
+    )
+    assert after_data[2] == (
+        b"452 4.2.2 <%s> Quota exceeded (mailbox for user is full)" % busy.recipient.encode()
+    )
+    assert dovecot_lmtp.lmtp_messages() == [DELIVERED]
+    assert full.stored_messages() == busy.stored_messages() == []
+
+
+def test_strip_lmtp_headers_removes_only_what_lmtp_added() -> None:
+    own = b"Return-Path: <own@x>\nSubject: s\n\nb\n"
+    assert strip_lmtp_headers(b"Return-Path: <s@x>\n" + own) == own
+    with pytest.raises(DovecotError, match="Return-Path"):
+        strip_lmtp_headers(b"Subject: s\n\nb\n")
+    with pytest.raises(DovecotError, match="Received"):
+        strip_lmtp_headers(b"Return-Path: <s@x>\n" + own, trace_headers=True)
+
+
+@pytest.fixture
+def private_delivery(tmp_path: Path) -> Iterator[DeliveryDovecot]:
+    """A delivery Dovecot of the test's own, with trace headers, no TLS."""
+    require_dovecot(delivery=True)
+    workdir = reachable_workdir() if os.geteuid() == 0 else tmp_path / "dv"
+    try:
+        with DeliveryDovecot(workdir, users={"alice": "secret"}, trace_headers=True) as server:
+            yield server
+    finally:
+        if os.geteuid() == 0:
+            remove_workdir(workdir)
+
+
+def test_lmtp_trace_headers_as_production_dovecot_adds_them(
+    private_delivery: DeliveryDovecot,
+) -> None:
+    alice = DeliveryMailbox(private_delivery, "alice")
+    bob = private_delivery.new_mailbox("bob")
+    lmtp_transaction(private_delivery.lmtp_address, ["alice@example.org"], DELIVERED)
+    lmtp_transaction(private_delivery.lmtp_address, ["alice", bob.user], DELIVERED)
+    single, double = alice.stored_messages()
+    assert single.startswith(
+        b"Return-Path: <s@example.org>\nDelivered-To: alice@example.org\n"
+        b"Received: from client.example.org\n\tby "
+    )
+    assert b"\n\tfor <alice@example.org>; " in single.split(b"\nFrom: ", 1)[0]
+    # With two recipients there is no Delivered-To (it would disclose the other).
+    assert double.startswith(b"Return-Path: <s@example.org>\nReceived: from client.example.org\n")
+    assert alice.lmtp_messages() == [DELIVERED, DELIVERED]
+    assert bob.lmtp_messages() == [DELIVERED]
+
+
+# -------------------------------------------------------------- dovecot-lda
+
+
+def run_lda(argv: list[str], data: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, input=data, capture_output=True, timeout=30, check=False)
+
+
+def test_lda_delivers_byte_exactly(dovecot_lda: DeliveryMailbox) -> None:
+    no_newline = b"Subject: tail\n\nno final newline"
+    crlf_input = b"Subject: crlf\r\n\r\nline\r\n"
+    for data in (DELIVERED, no_newline, crlf_input):
+        done = run_lda(dovecot_lda.lda_command, data)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    assert dovecot_lda.stored_messages() == [DELIVERED, no_newline, b"Subject: crlf\n\nline\n"]
+    assert shlex.split(dovecot_lda.lda_command_line) == dovecot_lda.lda_command
+
+
+def test_lda_drops_a_leading_from_line_and_adds_no_header(dovecot_lda: DeliveryMailbox) -> None:
+    argv = dovecot_lda.server.lda_command(dovecot_lda.user, sender="s@example.org")
+    done = run_lda(argv, b"From s@example.org  Mon Jan  1 00:00:00 2024\n" + DELIVERED)
+    assert done.returncode == 0, done.stderr
+    assert dovecot_lda.stored_messages() == [DELIVERED]
+
+
+def test_lda_exit_statuses(dovecot_delivery: DeliveryDovecot) -> None:
+    full = dovecot_delivery.new_mailbox("full", quota_bytes=10)
+    busy = dovecot_delivery.new_mailbox("busy", quota_bytes=10, quota_tempfail=True)
+    over = b"Quota exceeded (mailbox for user is full)\n"
+    done = run_lda(full.lda_command, DELIVERED)
+    assert (done.returncode, done.stderr) == (LDA_EX_NOPERM, over)
+    done = run_lda(busy.lda_command, DELIVERED)
+    assert (done.returncode, done.stderr) == (LDA_EX_TEMPFAIL, over)
+    done = run_lda(dovecot_delivery.lda_command("ghost"), DELIVERED)
+    assert (done.returncode, done.stderr) == (LDA_EX_NOUSER, b"")
+    assert full.stored_messages() == busy.stored_messages() == []
+
+
+# -------------------------------------------------------- delivery harness
+
+
+def test_delivery_server_stop_leaves_no_process(private_delivery: DeliveryDovecot) -> None:
+    assert private_delivery._proc is not None
+    pgid = private_delivery._proc.pid
+    lmtp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lmtp.connect(str(private_delivery.lmtp_socket))  # a live lmtp child
+    imap = private_delivery.imap_login("alice")  # and a live imap child
+    assert len(group_members(pgid)) >= 4
+    private_delivery.stop()
+    assert group_members(pgid) == []
+    lmtp.close()
+    imap.shutdown()
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, private_delivery.imap_port), timeout=2)
+
+
+def test_delivery_server_as_root_needs_a_reachable_workdir(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root hands mail to another account")
+    # pytest's temporary root is private (0700), so nobody cannot enter it.
+    with pytest.raises(DovecotError, match="not searchable by others"):
+        DeliveryDovecot(tmp_path / "dv")
+
+
+def test_bad_quotas_and_userdb_fields_are_refused(tmp_path: Path) -> None:
+    workdir = reachable_workdir()
+    try:
+        server = DeliveryDovecot(workdir, users={})
+        with pytest.raises(DovecotError, match="at least 1"):
+            server.add_user("bob", "pw", quota_bytes=0)
+        with pytest.raises(DovecotError, match="userdb field"):
+            server.add_user("bob", "pw", userdb_fields={"quota_rule": "a b"})
+    finally:
+        remove_workdir(workdir)

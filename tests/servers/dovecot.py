@@ -61,6 +61,7 @@ import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import grp
 import os
 import pwd
@@ -75,15 +76,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import NamedTuple, Self
 
 __all__ = [
     "DOVECOT_BINARY",
+    "DOVECOT_LIBEXEC",
     "HOST",
     "UIDL_FORMAT",
     "Dovecot",
     "DovecotError",
+    "Listener",
     "Mailbox",
+    "greets",
+    "read_maildir",
 ]
 
 #: The Debian package's master binary.
@@ -113,6 +118,10 @@ _LOG_TAIL_LINES = 40
 #: passwd-file field.  Keep both to what cannot break either format.
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BAD_PASSWORD_CHARS = frozenset(":\r\n\0")
+#: Userdb extra fields: a setting name, and a value without blanks (the
+#: passwd-file separates fields with spaces).
+_FIELD_RE = re.compile(r"[a-z][a-z0-9_]*")
+_FIELD_VALUE_RE = re.compile(r"[^\s]+")
 #: Characters that would need quoting in dovecot.conf; the scratch paths must not
 #: contain them (pytest's tmp paths never do).
 _SAFE_PATH_RE = re.compile(r"[A-Za-z0-9/._+-]+")
@@ -140,6 +149,14 @@ class _Account:
     internal_group: str
     login_user: str
     as_root: bool
+
+
+class Listener(NamedTuple):
+    """A TCP listener: its name in ``dovecot.conf`` and how it greets."""
+
+    name: str
+    greeting: bytes
+    implicit_tls: bool
 
 
 def _pick_accounts() -> _Account:
@@ -266,8 +283,9 @@ class Dovecot:
         self._mail_root = self.workdir / "mail"
         self._account = _pick_accounts()
         self._users: dict[str, str] = {}
+        self._userdb_fields: dict[str, dict[str, str]] = {}
         self._proc: subprocess.Popen[bytes] | None = None
-        self._ports: tuple[int, int | None] | None = None
+        self._ports: dict[str, int] | None = None
         self._last_stamp_us = 0
         self._seq = 0
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +338,7 @@ class Dovecot:
         Raises:
             DovecotError: if the server was never started.
         """
-        return self._started_ports()[0]
+        return self._port("pop3")
 
     @property
     def pop3s_port(self) -> int:
@@ -329,15 +347,20 @@ class Dovecot:
         Raises:
             DovecotError: if the server was never started or has no certificate.
         """
-        port = self._started_ports()[1]
-        if port is None:
-            raise DovecotError("this Dovecot has no certificate, so no pop3s port")
-        return port
+        return self._port("pop3s")
 
-    def _started_ports(self) -> tuple[int, int | None]:
+    def _port(self, name: str) -> int:
+        """The port of listener *name* (one of :meth:`_listeners`).
+
+        Raises:
+            DovecotError: the server was never started, or has no such listener.
+        """
         if self._ports is None:
             raise DovecotError("Dovecot is not started")
-        return self._ports
+        if name not in self._ports:
+            why = "" if self.tls else " (it has no certificate)"
+            raise DovecotError(f"this Dovecot has no {name} port{why}")
+        return self._ports[name]
 
     @property
     def users(self) -> dict[str, str]:
@@ -383,8 +406,8 @@ class Dovecot:
         if not ok:
             raise DovecotError(reason)
         for attempt in range(_PORT_ATTEMPTS):
-            pop3, pop3s = _free_ports(2)
-            self._ports = (pop3, pop3s if self.tls else None)
+            names = [listener.name for listener in self._listeners()]
+            self._ports = dict(zip(names, _free_ports(len(names)), strict=True))
             self._write_config()
             self._spawn()
             try:
@@ -444,12 +467,9 @@ class Dovecot:
             )
 
     def _wait_ready(self) -> None:
-        """Poll both ports until each sends ``+OK``; bounded by ``start_timeout``."""
-        ports = self._started_ports()
+        """Poll every listener until it greets; bounded by ``start_timeout``."""
         deadline = time.monotonic() + self.start_timeout
-        pending: list[tuple[int, bool]] = [(ports[0], False)]
-        if ports[1] is not None:
-            pending.append((ports[1], True))
+        pending = self._readiness_probes()
         while pending:
             assert self._proc is not None
             if self._proc.poll() is not None:
@@ -459,23 +479,50 @@ class Dovecot:
                 )
             if time.monotonic() > deadline:
                 raise DovecotError(
-                    f"Dovecot did not greet on {HOST}:{pending[0][0]} within "
+                    f"Dovecot did not greet on {pending[0][0]} within "
                     f"{self.start_timeout:g}s\n" + self.log_tail()
                 )
-            port, implicit_tls = pending[0]
-            if _greets(port, implicit_tls):
+            _, greets = pending[0]
+            if greets():
                 pending.pop(0)
             else:
                 time.sleep(0.05)
 
+    # ------------------------------------------------------ extension points
+
+    def _protocols(self) -> tuple[str, ...]:
+        """The ``protocols`` Dovecot serves; a subclass adds its own."""
+        return ("pop3",)
+
+    def _listeners(self) -> tuple[Listener, ...]:
+        """The TCP listeners; each gets a free port at every start."""
+        plain = Listener("pop3", b"+OK", implicit_tls=False)
+        return (plain, Listener("pop3s", b"+OK", implicit_tls=True)) if self.tls else (plain,)
+
+    def _readiness_probes(self) -> list[tuple[str, Callable[[], bool]]]:
+        """(what, probe) pairs: Dovecot is ready once every probe returns True."""
+        probes: list[tuple[str, Callable[[], bool]]] = []
+        for listener in self._listeners():
+            port = self._port(listener.name)
+            probe = functools.partial(greets, port, listener.implicit_tls, listener.greeting)
+            probes.append((f"{listener.name} on {HOST}:{port}", probe))
+        return probes
+
+    def _extra_config(self) -> str:
+        """More ``dovecot.conf`` text after the POP3 part; a subclass adds its own."""
+        return ""
+
     # ----------------------------------------------------------------- config
 
     def _write_config(self) -> None:
+        self.config_file.write_text(self._base_config() + self._extra_config(), "utf-8")
+
+    def _base_config(self) -> str:
         acct = self._account
         run_dir = self.workdir / "run"
         state_dir = self.workdir / "state"
         state_dir.mkdir(exist_ok=True)
-        pop3_port, pop3s_port = self._started_ports()
+        pop3_port = self._port("pop3")
         if self.tls:
             tls = (
                 "ssl = yes\n"
@@ -486,7 +533,7 @@ class Dovecot:
             pop3s = (
                 "  inet_listener pop3s {\n"
                 f"    address = {HOST}\n"
-                f"    port = {pop3s_port}\n"
+                f"    port = {self.pop3s_port}\n"
                 "    ssl = yes\n"
                 "  }\n"
             )
@@ -505,7 +552,7 @@ class Dovecot:
             login_chroot = anvil_chroot = "  chroot =\n"
         config = f"""\
 # Written by tests/servers/dovecot.py for one test server; do not edit.
-protocols = pop3
+protocols = {" ".join(self._protocols())}
 listen = {HOST}
 base_dir = {run_dir}
 state_dir = {state_dir}
@@ -562,16 +609,21 @@ service pop3-login {{
   process_min_avail = 1
 }}
 """
-        self.config_file.write_text(config, "utf-8")
+        return config
 
     # ------------------------------------------------------------------ users
 
-    def add_user(self, user: str, password: str) -> None:
+    def add_user(
+        self, user: str, password: str, *, userdb_fields: Mapping[str, str] | None = None
+    ) -> None:
         """Add a user and create their empty Maildir; works while Dovecot runs.
 
+        *userdb_fields* become the user's userdb extra fields, which override
+        settings for this user alone (e.g. ``{"quota_rule": "*:storage=1K"}``).
+
         Raises:
-            DovecotError: the user exists already, or the name or password
-                cannot be stored in a passwd-file.
+            DovecotError: the user exists already, or the name, password or a
+                field cannot be stored in a passwd-file.
         """
         if user in self._users:
             raise DovecotError(f"test user exists already: {user!r}")
@@ -579,7 +631,12 @@ service pop3-login {{
             raise DovecotError(f"invalid test user name: {user!r}")
         if not password or _BAD_PASSWORD_CHARS.intersection(password):
             raise DovecotError(f"invalid password for test user {user!r}")
+        fields = dict(userdb_fields or {})
+        for key, value in fields.items():
+            if not _FIELD_RE.fullmatch(key) or not _FIELD_VALUE_RE.fullmatch(value):
+                raise DovecotError(f"invalid userdb field for test user {user!r}: {key}={value}")
         self._users[user] = password
+        self._userdb_fields[user] = fields
         maildir = self.maildir(user)
         for path in (maildir.parent, maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
             path.mkdir(mode=0o700, exist_ok=True)
@@ -588,12 +645,16 @@ service pop3-login {{
 
     def new_mailbox(self, prefix: str = "user") -> Mailbox:
         """Add a user with a unique name and a random password; return its handle."""
+        user = self._unique_user(prefix)
+        self.add_user(user, secrets.token_urlsafe(12))
+        return Mailbox(self, user)
+
+    def _unique_user(self, prefix: str) -> str:
+        """A user name starting with *prefix* that is not taken yet."""
         while True:
             user = f"{prefix}{secrets.token_hex(4)}"
             if user not in self._users:
-                break
-        self.add_user(user, secrets.token_urlsafe(12))
-        return Mailbox(self, user)
+                return user
 
     def _write_passwd(self, user: str) -> None:
         """Write *user*'s passwd-file.
@@ -606,7 +667,12 @@ service pop3-login {{
         acct = self._account
         # Root: "<chroot>/./<home>" makes the mail process chroot first.
         home = f"{self._mail_root}/./{user}" if acct.as_root else f"{self._mail_root}/{user}"
-        line = f"{user}:{{PLAIN}}{self._users[user]}:{acct.mail_uid}:{acct.mail_gid}::{home}::\n"
+        # The last field holds extra fields; "userdb_" marks those for the userdb.
+        extra = " ".join(f"userdb_{k}={v}" for k, v in self._userdb_fields[user].items())
+        line = (
+            f"{user}:{{PLAIN}}{self._users[user]}:{acct.mail_uid}:{acct.mail_gid}"
+            f"::{home}::{extra}\n"
+        )
         # Replace atomically so Dovecot never reads a half-written file.
         path = self._passwd_dir / user
         tmp = self._passwd_dir / f".{user}.tmp"
@@ -697,15 +763,19 @@ service pop3-login {{
         Raises:
             DovecotError: unknown user.
         """
-        maildir = self.maildir(user)
-        files = [
-            entry
-            for sub in ("new", "cur")
-            for entry in os.scandir(maildir / sub)
-            if entry.is_file(follow_symlinks=False)
-        ]
-        files.sort(key=lambda entry: _stamp_key(entry.name))
-        return [Path(entry.path).read_bytes() for entry in files]
+        return read_maildir(self.maildir(user))
+
+
+def read_maildir(folder: Path) -> list[bytes]:
+    """The messages in ``new/`` and ``cur/`` of a Maildir *folder*, byte for
+    byte, in delivery order (by the time stamp that starts each file name).
+    A folder that does not exist (yet) is empty."""
+    files = []
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError):
+            files += [e for e in os.scandir(folder / sub) if e.is_file(follow_symlinks=False)]
+    files.sort(key=lambda entry: _stamp_key(entry.name))
+    return [Path(entry.path).read_bytes() for entry in files]
 
 
 def _group_alive(pgid: int) -> bool:
@@ -735,8 +805,8 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _greets(port: int, implicit_tls: bool) -> bool:
-    """Whether *port* accepts a connection and sends a ``+OK`` greeting.
+def greets(port: int, implicit_tls: bool, greeting: bytes) -> bool:
+    """Whether *port* accepts a connection and sends a reply starting *greeting*.
 
     A readiness probe only: over TLS it does not check the certificate (the
     tests do that with their own CA) and it sends no credentials.
@@ -744,12 +814,12 @@ def _greets(port: int, implicit_tls: bool) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=_PROBE_TIMEOUT) as raw:
             if not implicit_tls:
-                return raw.recv(512).startswith(b"+OK")
+                return raw.recv(512).startswith(greeting)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
-                return tls.recv(512).startswith(b"+OK")
+                return tls.recv(512).startswith(greeting)
     except (OSError, ssl.SSLError):
         return False
 
