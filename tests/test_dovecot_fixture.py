@@ -9,8 +9,10 @@ the skip-or-fail policy when Dovecot is missing.
 from __future__ import annotations
 
 import base64
+import imaplib
 import os
 import poplib
+import re
 import shlex
 import signal
 import socket
@@ -19,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,8 +198,9 @@ def test_tls_certificate_is_really_checked(dovecot_mailbox: Mailbox) -> None:
         )
 
 
-def test_listens_on_loopback_only(dovecot: Dovecot) -> None:
-    ours = {dovecot.pop3_port, dovecot.pop3s_port}
+def listening_addresses(ports: set[int]) -> dict[int, set[str]]:
+    """Port -> the local addresses listening on it, in /proc's hex
+    (0100007F is 127.0.0.1, little-endian)."""
     found: dict[int, set[str]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
@@ -204,10 +208,14 @@ def test_listens_on_loopback_only(dovecot: Dovecot) -> None:
             for row in f:
                 local, state = row.split()[1], row.split()[3]
                 address, port_hex = local.rsplit(":", 1)
-                if state == "0A" and int(port_hex, 16) in ours:  # 0A: LISTEN
+                if state == "0A" and int(port_hex, 16) in ports:  # 0A: LISTEN
                     found.setdefault(int(port_hex, 16), set()).add(address)
-    # 0100007F is 127.0.0.1 in /proc's little-endian hex.
-    assert found == {port: {"0100007F"} for port in ours}
+    return found
+
+
+def test_listens_on_loopback_only(dovecot: Dovecot) -> None:
+    ours = {dovecot.pop3_port, dovecot.pop3s_port}
+    assert listening_addresses(ours) == {port: {"0100007F"} for port in ours}
 
 
 # ------------------------------------------------------------- mail data
@@ -564,6 +572,112 @@ def test_lmtp_trace_headers_as_production_dovecot_adds_them(
     assert double.startswith(b"Return-Path: <s@example.org>\nReceived: from client.example.org\n")
     assert alice.lmtp_messages() == [DELIVERED, DELIVERED]
     assert bob.lmtp_messages() == [DELIVERED]
+
+
+# ------------------------------------------------------------------- IMAP
+
+
+def imap_ok(reply: tuple[str, list[Any]]) -> list[bytes]:
+    status, data = reply
+    assert status == "OK", reply
+    return [item for item in data if isinstance(item, bytes)]
+
+
+def test_imap_capabilities(dovecot_imap: DeliveryMailbox) -> None:
+    client = imaplib.IMAP4(dovecot_imap.host, dovecot_imap.imap_port, timeout=10)
+    try:
+        before = set(client.capabilities)
+        assert {"IMAP4REV1", "STARTTLS", "LITERAL+", "SASL-IR", "AUTH=PLAIN"} <= before
+        assert "LOGINDISABLED" not in before  # plaintext LOGIN is allowed on purpose
+        client.login(dovecot_imap.user, dovecot_imap.password)
+        after = set(imap_ok(client.capability())[0].decode().upper().split())
+    finally:
+        client.logout()
+    assert {"UIDPLUS", "MULTIAPPEND", "QUOTA", "NAMESPACE", "MOVE"} <= after
+    assert "LITERAL-" not in after
+
+
+def test_imap_append_is_byte_exact_and_searchable(dovecot_imap: DeliveryMailbox) -> None:
+    no_newline = b"Subject: tail\n\nno final newline"
+    client = dovecot_imap.imap_login()
+    try:
+        uids = []
+        for data in (DELIVERED, no_newline):
+            # imaplib sends the literal with CRLF line ends, as IMAP requires.
+            (line,) = imap_ok(client.append("INBOX", None, None, data))
+            match = re.match(rb"\[APPENDUID (\d+) (\d+)\]", line)
+            assert match, line
+            uids.append(match.group(2))
+        client.select("INBOX", readonly=True)
+        assert imap_ok(client.uid("SEARCH", "HEADER", "Subject", "carried")) == [uids[0]]
+        bodies = [fetch_body(client, uid) for uid in uids]
+    finally:
+        client.logout()
+    assert bodies == [crlf(DELIVERED), crlf(no_newline)]
+    assert dovecot_imap.stored_messages() == [DELIVERED, no_newline]
+
+
+def fetch_body(client: imaplib.IMAP4, uid: bytes) -> bytes:
+    """BODY[] of the message with *uid* in the selected mailbox (wire form: CRLF)."""
+    status, data = client.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
+    assert status == "OK" and isinstance(data[0], tuple), data
+    return data[0][1]
+
+
+def test_imap_implicit_tls_and_starttls(dovecot_imap: DeliveryMailbox, ca_file: Path) -> None:
+    client = dovecot_imap.imap_login(tls_context(ca_file))
+    try:
+        assert isinstance(client.sock, ssl.SSLSocket)
+        imap_ok(client.append("INBOX", None, None, DELIVERED))
+    finally:
+        client.logout()
+    client = imaplib.IMAP4(dovecot_imap.host, dovecot_imap.imap_port, timeout=10)
+    try:
+        imap_ok(client.starttls(tls_context(ca_file)))
+        assert isinstance(client.sock, ssl.SSLSocket)
+        client.login(dovecot_imap.user, dovecot_imap.password)
+    finally:
+        client.logout()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        dovecot_imap.imap_login(ssl.create_default_context())  # the test CA is not trusted
+    assert dovecot_imap.stored_messages() == [DELIVERED]
+
+
+def test_imap_append_to_a_missing_mailbox_asks_to_create_it(dovecot_imap: DeliveryMailbox) -> None:
+    client = dovecot_imap.imap_login()
+    try:
+        status, data = client.append("Archive", None, None, DELIVERED)
+        assert status == "NO"
+        assert data[0].startswith(b"[TRYCREATE] ")
+        dovecot_imap.create_folder("Archive")
+        imap_ok(client.append("Archive", None, None, DELIVERED))
+    finally:
+        client.logout()
+    assert dovecot_imap.stored_messages("Archive") == [DELIVERED]
+    assert dovecot_imap.stored_messages() == []
+
+
+def test_imap_append_over_quota(dovecot_delivery: DeliveryDovecot) -> None:
+    full = dovecot_delivery.new_mailbox("full", quota_bytes=10)
+    client = full.imap_login()
+    try:
+        status, data = client.append("INBOX", None, None, DELIVERED)
+    finally:
+        client.logout()
+    assert status == "NO"
+    assert data[0].startswith(b"[OVERQUOTA] Quota exceeded (mailbox for user is full)")
+    assert full.stored_messages() == []
+
+
+def test_delivery_server_listens_on_loopback_only(dovecot_delivery: DeliveryDovecot) -> None:
+    ours = {
+        dovecot_delivery.pop3_port,
+        dovecot_delivery.pop3s_port,
+        dovecot_delivery.imap_port,
+        dovecot_delivery.imaps_port,
+        int(dovecot_delivery.lmtp_tcp_address.rsplit(":", 1)[1]),
+    }
+    assert listening_addresses(ours) == {port: {"0100007F"} for port in ours}
 
 
 # -------------------------------------------------------------- dovecot-lda
