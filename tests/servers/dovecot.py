@@ -51,6 +51,14 @@ like Dovecot's own deliveries, so LIST needs no file reads, and a strictly
 increasing timestamp, so Dovecot's UID (and UIDL) order is delivery order and
 :meth:`Dovecot.stored_messages` returns messages in that same order.
 
+Extending
+---------
+A subclass serves more (``tests/servers/dovecot_delivery.py`` adds LMTP, IMAP
+and dovecot-lda) through :meth:`Dovecot._protocols`,
+:meth:`Dovecot._listeners`, :meth:`Dovecot._readiness_probes` and
+:meth:`Dovecot._extra_config`; a user's userdb extra fields (``add_user``'s
+*userdb_fields*) override settings for that user alone.
+
 This module imports no pytest: the benchmarks use it too.  It is not
 thread-safe; drive one instance from one thread.
 """
