@@ -621,7 +621,9 @@ def fetch_body(client: imaplib.IMAP4, uid: bytes) -> bytes:
     """BODY[] of the message with *uid* in the selected mailbox (wire form: CRLF)."""
     status, data = client.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
     assert status == "OK" and isinstance(data[0], tuple), data
-    return data[0][1]
+    body = data[0][1]
+    assert isinstance(body, bytes), data
+    return body
 
 
 def test_imap_implicit_tls_and_starttls(dovecot_imap: DeliveryMailbox, ca_file: Path) -> None:
