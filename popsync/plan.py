@@ -1,4 +1,4 @@
-"""What one poll will do, decided before any side effect (STYLE habit 8).
+"""What one poll will do, decided before any side effect.
 
 :func:`plan` is pure: from the server's listing, the ledger's rows and the
 account's policy it computes which messages to fetch, which to DELE, which
