@@ -22,7 +22,6 @@ variables come from ``os.environ``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -38,7 +37,12 @@ from pydantic import (
 )
 
 from popsync.config.paths import ledger_url, resolve_path, sqlite_file, state_dir
-from popsync.config.secrets import PASSWORD_COMMAND_TIMEOUT, SecretSource
+from popsync.config.secrets import (
+    PASSWORD_COMMAND_TIMEOUT,
+    SecretSource,
+    TlsLoginRules,
+    context_of,
+)
 from popsync.config.targets import TARGET_KEYS, ImapTarget, check_lmtp, check_mda, one_target
 from popsync.config.values import (
     AccountName,
@@ -86,24 +90,13 @@ DEFAULT_POLL_TIMEOUT: Final = 3600.0
 DEFAULT_MIN_RATE: Final = 1024
 
 
-def _context(info: ValidationInfo) -> tuple[Path, Mapping[str, str]]:
-    """(config directory, environment) from the validation context."""
-    ctx = info.context if isinstance(info.context, Mapping) else {}
-    base = ctx.get("base_dir")
-    environ = ctx.get("environ")
-    return (
-        base if isinstance(base, Path) else Path.cwd(),
-        environ if isinstance(environ, Mapping) else os.environ,
-    )
-
-
 def _source(info: ValidationInfo) -> Path | None:
     """The config file named in the validation context, if any."""
     source = info.context.get("source") if isinstance(info.context, Mapping) else None
     return source if isinstance(source, Path) else None
 
 
-class Account(SecretSource):
+class Account(SecretSource, TlsLoginRules):
     """One POP3 account: where to connect, how to log in, where mail goes, what to delete."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -167,10 +160,10 @@ class Account(SecretSource):
             raise ValueError(f"must be at least timeout ({timeout:.10g} s)")
         return value
 
-    @field_validator("maildir", "mbox", "ca_file", mode="before")
+    @field_validator("maildir", "mbox", mode="before")
     @classmethod
     def _expand_path(cls, value: Any, info: ValidationInfo) -> Any:
-        return None if value is None else resolve_path(value, *_context(info))
+        return None if value is None else resolve_path(value, *context_of(info))
 
     @field_validator("mda")
     @classmethod
@@ -194,25 +187,6 @@ class Account(SecretSource):
             raise KeyedValueError("missing: lmtp needs lmtp_recipient", key="lmtp_recipient")
         if kind != "lmtp" and recipient is not None:
             raise KeyedValueError("only with lmtp", key="lmtp_recipient")
-        return value
-
-    @field_validator("ca_file")
-    @classmethod
-    def _ca_file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"{value}: no such file")
-        return value
-
-    @field_validator("allow_plaintext")
-    @classmethod
-    def _plaintext_consent(cls, value: bool, info: ValidationInfo) -> bool:
-        # Credentials cross the network in clear only when asked.
-        if info.data.get("tls") == TlsMode.NONE and not value:
-            raise KeyedValueError(
-                "'none' would send the password in clear; set allow_plaintext: true "
-                "to accept that, or use tls: implicit or starttls",
-                key="tls",
-            )
         return value
 
     @property
@@ -243,14 +217,14 @@ class Config(BaseModel):
     @classmethod
     def _default_ledger(cls, data: Any, info: ValidationInfo) -> Any:
         if isinstance(data, dict) and data.get("ledger") is None:
-            state = state_dir(_context(info)[1])
+            state = state_dir(context_of(info)[1])
             data = {**data, "ledger": f"sqlite:///{state / 'ledger.db'}"}
         return data
 
     @field_validator("ledger")
     @classmethod
     def _absolute_ledger(cls, value: str, info: ValidationInfo) -> str:
-        return ledger_url(value, *_context(info))
+        return ledger_url(value, *context_of(info))
 
     @field_validator("accounts", mode="before")
     @classmethod
@@ -276,7 +250,7 @@ class Config(BaseModel):
         if database is not None:
             self._state_dir = database.parent
         else:
-            self._state_dir = state_dir(_context(info)[1])
+            self._state_dir = state_dir(context_of(info)[1])
         self._source = _source(info)
         return self
 

@@ -34,6 +34,7 @@ from popsync.credentials import (
     run_password_command,
 )
 from popsync.errors import ConfigError
+from popsync.options import TlsMode
 
 #: Seconds a ``password_command`` may run before it is killed.
 PASSWORD_COMMAND_TIMEOUT: Final = 30.0
@@ -147,3 +148,33 @@ class SecretSource(BaseModel):
             key = "password_file" if self.password_file is not None else "password_command"
             raise ConfigError(f"{owner}: {key}: {exc}") from None
         raise ConfigError(f"{owner}: password: no secret is configured")
+
+
+class TlsLoginRules(BaseModel):
+    """The rules every model that logs in to a server keeps (an account, an
+    IMAP target): ``ca_file`` expanded and present, and ``tls: none`` only with
+    ``allow_plaintext: true`` -- credentials cross the network in clear only
+    when the user asked for it.  Declares no fields: the model has them."""
+
+    @field_validator("ca_file", mode="before", check_fields=False)
+    @classmethod
+    def _expand_ca_file(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else resolve_path(value, *context_of(info))
+
+    @field_validator("ca_file", check_fields=False)
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file")
+        return value
+
+    @field_validator("allow_plaintext", check_fields=False)
+    @classmethod
+    def _plaintext_consent(cls, value: bool, info: ValidationInfo) -> bool:
+        if info.data.get("tls") == TlsMode.NONE and not value:
+            raise KeyedValueError(
+                "'none' would send the password in clear; set allow_plaintext: true "
+                "to accept that, or use tls: implicit or starttls",
+                key="tls",
+            )
+        return value

@@ -17,10 +17,9 @@ import shlex
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from popsync.config.paths import resolve_path
-from popsync.config.secrets import SecretSource, context_of
+from popsync.config.secrets import SecretSource, TlsLoginRules
 from popsync.config.values import HostName, KeyedValueError, Port, WireText
 from popsync.options import TlsMode
 
@@ -30,7 +29,7 @@ TARGET_KEYS: Final = ("maildir", "mbox", "mda", "lmtp", "imap")
 _LMTP_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>[0-9]{1,5})")
 
 
-class ImapTarget(SecretSource):
+class ImapTarget(SecretSource, TlsLoginRules):
     """``imap:``: APPEND into *mailbox* on another host (a migration's new home)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -51,29 +50,6 @@ class ImapTarget(SecretSource):
             implicit = data.get("tls", TlsMode.IMPLICIT) == TlsMode.IMPLICIT
             data = {**data, "port": 993 if implicit else 143}
         return data
-
-    @field_validator("ca_file", mode="before")
-    @classmethod
-    def _expand_ca_file(cls, value: Any, info: ValidationInfo) -> Any:
-        return None if value is None else resolve_path(value, *context_of(info))
-
-    @field_validator("ca_file")
-    @classmethod
-    def _ca_file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"{value}: no such file")
-        return value
-
-    @field_validator("allow_plaintext")
-    @classmethod
-    def _plaintext_consent(cls, value: bool, info: ValidationInfo) -> bool:
-        if info.data.get("tls") == TlsMode.NONE and not value:
-            raise KeyedValueError(
-                "'none' would send the password in clear; set allow_plaintext: true "
-                "to accept that, or use tls: implicit or starttls",
-                key="tls",
-            )
-        return value
 
     def secret(self) -> str:
         """The IMAP password, read afresh (see :meth:`SecretSource.read_secret`)."""
