@@ -433,6 +433,25 @@ def test_no_server_is_one_clear_error(tmp_path: Path) -> None:
         deliver_with(target, TRICKY)
 
 
+@pytest.mark.parametrize(
+    ("address", "warned"),
+    [
+        ("192.0.2.7:24", True),
+        ("mail.example.org:24", True),
+        ("127.0.0.1:24", False),
+        ("[::1]:24", False),
+        ("localhost:24", False),
+        ("unix:/run/dovecot/lmtp", False),
+    ],
+)
+def test_lmtp_to_another_host_warns_it_is_in_clear(address: str, warned: bool) -> None:
+    warnings: list[str] = []
+    with open_lmtp_target(address, "r@x", timeout=2, warn=warnings.append):
+        pass  # no connection is made before the first message
+    expected = [f"LMTP to {address} is not encrypted: mail crosses the network in clear"]
+    assert warnings == (expected if warned else [])
+
+
 def test_a_bad_recipient_fails_at_open() -> None:
     with (
         pytest.raises(DeliveryError, match="not a plain address"),

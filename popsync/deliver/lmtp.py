@@ -36,6 +36,7 @@ that window one message wide.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 import socket
 import time
@@ -418,6 +419,16 @@ class LmtpTarget:
             self._session = None
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether *host* names this machine without DNS (``localhost`` or a loopback IP)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_recipient(recipient: str) -> bytes:
     """*recipient* as it goes into ``RCPT TO:<...>``; ValueError if it cannot."""
     raw = recipient.encode("utf-8", "surrogateescape")
@@ -432,14 +443,17 @@ def open_lmtp_target(
 ) -> Iterator[LmtpTarget]:
     """The LMTP server at *address* (``unix:/path`` or ``host:port``) as one poll's target.
 
-    No connection is made until the first message is delivered.  Raises
+    No connection is made until the first message is delivered; LMTP has no
+    TLS here, so *warn* is told when the address is not this machine.  Raises
     DeliveryError at once for an address or recipient that cannot work.
     """
     try:
-        parse_address(address)
+        _, sockaddr = parse_address(address)
         rcpt = check_recipient(recipient)
     except ValueError as exc:
         raise DeliveryError(f"lmtp: {exc}") from None
+    if isinstance(sockaddr, tuple) and not _is_loopback(sockaddr[0]):
+        warn(f"LMTP to {address} is not encrypted: mail crosses the network in clear")
     target = LmtpTarget(address, rcpt, timeout=timeout, warn=warn)
     try:
         yield target
