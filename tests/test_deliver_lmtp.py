@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ class Script:
     insist_on_pipelining: bool = False
     #: Keep only each message's size and SHA-256 (for very large ones).
     discard: bool = False
+    #: Send the greeting one byte at a time, this many seconds apart.
+    trickle: float | None = None
 
 
 class ScriptedLmtp:
@@ -116,7 +119,12 @@ class ScriptedLmtp:
                 self._session(conn, conn.makefile("rb"))
 
     def _session(self, conn: socket.socket, rfile: Any) -> None:
-        conn.sendall(self.script.greeting)
+        if self.script.trickle is None:
+            conn.sendall(self.script.greeting)
+        for i in range(len(self.script.greeting) if self.script.trickle is not None else 0):
+            conn.sendall(self.script.greeting[i : i + 1])
+            if self.release.wait(self.script.trickle):
+                return
         while line := rfile.readline():
             self.commands.append(line.rstrip(b"\r\n"))
             if not self._answer(conn, rfile, line[:4].upper().decode("latin-1")):
@@ -421,6 +429,17 @@ def test_a_silent_server_times_out(lmtp: Callable[..., ScriptedLmtp]) -> None:
     server = lmtp(hang_after_data=True)
     with pytest.raises(DeliveryError, match=r"did not answer within 1\.5 s"):
         deliver(server, TRICKY, timeout=1.5)
+
+
+def test_a_trickling_server_is_cut_off_at_the_timeout(
+    lmtp: Callable[..., ScriptedLmtp],
+) -> None:
+    # Every byte arrives well within the timeout, the whole reply never does.
+    server = lmtp(greeting=b"220 " + b"x" * 200 + b"\r\n", trickle=0.05)
+    started = time.monotonic()
+    with pytest.raises(DeliveryError, match=r"did not answer within 1 s"):
+        deliver(server, TRICKY, timeout=1)
+    assert time.monotonic() - started < 5
 
 
 def test_no_server_is_one_clear_error(tmp_path: Path) -> None:
