@@ -201,7 +201,8 @@ class Entry:
         return f"{self.start} {self.head + self.body_len}"
 
     def text(self) -> str:
-        return " ".join((_INTENT_TAG, *(str(getattr(self, f)) for f in self.__dataclass_fields__)))
+        """The intent as the ledger notes it: a tag, then every field in order."""
+        return " ".join((_INTENT_TAG, *map(str, dataclasses.astuple(self))))
 
     @classmethod
     def parse(cls, text: str | None) -> Entry | None:
@@ -234,14 +235,15 @@ class MboxTarget:
         self._planned: list[tuple[MboxDraft, Entry, bytes]] = []
         #: Why this batch cannot be delivered now (the lock was not had).
         self._busy: str | None = None
-        self._drafts: list[MboxDraft] = []
+        #: Drafts begun and not yet committed (discarded by :meth:`close`).
+        self._drafts: set[MboxDraft] = set()
 
     def reserve(self, name: str) -> None:
         pass
 
     def begin(self, name: str, uid: bytes) -> MboxDraft:
         draft = MboxDraft(name)
-        self._drafts.append(draft)
+        self._drafts.add(draft)
         return draft
 
     def end(self, draft: Draft) -> None:
@@ -299,6 +301,7 @@ class MboxTarget:
         finally:
             for draft in drafts:
                 draft.abort()
+                self._drafts.discard(_mine(draft))
             self._unlock()
 
     def recover(self, pending: Sequence[Pending]) -> list[Held]:
