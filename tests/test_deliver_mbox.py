@@ -486,6 +486,20 @@ def test_a_writer_that_ignores_the_lock_makes_the_batch_fail_whole(tmp_path: Pat
     assert not (tmp_path / "inbox.lock").exists()
 
 
+def test_a_directory_or_a_fifo_at_the_path_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    directory = open_mbox_target(tmp_path / "dir", warn=pytest.fail)
+    with pytest.raises(DeliveryError, match=r"^mbox .*dir: is a directory$"), directory:
+        pass
+    os.mkfifo(tmp_path / "fifo")  # must not hang the poll
+    with (
+        open_mbox_target(tmp_path / "fifo", warn=pytest.fail) as target,
+        pytest.raises(DeliveryError, match=r"^mbox .*fifo: not a regular file$"),
+    ):
+        deliver(target, [b"S: x\n\nx\n"])
+    assert not (tmp_path / "fifo.lock").exists()
+
+
 # -- recovery ------------------------------------------------------------------------------
 
 

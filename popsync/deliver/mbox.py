@@ -75,8 +75,8 @@ from popsync.identity import HEADER_CAP
 #: Messages one lock, one append and one fsync may cover.
 BATCH = 64
 
-#: The crash points of a batch, in order (``POPSYNC_FAILPOINT``; the crash
-#: tests iterate over these).
+#: The crash points of a batch, in order (``POPSYNC_FAILPOINT``, see
+#: :mod:`popsync.failpoints`; tests/test_crash.py kills a sync at each).
 CRASH_POINTS = (
     "mbox_mid_append",  # half of the first message's body written
     "mbox_appended",  # the batch appended and fsynced, still locked
