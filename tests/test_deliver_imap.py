@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +37,8 @@ from popsync.deliver.imap import (
 )
 from popsync.errors import DeliveryError, SecurityError
 from popsync.options import TlsMode
-from tests.dovecot_fixtures import require_dovecot
 from tests.fakes import FakeTransport
-from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
+from tests.servers.dovecot_delivery import DeliveryDovecot, DeliveryMailbox
 
 # Stored form (LF line ends): dot-stuffed-looking lines, "From " lines, 8-bit
 # bytes, a NUL, a bare CR, a 20,000-character line and no final line end.
@@ -168,33 +166,15 @@ def test_the_body_is_sent_with_crlf_after_the_continuation() -> None:
 # -- against Dovecot -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def imap_server(cert_files: tuple[Path, Path]) -> Iterator[DeliveryDovecot]:
-    require_dovecot()
-    ok, reason = DeliveryDovecot.available()
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    workdir = reachable_workdir()
-    chain, key = cert_files
-    try:
-        with DeliveryDovecot(workdir, users={}, cert_file=chain, key_file=key) as server:
-            yield server
-    finally:
-        remove_workdir(workdir)
-
-
 @pytest.fixture
-def spec(imap_server: DeliveryDovecot, ca_file: Path) -> Spec:
+def spec(dovecot_delivery: DeliveryDovecot, dovecot_imap: DeliveryMailbox, ca_file: Path) -> Spec:
     """A fresh user, reached with STARTTLS and the test CA."""
-    box = imap_server.new_mailbox("imap")
     return Spec(
-        imap_server.host,
-        imap_server.imap_port,
+        dovecot_delivery.host,
+        dovecot_delivery.imap_port,
         TlsMode.STARTTLS,
-        box.user,
-        box.password,
+        dovecot_imap.user,
+        dovecot_imap.password,
         ca_file=ca_file,
     )
 
@@ -223,9 +203,9 @@ def with_tls(spec: Spec, server: DeliveryDovecot, tls: TlsMode) -> Spec:
 @pytest.mark.dovecot
 @pytest.mark.parametrize("tls", list(TlsMode))
 def test_tricky_messages_read_back_byte_identical(
-    imap_server: DeliveryDovecot, spec: Spec, tls: TlsMode
+    dovecot_delivery: DeliveryDovecot, spec: Spec, tls: TlsMode
 ) -> None:
-    spec = with_tls(spec, imap_server, tls)
+    spec = with_tls(spec, dovecot_delivery, tls)
     attachment = b"Subject: big\nContent-Type: application/octet-stream\n\n" + (
         b"".join(b"%07d abcdefghijklmnopqrstuvwxyz0123456789\n" % i for i in range(120_000))
     )
@@ -239,12 +219,12 @@ def test_tricky_messages_read_back_byte_identical(
         "m2": Receipt(f"INBOX {validity} 2"),
         "m3": Receipt(f"INBOX {validity} 3"),
     }
-    assert stored(imap_server, spec) == list(messages.values())
+    assert stored(dovecot_delivery, spec) == list(messages.values())
 
 
 @pytest.mark.dovecot
 def test_recovery_finds_what_was_appended_and_only_that(
-    imap_server: DeliveryDovecot, spec: Spec
+    dovecot_delivery: DeliveryDovecot, spec: Spec
 ) -> None:
     """A crash after the APPENDs, before the receipts were recorded: the next
     session finds each copy by its intent; a message never sent is not found."""
@@ -264,21 +244,23 @@ def test_recovery_finds_what_was_appended_and_only_that(
     assert (a.size, a.wire_size, a.receipt) == (len(TRICKY), len(to_wire(TRICKY)), sent[0].text)
     assert a.header_section == TRICKY[: TRICKY.index(b"\n\n") + 2]
     assert t1.receipt == f"INBOX {validity} 2"
-    assert stored(imap_server, spec) == [TRICKY, twin]
+    assert stored(dovecot_delivery, spec) == [TRICKY, twin]
 
 
 @pytest.mark.dovecot
-def test_a_missing_mailbox_is_created(imap_server: DeliveryDovecot, spec: Spec) -> None:
+def test_a_missing_mailbox_is_created(dovecot_delivery: DeliveryDovecot, spec: Spec) -> None:
     spec = Spec(**{**spec.__dict__, "mailbox": "Migrated"})
     with open_imap_target(spec, account="acct", timeout=10, warn=no_warning) as target:
         results = deliver(target, {"m1": NO_MESSAGE_ID})
     assert isinstance(results["m1"], Receipt) and results["m1"].text.startswith("Migrated ")
-    assert stored(imap_server, spec, "Migrated") == [NO_MESSAGE_ID]
+    assert stored(dovecot_delivery, spec, "Migrated") == [NO_MESSAGE_ID]
 
 
 @pytest.mark.dovecot
-def test_over_quota_refuses_that_message_for_good(imap_server: DeliveryDovecot, spec: Spec) -> None:
-    box = imap_server.new_mailbox("quota", quota_bytes=2000)
+def test_over_quota_refuses_that_message_for_good(
+    dovecot_delivery: DeliveryDovecot, spec: Spec
+) -> None:
+    box = dovecot_delivery.new_mailbox("quota", quota_bytes=2000)
     spec = Spec(**{**spec.__dict__, "username": box.user, "password": box.password})
     big = b"Subject: big\n\n" + b"z" * 5000 + b"\n"
     with open_imap_target(spec, account="acct", timeout=10, warn=no_warning) as target:
@@ -287,15 +269,15 @@ def test_over_quota_refuses_that_message_for_good(imap_server: DeliveryDovecot, 
     assert isinstance(refusal, Refusal) and not refusal.temporary
     assert refusal.text.startswith("NO [OVERQUOTA]")
     assert isinstance(results["small"], Receipt)
-    assert stored(imap_server, spec) == [NO_MESSAGE_ID]
+    assert stored(dovecot_delivery, spec) == [NO_MESSAGE_ID]
 
 
 @pytest.mark.dovecot
 @pytest.mark.parametrize("tls", [TlsMode.IMPLICIT, TlsMode.STARTTLS])
 def test_a_certificate_not_trusted_is_refused(
-    imap_server: DeliveryDovecot, spec: Spec, tls: TlsMode
+    dovecot_delivery: DeliveryDovecot, spec: Spec, tls: TlsMode
 ) -> None:
-    spec = Spec(**{**with_tls(spec, imap_server, tls).__dict__, "ca_file": None})
+    spec = Spec(**{**with_tls(spec, dovecot_delivery, tls).__dict__, "ca_file": None})
     with (
         pytest.raises(SecurityError, match="certificate not trusted") as caught,
         open_imap_target(spec, account="acct", timeout=10, warn=no_warning),
@@ -305,18 +287,24 @@ def test_a_certificate_not_trusted_is_refused(
 
 
 @pytest.mark.dovecot
-def test_no_password_in_clear_without_consent(imap_server: DeliveryDovecot, spec: Spec) -> None:
-    spec = Spec(**{**with_tls(spec, imap_server, TlsMode.NONE).__dict__, "allow_plaintext": False})
+def test_no_password_in_clear_without_consent(
+    dovecot_delivery: DeliveryDovecot, spec: Spec
+) -> None:
+    spec = Spec(
+        **{**with_tls(spec, dovecot_delivery, TlsMode.NONE).__dict__, "allow_plaintext": False}
+    )
     with (
         pytest.raises(SecurityError, match="without TLS"),
         open_imap_target(spec, account="acct", timeout=10, warn=lambda _: None),
     ):
         pass
-    assert f"user={spec.username}" not in imap_server.log_tail(200)
+    assert f"user={spec.username}" not in dovecot_delivery.log_tail(200)
 
 
 @pytest.mark.dovecot
-def test_a_wrong_password_is_one_line_without_it(imap_server: DeliveryDovecot, spec: Spec) -> None:
+def test_a_wrong_password_is_one_line_without_it(
+    dovecot_delivery: DeliveryDovecot, spec: Spec
+) -> None:
     spec = Spec(**{**spec.__dict__, "password": "not-the-password-42"})
     with (
         pytest.raises(ImapAuthError, match=f"login as '{spec.username}' refused") as caught,
@@ -329,31 +317,48 @@ def test_a_wrong_password_is_one_line_without_it(imap_server: DeliveryDovecot, s
 
 RSS_SCRIPT = """\
 import os, resource, sys
-from tests.test_deliver_imap import Spec
+from dataclasses import dataclass
 from popsync.deliver.imap import open_imap_target
 from popsync.options import TlsMode
 
+@dataclass(frozen=True)
+class Spec:
+    host: str
+    port: int
+    username: str
+    tls: TlsMode = TlsMode.NONE
+    ca_file: None = None
+    allow_plaintext: bool = True
+    mailbox: str = "INBOX"
+
+    def secret(self) -> str:
+        return os.environ["TEST_IMAP_PASSWORD"]  # never in argv
+
+def peak_mib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
 host, port, user, size = sys.argv[1:5]
-password = os.environ["TEST_IMAP_PASSWORD"]  # never in argv
-spec = Spec(host, int(port), TlsMode.NONE, user, password, allow_plaintext=True)
 line = b"0123456789" * 7 + b"\\n"
-with open_imap_target(spec, account="a", timeout=60, warn=lambda _: None) as target:
+with open_imap_target(Spec(host, int(port), user), account="a", timeout=60, warn=print) as target:
     draft = target.begin("big", b"big")
     draft.write(b"Subject: big\\n\\n")
+    before = peak_mib()  # imports, login, one spooled chunk
     while draft.size < int(size):
         draft.write(line * 8192)
     target.end(draft)
     target.intent(draft)
     print(target.commit([draft])[0])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(before, peak_mib())
 """
 
 
 @pytest.mark.dovecot
 @pytest.mark.slow
-def test_a_200_mb_message_costs_little_memory(imap_server: DeliveryDovecot, spec: Spec) -> None:
+def test_a_200_mb_message_costs_little_memory(
+    dovecot_delivery: DeliveryDovecot, spec: Spec
+) -> None:
     size = 200 * 1024 * 1024
-    port = str(imap_server.imap_port)
+    port = str(dovecot_delivery.imap_port)
     out = subprocess.run(
         [
             sys.executable,
@@ -370,9 +375,10 @@ def test_a_200_mb_message_costs_little_memory(imap_server: DeliveryDovecot, spec
         timeout=300,
         cwd=Path(__file__).parent.parent,
     )
-    receipt, peak_mib = out.stdout.decode().split("\n")[:2]
+    receipt, peaks = out.stdout.decode().split("\n")[-3:-1]
     assert receipt.startswith("Receipt(text='INBOX ")
-    assert int(peak_mib) < 80, f"peak RSS {peak_mib} MiB for a {size >> 20} MiB message"
+    before, after = map(int, peaks.split())
+    assert after - before < 32, f"peak RSS {before} -> {after} MiB for a {size >> 20} MiB message"
 
 
 # -- end to end: POP3 test server -> popsync sync -> Dovecot IMAP --------------------------------
@@ -439,7 +445,7 @@ def counted(messages: list[bytes]) -> dict[bytes, int]:
 
 @pytest.mark.dovecot
 def test_sync_into_imap_is_byte_exact(
-    imap_server: DeliveryDovecot, spec: Spec, tmp_path: Path
+    dovecot_delivery: DeliveryDovecot, spec: Spec, tmp_path: Path
 ) -> None:
     from popsync.testing.mailstore import MailStore
     from popsync.testing.server import POP3TestServer
@@ -453,7 +459,7 @@ def test_sync_into_imap_is_byte_exact(
         assert first.returncode == 0, first.stderr
         assert f" {len(messages)} fetched" in first.stdout
         assert len(store) == 0
-    assert stored(imap_server, spec) == [stored_form(m) for m in messages]
+    assert stored(dovecot_delivery, spec) == [stored_form(m) for m in messages]
     assert spec.password not in first.stdout + first.stderr
 
 
@@ -477,7 +483,7 @@ IMAP_CRASHES = [
 @pytest.mark.crash
 @pytest.mark.parametrize("failpoint", IMAP_CRASHES)
 def test_sigkill_then_rerun_delivers_exactly_once(
-    imap_server: DeliveryDovecot, spec: Spec, tmp_path: Path, failpoint: str
+    dovecot_delivery: DeliveryDovecot, spec: Spec, tmp_path: Path, failpoint: str
 ) -> None:
     """Killed at *failpoint*, then run again: every message is in the mailbox
     exactly once, and the POP3 server deleted only what the mailbox holds."""
@@ -493,14 +499,14 @@ def test_sigkill_then_rerun_delivers_exactly_once(
         crashed = run_sync(config, failpoint)
         assert crashed.returncode == -9, (crashed.returncode, crashed.stderr)
         pop3.wait_for_sessions(1, timeout=10)
-        held = counted(stored(imap_server, spec))
+        held = counted(stored(dovecot_delivery, spec))
         on_server = {stored_form(m.data) for m in store.messages()}
         assert all(n == 1 for n in held.values()), "a message was appended twice"
         assert all(form in on_server or form in held for form in wanted), "a message was lost"
 
         clean = run_sync(config)
         assert clean.returncode == 0, clean.stderr
-        assert counted(stored(imap_server, spec)) == wanted
+        assert counted(stored(dovecot_delivery, spec)) == wanted
         assert len(store) == 0
         third = run_sync(config)
         assert third.returncode == 0 and " 0 fetched" in third.stdout
@@ -563,12 +569,12 @@ def test_a_server_that_never_finishes_a_reply_is_cut_off() -> None:
 
 @pytest.mark.dovecot
 def test_sync_with_an_untrusted_imap_certificate_is_one_line_and_deletes_nothing(
-    imap_server: DeliveryDovecot, spec: Spec, tmp_path: Path
+    dovecot_delivery: DeliveryDovecot, spec: Spec, tmp_path: Path
 ) -> None:
     from popsync.testing.mailstore import MailStore
     from popsync.testing.server import POP3TestServer
 
-    spec = Spec(**{**with_tls(spec, imap_server, TlsMode.IMPLICIT).__dict__, "ca_file": None})
+    spec = Spec(**{**with_tls(spec, dovecot_delivery, TlsMode.IMPLICIT).__dict__, "ca_file": None})
     messages = e2e_messages()[:3]
     store = MailStore(messages)
     with POP3TestServer(store) as pop3:
@@ -578,19 +584,21 @@ def test_sync_with_an_untrusted_imap_certificate_is_one_line_and_deletes_nothing
     errors = [line for line in result.stderr.splitlines() if "certificate not trusted" in line]
     assert len(errors) == 1 and "mig" in errors[0], result.stderr
     assert len(store) == len(messages)
-    assert stored(imap_server, spec) == []
+    assert stored(dovecot_delivery, spec) == []
 
 
 @pytest.mark.dovecot
 def test_sync_over_quota_leaves_that_message_on_the_server(
-    imap_server: DeliveryDovecot, tmp_path: Path, ca_file: Path
+    dovecot_delivery: DeliveryDovecot, tmp_path: Path, ca_file: Path
 ) -> None:
     from popsync.testing.mailstore import MailStore
     from popsync.testing.server import POP3TestServer
     from tests.helpers import stored_form
 
-    box = imap_server.new_mailbox("quota", quota_bytes=20_000)
-    spec = Spec(imap_server.host, imap_server.imaps_port, TlsMode.IMPLICIT, box.user, box.password)
+    box = dovecot_delivery.new_mailbox("quota", quota_bytes=20_000)
+    spec = Spec(
+        dovecot_delivery.host, dovecot_delivery.imaps_port, TlsMode.IMPLICIT, box.user, box.password
+    )
     spec = Spec(**{**spec.__dict__, "ca_file": ca_file})
     small = [b"Subject: s%d\r\n\r\nsmall\r\n" % i for i in range(3)]
     big = b"Subject: big\r\n\r\n" + b"B" * 50_000 + b"\r\n"
@@ -601,4 +609,4 @@ def test_sync_over_quota_leaves_that_message_on_the_server(
     assert "Traceback" not in result.stderr
     assert "OVERQUOTA" in result.stdout + result.stderr
     assert [m.data for m in store.messages()] == [big]
-    assert stored(imap_server, spec) == [stored_form(m) for m in small]
+    assert stored(dovecot_delivery, spec) == [stored_form(m) for m in small]
