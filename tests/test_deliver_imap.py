@@ -419,6 +419,8 @@ def imap_config(tmp_path: Path, pop3_port: int, spec: Spec, **pop3: object) -> P
     }
     if spec.ca_file is not None:
         imap["ca_file"] = str(spec.ca_file)
+    if spec.allow_plaintext:
+        imap["allow_plaintext"] = True
     account = {"name": "mig", "port": pop3_port, "maildir": None, "imap": imap, **pop3}
     return write_config(tmp_path, [account])
 
