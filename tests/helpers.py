@@ -5,6 +5,9 @@ for a condition no event announces."""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -162,3 +165,21 @@ def delete(session: Session, msgs: Iterable[int]) -> dict[int, Err | None]:
     sink = Collect(msgs)
     session.retrieve((), sink)
     return sink.dele_replies
+
+
+def run_sync(
+    config: Path, failpoint: str | None = None, *, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``popsync -c CONFIG sync`` in a child process; with *failpoint* (e.g.
+    ``after_link:3``) it is SIGKILLed there (see popsync/failpoints.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "POPSYNC_FAILPOINT"}
+    if failpoint:
+        env["POPSYNC_FAILPOINT"] = failpoint
+    return subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(config), "sync", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

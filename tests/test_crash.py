@@ -13,11 +13,8 @@ on by ``POPSYNC_FAILPOINT`` (see popsync/failpoints.py).
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,27 +23,12 @@ from popsync.failpoints import POINTS
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
-from tests.helpers import maildir_contents, stored_form, write_config
+from tests.helpers import maildir_contents, run_sync, stored_form, write_config
 from tests.mbox_helpers import mbox_config, mbox_contents, read_mbox
 
 pytestmark = [pytest.mark.crash, pytest.mark.timeout(120)]
 
 MESSAGES = list(generate_messages(150, 2500, seed=11))
-
-
-def run_sync(config: Path, failpoint: str | None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("POPSYNC_FAILPOINT", None)
-    if failpoint:
-        env["POPSYNC_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "popsync", "-c", str(config), "sync", "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def assert_no_loss(store: MailStore, maildir: Path) -> None:

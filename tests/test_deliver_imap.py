@@ -38,6 +38,7 @@ from popsync.deliver.imap import (
 from popsync.errors import DeliveryError, SecurityError
 from popsync.options import TlsMode
 from tests.fakes import FakeTransport
+from tests.helpers import run_sync
 from tests.servers.dovecot_delivery import DeliveryDovecot, DeliveryMailbox
 
 # Stored form (LF line ends): dot-stuffed-looking lines, "From " lines, 8-bit
@@ -430,20 +431,6 @@ def imap_config(tmp_path: Path, pop3_port: int, spec: Spec, **pop3: object) -> P
         imap["allow_plaintext"] = True
     account = {"name": "mig", "port": pop3_port, "maildir": None, "imap": imap, **pop3}
     return write_config(tmp_path, [account])
-
-
-def run_sync(config: Path, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "POPSYNC_FAILPOINT"}
-    if failpoint:
-        env["POPSYNC_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "popsync", "-c", str(config), "sync", "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def counted(messages: list[bytes]) -> dict[bytes, int]:

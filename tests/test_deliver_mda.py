@@ -36,7 +36,7 @@ from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.server import POP3TestServer
 from tests.dovecot_fixtures import require_dovecot
-from tests.helpers import load, stored_form, write_config
+from tests.helpers import load, run_sync, stored_form, write_config
 from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
 
 # Stored form: LF line ends.  Dot-stuffed-looking lines, "From " lines,
@@ -468,20 +468,6 @@ MDA_CRASHES = {
     "after_dele": 0,
     "after_quit": 0,
 }
-
-
-def run_sync(config: Path, failpoint: str | None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "POPSYNC_FAILPOINT"}
-    if failpoint:
-        env["POPSYNC_FAILPOINT"] = failpoint
-    return subprocess.run(
-        [sys.executable, "-m", "popsync", "-c", str(config), "sync", "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.mark.crash
