@@ -4,6 +4,8 @@
     popsync [-c CONFIG] run                  the daemon, in the foreground
     popsync [-c CONFIG] check                validate the config
     popsync [-c CONFIG] status [--json]      per account: last poll, result, counts
+    popsync [-c CONFIG] verify [--json] [--deep] [ACCOUNT ...]
+                                             read-only: is every server message held here?
     popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
     popsync demo                             a built-in server, sample mail, a real sync
 
@@ -74,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="validate the config file")
     p_status = sub.add_parser("status", help="show each account's last poll")
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
+    p_verify = sub.add_parser(
+        "verify",
+        help="read-only: is every message on the server held intact here?",
+        description=(
+            "Lists each account's server (UIDL, LIST; never RETR or DELE) and checks "
+            "every message against the ledger and its local copy, re-hashing Maildir "
+            "files.  Exit 0: every message is held (or imported); 1: something is "
+            "missing, damaged, never fetched, skipped or the check failed; 2: usage."
+        ),
+    )
+    p_verify.add_argument("accounts", nargs="*", metavar="ACCOUNT")
+    p_verify.add_argument("--json", action="store_true", help="machine-readable output")
+    p_verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="also compare each message's headers (TOP n 0) to catch reused unique-ids",
+    )
     p_db = sub.add_parser("db", help="ledger maintenance")
     p_db.add_argument("action", choices=("upgrade",))
     p_demo = sub.add_parser("demo", help="sync sample mail from a built-in server")
@@ -98,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
             return _sync(config, args.accounts, progress=not args.no_progress)
         if args.command == "status":
             return _status(config, as_json=args.json)
+        if args.command == "verify":
+            return _verify(config, args.accounts, as_json=args.json, deep=args.deep)
         if args.command == "db":
             _open_ledger(config).close()
             print(f"ledger {config.ledger_url}: schema is up to date")
@@ -177,6 +198,27 @@ def _sync(config: Config, names: list[str], *, progress: bool) -> int:
     finally:
         ledger.close()
     return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def _verify(config: Config, names: list[str], *, as_json: bool, deep: bool) -> int:
+    from popsync.verify import check_document, format_check, verify_account
+
+    accounts = config.select(names)
+    ledger = _open_ledger(config)
+    try:
+        checks = [verify_account(a, ledger, config.state_dir, deep=deep) for a in accounts]
+    finally:
+        ledger.close()
+    if as_json:
+        print(json.dumps({"accounts": [check_document(c) for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            lines = format_check(check)
+            if check.error is not None:
+                _problem(lines[0])
+            else:
+                print("\n".join(lines))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_POLL_FAILED
 
 
 def format_report(report: PollReport) -> str:
