@@ -45,9 +45,8 @@ from pathlib import Path
 
 from popsync import failpoints
 from popsync.config import Account
-from popsync.deliver import open_target
+from popsync.deliver import message_name, open_target
 from popsync.deliver.base import Held, Pending, Target
-from popsync.deliver.maildir import unique_name
 from popsync.errors import (
     BodyLimitExceeded,
     DeliveryError,
@@ -78,8 +77,10 @@ from popsync.plan import (
     Policy,
     ServerMessage,
     join_listings,
+    match_remaps,
     needs_size,
     plan,
+    remap_candidates,
 )
 from popsync.reconcile import (
     as_delivered,
@@ -136,7 +137,9 @@ def format_summary(report: PollReport) -> str:
     c = report.counts
     return (
         f"{c.listed} on server, {c.new} new, {c.fetched} fetched ({format_size(c.bytes)}), "
-        f"{c.deleted} deleted, {c.skipped} skipped, {report.seconds:.1f} s"
+        f"{c.deleted} deleted, {c.skipped} skipped, "
+        + (f"{c.remapped} remapped, " if c.remapped else "")
+        + f"{report.seconds:.1f} s"
     )
 
 
@@ -222,6 +225,7 @@ class Poll:
         self.should_stop = should_stop
         self.totals = FetchOutcome()
         self.skipped = 0  # cut off while fetching
+        self.remapped = 0  # known messages found under new unique-ids
 
     def run(self, open_session: Callable[[SessionOptions], Session]) -> None:
         """One session, or a few: a message cut off for running past its size
@@ -252,6 +256,7 @@ class Poll:
             now = self.now()
             policy = Policy(self.account.delete_after_days, self.account.max_message_size, now)
             listing = self.listing(session, rows, policy)
+            rows = self.remap(session, listing.messages, rows)  # 2b
             the_plan = plan(listing.messages, rows, policy, listing.waiting)  # 3
             self.note(the_plan)
             reused = self.confirm_deletes(session, the_plan.delete, gate)  # 4
@@ -329,6 +334,50 @@ class Poll:
         messages, waiting = join_listings(uidl, scan)
         return Listing(messages, waiting)
 
+    # -- 2b. unique-ids that changed ---------------------------------------------------
+
+    def remap(
+        self, session: Session, messages: list[ServerMessage], rows: dict[Key, LedgerRow]
+    ) -> dict[Key, LedgerRow]:
+        """Recognise known mail that the server now lists under new unique-ids.
+
+        Only when the listing holds unknown unique-ids *and* delivered rows
+        of the same size have vanished from it (:func:`popsync.plan.remap_candidates`)
+        is ``TOP n 0`` sent, pipelined, for those candidates; a candidate
+        whose stable header digest matches exactly one such row takes that
+        row over (:meth:`Ledger.remap`) and is not fetched.  A server that
+        refuses TOP, or any ambiguity, leaves the message to be fetched.
+        """
+        candidates = remap_candidates(messages, rows)
+        if not candidates:
+            return rows
+        reader = HeaderReader()
+        sizes = {m.msg: m.size for m in messages}
+        session.retrieve(
+            (RetrRequest(msg, body_limit(sizes[msg], None), top=0) for msg in sorted(candidates)),
+            reader,
+        )
+        digests = {msg: d.stable if d is not None else None for msg, d in reader.digests.items()}
+        found = match_remaps(messages, candidates, digests)
+        if not found:
+            return rows
+        pairs = [(r.row.key, (r.message.uid, r.message.occurrence)) for r in found]
+        self.ledger.remap(self.name, pairs, self.now())
+        self.remapped += len(found)
+        shown = ", ".join(
+            f"{escape_server_text(old)} -> {escape_server_text(new)}"
+            for (old, _), (new, _) in pairs[:3]
+        )
+        more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
+        log.info(
+            "%s: the server renumbered %d known message(s) (%s%s); not fetched again",
+            self.name,
+            len(found),
+            shown,
+            more,
+        )
+        return self.ledger.rows(self.name)
+
     def note(self, the_plan: Plan) -> None:
         for text in plan_warnings(the_plan):
             self.warn(text)
@@ -398,7 +447,7 @@ class Poll:
         """A plan item for the new message under a reused unique-id, with a name
         of its own (the hash name of uid and occurrence is the retired copy's)."""
         row = item.row
-        fresh = unique_name(
+        fresh = message_name(
             self.name, row.uid + b" after %d" % row.id, row.occurrence, int(self.now())
         )
         return Fetch(item.message, existing_name=fresh, delete_after=False)
@@ -443,7 +492,7 @@ class Poll:
 
     def name_for(self, item: Fetch, now: float) -> str:
         m = item.message
-        return unique_name(self.name, m.uid, m.occurrence, int(now))
+        return message_name(self.name, m.uid, m.occurrence, int(now))
 
     # -- 6. fetching -------------------------------------------------------------------
 
@@ -564,6 +613,7 @@ class Poll:
             deleted=deleted,
             skipped=len(the_plan.skip) + self.skipped,
             bytes=self.totals.bytes,
+            remapped=self.remapped,
         )
 
     def warn(self, text: str) -> None:

@@ -13,7 +13,10 @@ account names:
   crash;
 * :mod:`popsync.deliver.imap` -- APPEND into an IMAP mailbox: exactly once.
 
-Modules other than the one an account uses are not imported.
+Modules other than the one an account uses are not imported.  Every target
+keys its messages by :func:`message_name`: derived from a hash of account,
+unique-id and occurrence (no server byte reaches a path), unique, and found
+again after a crash (see :mod:`popsync.deliver.maildir.names`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from popsync.deliver.maildir.names import unique_name as message_name
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -70,4 +75,4 @@ def open_target(
             yield target
 
 
-__all__ = ["open_target"]
+__all__ = ["message_name", "open_target"]

@@ -99,6 +99,9 @@ messages = Table(
     Column("server_size", BigInteger, nullable=False),
     Column("stored_size", BigInteger),
     Column("sha256", String(64)),
+    # The message's name at its delivery target (popsync.deliver.message_name),
+    # chosen before RETR; the column kept its first name when targets other
+    # than Maildir came (migration 0004).
     Column("maildir_name", String(255)),
     Column("first_seen", Double, nullable=False),
     Column("delivered_at", Double),
