@@ -89,8 +89,9 @@ class AccountCheck:
     on_server: int = 0
     counts: dict[State, int] = field(default_factory=dict)
     problems: list[Finding] = field(default_factory=list)
-    #: Why some copies were taken on the ledger's word, if any were.
-    note: str | None = None
+    #: What the counts rest on, where not on a re-read copy (the ledger's
+    #: word for a target that cannot be re-read; TOP refused with *deep*).
+    notes: list[str] = field(default_factory=list)
     #: The check could not be made (network, server, lock, target): one line.
     error: str | None = None
 
@@ -108,8 +109,8 @@ def format_check(check: AccountCheck) -> list[str]:
         return [f"{check.account}: cannot verify: {check.error}"]
     parts = ", ".join(f"{n} {state.value}" for state, n in _in_order(check.counts)) or "nothing"
     lines = [f"{check.account}: {check.on_server} on server: {parts}"]
-    if check.note:
-        lines[0] += f" ({check.note})"
+    if check.notes:
+        lines[0] += f" ({'; '.join(check.notes)})"
     lines += [
         f"{check.account}: {p.state.value}: unique-id {escape_server_text(p.uid)} "
         f"(message {p.msg}): {p.detail}"
@@ -126,7 +127,7 @@ def check_document(check: AccountCheck) -> dict[str, object]:
         "error": check.error,
         "on_server": check.on_server,
         "counts": {state.value: n for state, n in _in_order(check.counts)},
-        "note": check.note,
+        "notes": check.notes,
         "problems": [
             {
                 "uid": escape_server_text(p.uid),
@@ -166,9 +167,14 @@ def verify_account(
             messages, digests = _listing(account, session_factory, deep=deep)
             target = stack.enter_context(_readable_target(account))
             _judge_all(check, messages, rows, target, digests)
-            if target is None and any(s is State.PER_LEDGER for s in check.counts):
-                check.note = (
+            if check.counts.get(State.PER_LEDGER):
+                check.notes.append(
                     f"{account.target} copies are not re-read: held per the ledger's receipts"
+                )
+            if refused := sum(digest is None for digest in digests.values()):
+                check.notes.append(
+                    f"the server refused TOP for {refused} message(s): "
+                    "their headers were not compared"
                 )
     except PopsyncError as exc:
         check.error = str(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from popsync.config import Config
 from popsync.ledger import Ledger
+from popsync.locks import account_lock
 from popsync.sync import run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
@@ -251,3 +253,50 @@ def test_dovecot_held_then_missing(
     assert missing.returncode == 1
     assert missing.stdout.splitlines()[0] == "dove: 4 on server: 3 held, 1 missing"
     assert len(mailbox.stored_messages()) == 4  # verify deleted nothing
+
+
+def test_an_imported_message_counts_as_held(env: Env) -> None:
+    """A row adopted from another tool's state (delivered, no copy recorded,
+    as ``popsync import`` writes it) is reported as imported, not missing."""
+    uid = env.store.add(b"Subject: fetched by fetchmail\r\n\r\nlong ago\r\n")
+    db = sqlite3.connect(env.config.ledger_url.removeprefix("sqlite:///"))
+    with db:
+        db.execute(
+            "INSERT INTO messages (account, uid, occurrence, state, server_size, first_seen,"
+            " last_seen, delivered_at, target, receipt)"
+            " VALUES ('acct', ?, 0, 'delivered', 0, 1.0, 1.0, 1.0, 'maildir',"
+            " 'imported from fetchmail')",
+            (uid,),
+        )
+    db.close()
+    code, doc = env.verify_json()
+    assert code == 0, doc
+    assert doc["counts"] == {"held": 6, "imported": 1} and doc["problems"] == []
+
+
+def test_a_poll_in_progress_is_one_line_not_a_wrong_answer(env: Env) -> None:
+    sessions = len(env.server.sessions)
+    with account_lock(env.config.state_dir, "acct", wait=False):
+        done = env.verify()
+    assert len(env.server.sessions) == sessions  # it did not even connect
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"popsync: acct: cannot verify: account acct: process {os.getpid()} is polling it already"
+    ]
+
+
+def test_deep_says_when_the_server_refuses_top(tmp_path: Path) -> None:
+    server = POP3TestServer(MailStore(MESSAGES[:2]), top=False).start()
+    try:
+        env = Env(tmp_path, server)
+        env.sync()
+        sessions = len(server.sessions)
+        done = env.verify("--deep")
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "acct: 2 on server: 2 held (the server refused TOP for 2 message(s): "
+        "their headers were not compared)"
+    ]
+    assert len(server.sessions) == sessions + 1
