@@ -7,6 +7,8 @@
     popsync [-c CONFIG] verify [--json] [--deep] [ACCOUNT ...]
                                              read-only: is every server message held here?
     popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
+    popsync [-c CONFIG] import ACCOUNT --from fetchmail|getmail|mpop FILE [--dry-run]
+                                             adopt what another tool already fetched
     popsync demo                             a built-in server, sample mail, a real sync
 
 Exit status: 0 all good; 1 at least one account's poll did not complete;
@@ -95,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_db = sub.add_parser("db", help="ledger maintenance")
     p_db.add_argument("action", choices=("upgrade",))
+    p_import = sub.add_parser(
+        "import",
+        help="adopt the messages fetchmail, getmail or mpop already fetched, so they are "
+        "never fetched again",
+        description="Read another POP3 client's state file and record this account's "
+        "unique-ids in it as delivered (with no local copy): popsync will not fetch them, "
+        "and never deletes them from the server. Entries of other accounts are ignored.",
+    )
+    p_import.add_argument("account", metavar="ACCOUNT")
+    p_import.add_argument(
+        "--from",
+        dest="tool",
+        required=True,
+        choices=("fetchmail", "getmail", "mpop"),
+        help="the tool that wrote FILE",
+    )
+    p_import.add_argument(
+        "file",
+        metavar="FILE",
+        help="fetchmail's .fetchids (--idfile), getmail's oldmail-SERVER-PORT-USERNAME, "
+        "or mpop's UIDLs file (uidls_file)",
+    )
+    p_import.add_argument(
+        "--dry-run", action="store_true", help="show what would be adopted; change nothing"
+    )
     p_demo = sub.add_parser("demo", help="sync sample mail from a built-in server")
     p_demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
     return parser
@@ -119,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
             return _status(config, as_json=args.json)
         if args.command == "verify":
             return _verify(config, args.accounts, as_json=args.json, deep=args.deep)
+        if args.command == "import":
+            return _import(config, args.account, args.tool, Path(args.file), dry_run=args.dry_run)
         if args.command == "db":
             _open_ledger(config).close()
             print(f"ledger {config.ledger_url}: schema is up to date")
@@ -219,6 +248,42 @@ def _verify(config: Config, names: list[str], *, as_json: bool, deep: bool) -> i
             else:
                 print("\n".join(lines))
     return EXIT_OK if all(c.ok for c in checks) else EXIT_POLL_FAILED
+
+
+def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) -> int:
+    """Adopt *name*'s unique-ids from *tool*'s state file *path* (one transaction)."""
+    import time
+
+    from popsync.adopt import read_state_file, receipt, select
+    from popsync.errors import escape_server_text
+    from popsync.locks import account_lock
+
+    (account,) = config.select([name])
+    state = read_state_file(tool, path)
+    chosen = select(state, account)
+    ledger = _open_ledger(config)
+    try:
+        # The account's lock: a poll running now must not fetch what is adopted.
+        with account_lock(config.state_dir, account.name, wait=10.0):
+            adopted = ledger.adopt(
+                account.name,
+                chosen.mine,
+                target=account.target,
+                receipt=receipt(state.tool),
+                now=time.time(),
+                dry_run=dry_run,
+            )
+    finally:
+        ledger.close()
+    if dry_run:
+        for uid in adopted:
+            print(f"would adopt {escape_server_text(uid)}")
+    verb = "would adopt" if dry_run else "adopted"
+    print(
+        f"{account.name}: {verb} {len(adopted)}, already known {len(chosen.mine) - len(adopted)}, "
+        f"ignored {chosen.ignored} (other accounts)"
+    )
+    return EXIT_OK
 
 
 def format_report(report: PollReport) -> str:

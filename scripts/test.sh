@@ -8,7 +8,8 @@
 #   1. Debian packages, only if missing: dovecot-pop3d (the real POP3 server of
 #      the interop tests), dovecot-lmtpd and dovecot-imapd (the real LMTP and
 #      IMAP servers the delivery targets are tested against; dovecot-lda comes
-#      with dovecot-core), python3 and python3-venv.  apt-get (after an
+#      with dovecot-core), fetchmail, getmail6 and mpop (whose state files
+#      `popsync import` is tested against), python3 and python3-venv.  apt-get (after an
 #      "apt-get update") runs directly as root, through sudo otherwise.
 #   2. The virtualenv .venv in the repository (created or reused), with
 #      `pip install -e '.[test]'`.
@@ -32,6 +33,15 @@ dovecot_packages=()
 [ -x /usr/lib/dovecot/dovecot-lda ] || dovecot_packages+=(dovecot-core)
 if [ "${#dovecot_packages[@]}" -gt 0 ]; then
     apt_install "${dovecot_packages[@]}"
+fi
+
+# The other POP3 clients whose state files `popsync import` reads.
+client_packages=()
+command -v fetchmail >/dev/null || client_packages+=(fetchmail)
+command -v getmail >/dev/null || client_packages+=(getmail6)
+command -v mpop >/dev/null || client_packages+=(mpop)
+if [ "${#client_packages[@]}" -gt 0 ]; then
+    apt_install "${client_packages[@]}"
 fi
 
 # --- 2. virtualenv -----------------------------------------------------------

@@ -658,3 +658,34 @@ def test_poll_history_is_pruned_per_account(ledger: Ledger, db_path: Path) -> No
     ids = {r[0] for r in raw_rows(db_path, "SELECT id FROM polls")}
     assert old not in ids
     assert {other, recent, newest} <= ids  # the other account's history is its own
+
+
+def test_adopt_records_delivered_rows_without_a_copy_once(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [fetch(b"known", "n1")])
+
+    def adopt(uids: list[bytes], *, dry_run: bool = False) -> list[bytes]:
+        return ledger.adopt(
+            "acct",
+            uids,
+            target="maildir",
+            receipt="imported from mpop",
+            now=5000.0,
+            dry_run=dry_run,
+        )
+
+    assert adopt([b"a", b"known"], dry_run=True) == [b"a"]
+    assert set(ledger.rows("acct")) == {(b"known", 0)}
+    assert adopt([b"a", b"known", b"b"]) == [b"a", b"b"]
+    rows = ledger.rows("acct")
+    assert rows[(b"known", 0)].state == "fetching"
+    adopted = rows[(b"a", 0)]
+    assert (adopted.state, adopted.delivered_at, adopted.receipt) == (
+        "delivered",
+        5000.0,
+        "imported from mpop",
+    )
+    assert (adopted.sha256, adopted.maildir_name, adopted.server_size) == (None, None, 0)
+    assert adopt([b"a"]) == []
+    with pytest.raises(LedgerError, match="names the same message twice"):
+        adopt([b"c", b"c"])
+    assert (b"c", 0) not in ledger.rows("acct")

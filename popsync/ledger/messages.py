@@ -203,6 +203,19 @@ _DELIVER: Final = (
 _INTENT: Final = (
     update(_messages).where(_m.id == bindparam("b_id")).values(receipt=bindparam("b_receipt"))
 )
+# A row adopted from another tool's state file: delivered, with no local copy.
+_ADOPT: Final = insert(_messages).values(
+    account=bindparam("b_account"),
+    uid=bindparam("b_uid"),
+    occurrence=literal_column("0"),
+    state=literal_column("'delivered'"),
+    server_size=literal_column("0"),
+    first_seen=bindparam("b_now"),
+    last_seen=bindparam("b_now"),
+    delivered_at=bindparam("b_now"),
+    target=bindparam("b_target"),
+    receipt=bindparam("b_receipt"),
+)
 _DELETE: Final = (
     update(_messages)
     .where(_m.id == bindparam("b_id"))
@@ -555,6 +568,53 @@ class MessageStore(LedgerBase):
                     raise LedgerError(f"account {account}: cannot retire {_show_key(key)} (no row)")
                 params.append({"b_id": row.id, "b_uid": key[0] + b" retired %d" % row.id})
             self._executemany(conn, _RETIRE, params)
+
+    def adopt(
+        self,
+        account: str,
+        uids: Sequence[bytes],
+        *,
+        target: str,
+        receipt: str,
+        now: float,
+        dry_run: bool = False,
+    ) -> list[bytes]:
+        """Record these unique-ids as delivered by another tool (``popsync import``).
+
+        Each becomes occurrence 0, state ``delivered`` at *now*, with no local
+        copy (no name, no SHA-256, ``server_size`` 0: the other tool's state
+        file records no size), the account's *target* kind and *receipt*
+        (e.g. ``imported from fetchmail``) -- so it is never fetched, and
+        :func:`popsync.identity.judge` can never confirm it for a DELE.  A
+        unique-id whose occurrence 0 the ledger already holds, in any state,
+        is left as it is.  One transaction: all or nothing.  With *dry_run*
+        nothing is written.
+
+        Returns the unique-ids adopted (or that would be), in the order given.
+
+        Raises:
+            LedgerError: *uids* names one twice, or the database fails.
+        """
+        keys = _unique_keys(account, ((uid, 0) for uid in uids))
+        if not keys:
+            return []
+        what = f"adopt unique-ids for account {account}"
+        with self._transaction(what, write=not dry_run) as conn:
+            prior = self._prior(conn, account, keys)
+            fresh = [uid for uid, occ in keys if (uid, occ) not in prior]
+            if not dry_run:
+                params = [
+                    {
+                        "b_account": account,
+                        "b_uid": uid,
+                        "b_now": now,
+                        "b_target": target,
+                        "b_receipt": receipt,
+                    }
+                    for uid in fresh
+                ]
+                self._executemany(conn, _ADOPT, params)
+            return fresh
 
     def touch_seen(self, account: str, keys: Iterable[Key], now: float) -> int:
         """Set ``last_seen = now`` on the listed rows last seen over a day ago.
