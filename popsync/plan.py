@@ -230,3 +230,76 @@ def _still_cut_off(row: LedgerRow | None, size: int | None) -> bool:
         and (row.skip_reason or "").startswith(CUT_OFF)
         and size == row.server_size
     )
+
+
+# -- unique-ids that changed under popsync --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Remap:
+    """A listed message recognised as a known row whose unique-id vanished."""
+
+    message: ServerMessage
+    row: LedgerRow
+
+
+def remap_candidates(
+    messages: Sequence[ServerMessage], rows: Mapping[Key, LedgerRow]
+) -> dict[int, list[LedgerRow]]:
+    """Which listed messages might be known rows under a new unique-id.
+
+    A server that renumbers (a migrated backend, a changed Dovecot
+    ``pop3_uidl_format``) lists known mail under unknown unique-ids, while
+    the ledger's unique-ids for it vanish.  A candidate is an unknown,
+    sized message whose unique-id is listed once, paired with the
+    ``delivered`` rows of the same LIST size whose key is no longer listed
+    and whose header digest was recorded.  Returns message number -> those
+    rows; empty -- so the poll sends nothing more -- unless both unknown
+    unique-ids and vanished rows of a matching size exist.
+    """
+    unknown = [m for m in messages if (m.uid, m.occurrence) not in rows and m.size is not None]
+    if not unknown:
+        return {}  # the usual poll: every listed message is known
+    listed = {(uid, occurrence) for _, uid, occurrence, _ in messages}
+    vanished: dict[int, list[LedgerRow]] = {}
+    for key, row in rows.items():
+        if row.state == "delivered" and row.stable_sha256 is not None and key not in listed:
+            vanished.setdefault(row.server_size, []).append(row)
+    if not vanished:
+        return {}
+    counts = Counter(uid for _, uid, _, _ in messages)
+    return {
+        m.msg: vanished[m.size]
+        for m in unknown
+        if counts[m.uid] == 1 and m.size is not None and m.size in vanished
+    }
+
+
+def match_remaps(
+    messages: Sequence[ServerMessage],
+    candidates: Mapping[int, Sequence[LedgerRow]],
+    stable_digests: Mapping[int, str | None],
+) -> list[Remap]:
+    """Pair candidates with rows by the ``TOP n 0`` digest of their stable headers.
+
+    *stable_digests* maps a message number to the stable digest of its
+    header section (:attr:`popsync.identity.HeaderDigest.stable`), None if
+    the server refused TOP.  A pair is made only when the message matches
+    exactly one row and that row is matched by no other message: any
+    ambiguity leaves the message to be fetched, which never loses mail.
+    """
+    by_msg = {m.msg: m for m in messages}
+    matched: dict[int, list[LedgerRow]] = {}
+    claims: Counter[int] = Counter()
+    for msg, rows in candidates.items():
+        digest = stable_digests.get(msg)
+        if digest is None:
+            continue
+        same = [row for row in rows if row.stable_sha256 == digest]
+        matched[msg] = same
+        claims.update(row.id for row in same)
+    return [
+        Remap(by_msg[msg], same[0])
+        for msg, same in sorted(matched.items())
+        if len(same) == 1 and claims[same[0].id] == 1
+    ]

@@ -240,6 +240,11 @@ _WITHHOLD: Final = (
     update(_messages).where(_m.id == bindparam("b_id")).values(withheld=bindparam("b_reason"))
 )
 _RETIRE: Final = update(_messages).where(_m.id == bindparam("b_id")).values(uid=bindparam("b_uid"))
+_REMAP: Final = (
+    update(_messages)
+    .where(_m.id == bindparam("b_id"))
+    .values(uid=bindparam("b_uid"), occurrence=bindparam("b_occ"), last_seen=bindparam("b_now"))
+)
 _TOUCH: Final = (
     update(_messages).where(_m.id == bindparam("b_id")).values(last_seen=bindparam("b_now"))
 )
@@ -568,6 +573,43 @@ class MessageStore(LedgerBase):
                     raise LedgerError(f"account {account}: cannot retire {_show_key(key)} (no row)")
                 params.append({"b_id": row.id, "b_uid": key[0] + b" retired %d" % row.id})
             self._executemany(conn, _RETIRE, params)
+
+    def remap(self, account: str, pairs: Sequence[tuple[Key, Key]], now: float) -> None:
+        """Move ``delivered`` rows to the unique-ids a renumbering server gave them.
+
+        Each pair is ``(old key, new key)``: the row keeps its id, state,
+        digests and copy, and from now on answers to the new key, so the
+        message is not fetched again.  All pairs in one transaction.
+
+        Raises:
+            LedgerError: an old row is missing or not ``delivered``, a key
+                is named twice, a new key already has a row, or the database
+                fails.
+        """
+        olds = _unique_keys(account, (old for old, _ in pairs))
+        news = _unique_keys(account, (new for _, new in pairs))
+        if not olds:
+            return
+        with self._transaction(
+            f"record renumbered unique-ids for account {account}", write=True
+        ) as conn:
+            prior = self._prior(conn, account, [*olds, *news])
+            params: list[dict[str, Any]] = []
+            for old, new in zip(olds, news, strict=True):
+                row = prior.get(old)
+                if row is None or row.state != "delivered":
+                    state = "no row" if row is None else f"state {row.state}"
+                    raise LedgerError(
+                        f"account {account}: cannot move {_show_key(old)} to a new unique-id "
+                        f"({state}; expected a delivered row)"
+                    )
+                if new in prior:
+                    raise LedgerError(
+                        f"account {account}: cannot move {_show_key(old)} to {_show_key(new)}, "
+                        "which already has a row"
+                    )
+                params.append({"b_id": row.id, "b_uid": new[0], "b_occ": new[1], "b_now": now})
+            self._executemany(conn, _REMAP, params)
 
     def adopt(
         self,

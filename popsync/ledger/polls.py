@@ -38,6 +38,8 @@ class PollCounts:
     deleted: int = 0
     skipped: int = 0
     bytes: int = 0
+    #: Known messages found under a new unique-id (not fetched again).
+    remapped: int = 0
 
 
 @dataclass(frozen=True, slots=True)

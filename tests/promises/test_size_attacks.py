@@ -7,12 +7,14 @@ through whole polls (``run_account``), not just the parser.
 * an endless body ends the same way, quickly;
 * a server whose unique-ids change on every session never gets a DELE for
   a message popsync has not confirmed (every DELE is checked by the same
-  hook as the durability-order test).
+  hook as the durability-order test); its renumbered mail is recognised,
+  not fetched again.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,10 @@ def test_changing_uids_never_earn_an_unconfirmed_dele(tmp_path: Path, spy: Spy) 
             later = time.time() + 3 * 86400
             second = run_account(acct, ledger, cfg.state_dir, now=lambda: later)
     assert second.ok
-    # Every UID looked new, so the mail came again; none of it was deleted
-    # on the strength of a unique-id that no longer means anything.
-    assert len(store) == 12
-    assert watch.deles == 0 and watch.violations == []
+    # Every UID looked new: each message was recognised by its size and
+    # TOP headers as a copy already held (remapped, not fetched again), and
+    # only then, confirmed by TOP once more, deleted.  No DELE ever went to
+    # a unique-id the ledger did not hold as durably delivered.
+    assert (second.counts.remapped, second.counts.fetched) == (12, 0)
+    assert len(store) == 0 and watch.deles == 12 and watch.violations == []
+    assert maildir_contents(acct.maildir) == Counter(stored_form(m) for m in messages)

@@ -651,6 +651,22 @@ service pop3-login {{
             self._own(path)
         self._write_passwd(user)
 
+    def set_userdb_fields(self, user: str, userdb_fields: Mapping[str, str]) -> None:
+        """Replace *user*'s userdb extra fields; later logins see the new ones
+        (e.g. another ``pop3_uidl_format``: the server renumbers its mail).
+
+        Raises:
+            DovecotError: no such user, or a field cannot be stored.
+        """
+        if user not in self._users:
+            raise DovecotError(f"no such test user: {user!r}")
+        fields = dict(userdb_fields)
+        for key, value in fields.items():
+            if not _FIELD_RE.fullmatch(key) or not _FIELD_VALUE_RE.fullmatch(value):
+                raise DovecotError(f"invalid userdb field for test user {user!r}: {key}={value}")
+        self._userdb_fields[user] = fields
+        self._write_passwd(user)
+
     def new_mailbox(self, prefix: str = "user") -> Mailbox:
         """Add a user with a unique name and a random password; return its handle."""
         user = self._unique_user(prefix)
