@@ -31,13 +31,14 @@ look-up, and report a copy as missing that was only half-way.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from popsync.config import Account
-from popsync.deliver.base import Held, Pending, Target
+from popsync.deliver.base import Held, Pending
 from popsync.errors import PopsyncError, escape_server_text
 from popsync.fetch import HeaderReader
 from popsync.identity import HeaderDigest, Verdict, judge
@@ -206,13 +207,25 @@ def _listing(
     return messages, reader.digests
 
 
+@dataclass(frozen=True, slots=True)
+class _Finder:
+    """Where copies are looked for: a target's kind and its recovery look-up."""
+
+    kind: str
+    find: Callable[[Sequence[Pending]], list[Held]]
+
+
 @contextmanager
-def _readable_target(account: Account) -> Iterator[Target | None]:
+def _readable_target(account: Account) -> Iterator[_Finder | None]:
     """The account's target opened only to find copies, or None where verify
     takes the ledger's word.  A Maildir is opened without creating it or
-    sweeping its ``tmp/``: verify changes nothing."""
+    sweeping its ``tmp/``: verify changes nothing.  A Maildir that is not
+    there at all holds no copy: each is reported missing."""
     if account.target != "maildir" or account.maildir is None:
         yield None
+        return
+    if not os.path.lexists(account.maildir):
+        yield _Finder("maildir", lambda asks: [])
         return
     from popsync.deliver.maildir.store import Maildir
     from popsync.deliver.maildir.target import MaildirTarget
@@ -220,7 +233,7 @@ def _readable_target(account: Account) -> Iterator[Target | None]:
     with Maildir(account.maildir, create=False) as maildir:
         target = MaildirTarget(maildir)
         try:
-            yield target
+            yield _Finder(target.kind, target.recover)
         finally:
             target.close()
 
@@ -229,7 +242,7 @@ def _judge_all(
     check: AccountCheck,
     messages: Sequence[ServerMessage],
     rows: Mapping[tuple[bytes, int], LedgerRow],
-    target: Target | None,
+    target: _Finder | None,
     digests: Mapping[int, HeaderDigest | None],
 ) -> None:
     check.on_server = len(messages)
@@ -242,7 +255,7 @@ def _judge_all(
             check.problems.append(finding)
 
 
-def _find_copies(rows: Sequence[LedgerRow], target: Target | None) -> dict[str, Held]:
+def _find_copies(rows: Sequence[LedgerRow], target: _Finder | None) -> dict[str, Held]:
     """Ask the target, in one go, for the copy of every delivered row."""
     if target is None:
         return {}
@@ -252,13 +265,13 @@ def _find_copies(rows: Sequence[LedgerRow], target: Target | None) -> dict[str, 
         if _delivered(row) and not _imported(row) and row.target == target.kind
         if row.maildir_name is not None
     ]
-    return {held.asked: held for held in target.recover(asks)}
+    return {held.asked: held for held in target.find(asks)}
 
 
 def _judge_one(
     message: ServerMessage,
     row: LedgerRow | None,
-    target: Target | None,
+    target: _Finder | None,
     copies: Mapping[str, Held],
     digests: Mapping[int, HeaderDigest | None],
 ) -> Finding:

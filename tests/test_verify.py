@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -300,3 +301,12 @@ def test_deep_says_when_the_server_refuses_top(tmp_path: Path) -> None:
         "their headers were not compared)"
     ]
     assert len(server.sessions) == sessions + 1
+
+
+def test_a_vanished_maildir_makes_every_copy_missing(env: Env) -> None:
+    assert env.maildir is not None
+    shutil.rmtree(env.maildir)
+    code, doc = env.verify_json()
+    assert code == 1
+    assert doc["counts"] == {"missing": 6} and len(doc["problems"]) == 6
+    assert not env.maildir.exists()  # verify creates nothing
