@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
             "missing, damaged, never fetched, skipped or the check failed; 2: usage."
         ),
     )
-    p_verify.add_argument("accounts", nargs="*", metavar="ACCOUNT")
+    p_verify.add_argument(
+        "accounts", nargs="*", metavar="ACCOUNT", help="accounts to verify (default: all)"
+    )
     p_verify.add_argument("--json", action="store_true", help="machine-readable output")
     p_verify.add_argument(
         "--deep",
