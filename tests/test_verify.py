@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,8 +55,12 @@ class Env:
 
     def verify(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``popsync -c CONFIG verify ARGS`` in a child process."""
+        return self.popsync("verify", *args)
+
+    def popsync(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``popsync -c CONFIG ARGS`` in a child process."""
         return subprocess.run(
-            [sys.executable, "-m", "popsync", "-c", str(self.config_path), "verify", *args],
+            [sys.executable, "-m", "popsync", "-c", str(self.config_path), *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -256,20 +259,14 @@ def test_dovecot_held_then_missing(
     assert len(mailbox.stored_messages()) == 4  # verify deleted nothing
 
 
-def test_an_imported_message_counts_as_held(env: Env) -> None:
-    """A row adopted from another tool's state (delivered, no copy recorded,
-    as ``popsync import`` writes it) is reported as imported, not missing."""
+def test_an_imported_message_counts_as_held(env: Env, tmp_path: Path) -> None:
+    """A unique-id adopted from fetchmail's state by ``popsync import`` (known,
+    no copy popsync made) is reported as imported, not missing."""
     uid = env.store.add(b"Subject: fetched by fetchmail\r\n\r\nlong ago\r\n")
-    db = sqlite3.connect(env.config.ledger_url.removeprefix("sqlite:///"))
-    with db:
-        db.execute(
-            "INSERT INTO messages (account, uid, occurrence, state, server_size, first_seen,"
-            " last_seen, delivered_at, target, receipt)"
-            " VALUES ('acct', ?, 0, 'delivered', 0, 1.0, 1.0, 1.0, 'maildir',"
-            " 'imported from fetchmail')",
-            (uid,),
-        )
-    db.close()
+    fetchids = tmp_path / ".fetchids"
+    fetchids.write_bytes(b"user@127.0.0.1 " + uid + b"\n")
+    imported = env.popsync("import", "acct", "--from", "fetchmail", str(fetchids))
+    assert imported.returncode == 0, imported.stderr
     code, doc = env.verify_json()
     assert code == 0, doc
     assert doc["counts"] == {"held": 6, "imported": 1} and doc["problems"] == []
