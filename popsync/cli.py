@@ -285,6 +285,12 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
         f"{account.name}: {verb} {len(adopted)}, already known {len(chosen.mine) - len(adopted)}, "
         f"ignored {chosen.ignored} (other accounts)"
     )
+    if adopted and account.delete_after_days is not None:
+        print(
+            f"{account.name}: note: popsync never deletes adopted messages from the server "
+            "(it holds no copy to compare them with); delete_after_days applies to the "
+            "messages it fetches itself"
+        )
     return EXIT_OK
 
 
@@ -377,6 +383,8 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
         # daemon pauses the account until its config entry changes.
         line += "; needs attention: retrying will not help (`popsync run` pauses it)"
     line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
+    if poll.counts.remapped:
+        line += f", remapped {poll.counts.remapped} (renumbered by the server, not fetched again)"
     if poll.next_poll_at is not None:
         line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
     return f"{line}; ledger: {ledger_text}"

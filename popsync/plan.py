@@ -135,7 +135,9 @@ def join_listings(
 
 def _due(row: LedgerRow, policy: Policy) -> bool:
     days = policy.delete_after_days
-    if days is None or row.delivered_at is None:
+    # A row adopted by `popsync import` has no copy (no name) to confirm a
+    # DELE against: it is never due, so it costs no LIST or TOP either.
+    if days is None or row.delivered_at is None or row.maildir_name is None:
         return False
     return row.delivered_at + days * DAY <= policy.now
 

@@ -192,19 +192,26 @@ def test_a_real_tools_state_file_is_adopted_and_nothing_is_fetched_again(
 @needs("fetchmail")
 def test_imported_messages_are_never_deleted(tmp_path: Path, server: POP3TestServer) -> None:
     ids = fetchmail_ids(tmp_path, server.port)
+    fetchmails = len(server.sessions)  # fetchmail itself sends TOP
     config = make_config(tmp_path, server.port, delete_after_days=0)
-    assert popsync(config, "import", "erin", "--from", "fetchmail", str(ids)).returncode == 0
+    done = popsync(config, "import", "erin", "--from", "fetchmail", str(ids))
+    assert done.returncode == 0
+    assert "popsync never deletes adopted messages" in done.stdout
     new_uid = server.store.add(b"Subject: new\r\n\r\nhello\r\n")
 
     synced = popsync(config, "sync", "--no-progress")
     assert "1 fetched" in synced.stdout and "1 deleted" in synced.stdout, synced
 
-    # No stored copy to compare with: the adopted messages stay on the server.
+    # No stored copy to compare with: the adopted messages stay on the server,
+    # without a TOP to try, or a warning on every poll.
     assert len(server.store) == 4
     assert new_uid not in server.store.uids()
     synced = popsync(config, "sync", "--no-progress")
     assert "0 deleted" in synced.stdout
     assert len(server.store) == 4
+    assert "WARNING" not in synced.stderr
+    sent = [line for record in server.sessions[fetchmails:] for line, _ in record.commands]
+    assert not [line for line in sent if line.upper().startswith(b"TOP")]
 
 
 def test_only_this_accounts_entries_are_adopted(tmp_path: Path) -> None:
