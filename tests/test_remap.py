@@ -14,8 +14,11 @@ Driven through whole polls against the project's test server (the
 
 from __future__ import annotations
 
+import json
 import poplib
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,7 +38,14 @@ from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from popsync.testing.server_state import SessionState
-from tests.helpers import load, maildir_contents, stored_form, wait_until, write_config
+from tests.helpers import (
+    load,
+    maildir_contents,
+    run_sync,
+    stored_form,
+    wait_until,
+    write_config,
+)
 from tests.servers.dovecot import Dovecot, Mailbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,6 +112,7 @@ def test_renumbered_reordered_mailbox_fetches_only_the_new_then_deletes_all(
             counts = third.counts
             assert (counts.fetched, counts.remapped, counts.deleted) == (0, 12, 12)
             rows = ledger.rows("acct")
+            assert ledger.last_polls()["acct"].counts.remapped == 12
     assert len(store) == 0
     assert maildir_contents(mirror.maildir) == Counter(stored_form(m) for m in first + added)
     assert {r.state for r in rows.values()} == {"deleted"}
@@ -300,6 +311,7 @@ def test_ledger_remap_moves_the_row_and_keeps_it_whole(tmp_path: Path) -> None:
     moved = after[(b"x", 0)]
     assert moved.id == before[(b"a", 0)].id and moved.maildir_name == "name-a"
     assert moved.state == "delivered" and moved.last_seen == 5.0
+    assert moved.previous_uid == b"a" and after[(b"f", 0)].previous_uid is None
 
 
 @pytest.mark.parametrize(
@@ -319,3 +331,23 @@ def test_ledger_remap_refuses_what_would_lose_or_merge_rows(
         with pytest.raises(LedgerError, match=error):
             ledger.remap("acct", pairs, 5.0)
         assert ledger.rows("acct") == before  # one transaction: nothing moved
+
+
+def test_cli_summary_and_status_report_remapped(tmp_path: Path) -> None:
+    store = MailStore(generate_messages(3, 1500, seed=18))
+    with POP3TestServer(store, faults=Faults(changing_uids=True)) as server:
+        config = write_config(tmp_path, [{"name": "acct", "port": server.port}])
+        assert run_sync(config).returncode == 0
+        second = run_sync(config)
+    assert second.returncode == 0, second.stderr
+    assert "3 remapped" in second.stdout + second.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(config), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (entry,) = json.loads(status.stdout)["accounts"]
+    assert entry["last_poll"]["counts"]["remapped"] == 3
+    assert entry["last_poll"]["counts"]["fetched"] == 0

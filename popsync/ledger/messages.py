@@ -77,6 +77,8 @@ class LedgerRow(NamedTuple):
     withheld: str | None
     target: str
     receipt: str | None
+    #: The unique-id before the server last renumbered this message.
+    previous_uid: bytes | None = None
 
     @property
     def key(self) -> Key:
@@ -243,7 +245,12 @@ _RETIRE: Final = update(_messages).where(_m.id == bindparam("b_id")).values(uid=
 _REMAP: Final = (
     update(_messages)
     .where(_m.id == bindparam("b_id"))
-    .values(uid=bindparam("b_uid"), occurrence=bindparam("b_occ"), last_seen=bindparam("b_now"))
+    .values(
+        uid=bindparam("b_uid"),
+        occurrence=bindparam("b_occ"),
+        previous_uid=bindparam("b_prev"),
+        last_seen=bindparam("b_now"),
+    )
 )
 _TOUCH: Final = (
     update(_messages).where(_m.id == bindparam("b_id")).values(last_seen=bindparam("b_now"))
@@ -579,7 +586,8 @@ class MessageStore(LedgerBase):
 
         Each pair is ``(old key, new key)``: the row keeps its id, state,
         digests and copy, and from now on answers to the new key, so the
-        message is not fetched again.  All pairs in one transaction.
+        message is not fetched again; the old unique-id is kept as its
+        ``previous_uid``.  All pairs in one transaction.
 
         Raises:
             LedgerError: an old row is missing or not ``delivered``, a key
@@ -608,7 +616,15 @@ class MessageStore(LedgerBase):
                         f"account {account}: cannot move {_show_key(old)} to {_show_key(new)}, "
                         "which already has a row"
                     )
-                params.append({"b_id": row.id, "b_uid": new[0], "b_occ": new[1], "b_now": now})
+                params.append(
+                    {
+                        "b_id": row.id,
+                        "b_uid": new[0],
+                        "b_occ": new[1],
+                        "b_prev": old[0],
+                        "b_now": now,
+                    }
+                )
             self._executemany(conn, _REMAP, params)
 
     def adopt(

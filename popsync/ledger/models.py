@@ -125,6 +125,9 @@ messages = Table(
     # fetching, the intent it noted before its irreversible step).
     Column("target", String(16), nullable=False, server_default=text("'maildir'")),
     Column("receipt", Text),
+    # Migration 0005: the unique-id the row had before the server renumbered
+    # its message (the row took the new one; see Ledger.remap).
+    Column("previous_uid", LargeBinary),
     # Also the index behind every per-account lookup (its prefix is account).
     UniqueConstraint("account", "uid", "occurrence"),
     UniqueConstraint("account", "maildir_name"),
@@ -150,6 +153,8 @@ polls = Table(
     ),
     Column("bytes", BigInteger, nullable=False, default=0, server_default=text("0")),
     Column("next_poll_at", Double),
+    # Migration 0005: known messages found under a new unique-id.
+    Column("remapped", Integer, nullable=False, default=0, server_default=text("0")),
     Index(None, "account", "started_at"),
     CheckConstraint(_in_list("result", POLL_RESULTS), name="result"),
 )

@@ -113,6 +113,7 @@ class PollLog(LedgerBase):
                 deleted=counts.deleted,
                 skipped=counts.skipped,
                 bytes=counts.bytes,
+                remapped=counts.remapped,
                 next_poll_at=next_poll_at,
             )
         )
@@ -181,6 +182,7 @@ class PollLog(LedgerBase):
                         deleted=r.deleted,
                         skipped=r.skipped,
                         bytes=r.bytes,
+                        remapped=r.remapped,
                     ),
                     next_poll_at=r.next_poll_at,
                 )
