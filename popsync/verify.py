@@ -34,7 +34,7 @@ import enum
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from popsync.config import Account
@@ -47,6 +47,10 @@ from popsync.locks import account_lock
 from popsync.plan import ServerMessage, join_listings
 from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.sync import body_limit, session_options, stored_from, stored_of
+
+#: Copies looked up per call of the target's look-up (each call lists the
+#: Maildir once; fewer calls cost listings, more hold more header sections).
+FIND_CHUNK = 5000
 
 
 class State(enum.Enum):
@@ -256,7 +260,10 @@ def _judge_all(
 
 
 def _find_copies(rows: Sequence[LedgerRow], target: _Finder | None) -> dict[str, Held]:
-    """Ask the target, in one go, for the copy of every delivered row."""
+    """Ask the target for the copy of every delivered row, :data:`FIND_CHUNK`
+    at a time.  A copy's header section is kept only for a row of an older
+    popsync (``--deep`` measures its digests from it): 50,000 header
+    sections would otherwise be held at once."""
     if target is None:
         return {}
     asks = [
@@ -265,7 +272,12 @@ def _find_copies(rows: Sequence[LedgerRow], target: _Finder | None) -> dict[str,
         if _delivered(row) and not _imported(row) and row.target == target.kind
         if row.maildir_name is not None
     ]
-    return {held.asked: held for held in target.find(asks)}
+    older = {row.maildir_name for row in rows if stored_of(row) is None}
+    found: dict[str, Held] = {}
+    for start in range(0, len(asks), FIND_CHUNK):
+        for held in target.find(asks[start : start + FIND_CHUNK]):
+            found[held.asked] = held if held.asked in older else replace(held, header_section=b"")
+    return found
 
 
 def _judge_one(

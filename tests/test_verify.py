@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from popsync import verify
 from popsync.config import Config
 from popsync.ledger import Ledger
 from popsync.locks import account_lock
@@ -307,3 +308,16 @@ def test_a_vanished_maildir_makes_every_copy_missing(env: Env) -> None:
     assert code == 1
     assert doc["counts"] == {"missing": 6} and len(doc["problems"]) == 6
     assert not env.maildir.exists()  # verify creates nothing
+
+
+def test_copies_are_looked_up_in_chunks(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, with chunks of two: every copy is still found and judged."""
+    monkeypatch.setattr(verify, "FIND_CHUNK", 2)
+    env.files()[4].unlink()
+    ledger = Ledger.open(env.config.ledger_url)
+    try:
+        check = verify.verify_account(env.account, ledger, env.config.state_dir, deep=True)
+    finally:
+        ledger.close()
+    assert check.error is None
+    assert check.counts == {verify.State.HELD: 5, verify.State.MISSING: 1}
