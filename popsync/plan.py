@@ -31,6 +31,10 @@ Rules (docs/design.md §4):
   stay as they are: history, so a server that hides mail for a while never
   causes re-downloads (docs/design.md §4).
 * Messages in LIST but not in UIDL wait for the next poll.
+* Renumbering (:func:`remap_candidates`, :func:`match_remaps`): before the
+  plan, a listed message with an unknown unique-id may be a delivered row
+  whose unique-id vanished (same LIST size, same stable ``TOP n 0``
+  headers).  Only a one-to-one match counts; anything ambiguous is fetched.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ each step is a unit of its own:
    target's commit and the ledger's) is recorded as delivered
    (:mod:`popsync.reconcile`); nothing is fetched twice.
 2. **Connect**, TLS, authenticate (:mod:`popsync.session`); **list** UIDL,
-   and LIST only where sizes matter.
+   and LIST only where sizes matter.  **Remap**: only if unknown unique-ids
+   are listed *and* delivered rows of their size vanished, ``TOP n 0`` for
+   those; one that matches exactly one such row's headers takes the row
+   over (a renumbering server), so it is not fetched again.
 3. **Plan** -- pure (:func:`popsync.plan.plan`): what to fetch, skip, DELE.
 4. **Confirm** due DELEs of mail delivered in an earlier session: ``TOP n 0``
    and the LIST size must show the message is still the complete copy
