@@ -229,6 +229,9 @@ class Poll:
         self.totals = FetchOutcome()
         self.skipped = 0  # cut off while fetching
         self.remapped = 0  # known messages found under new unique-ids
+        #: Unique-ids whose ``TOP n 0`` ran past their size: not compared again
+        #: this poll (the message is fetched, and judged, like any new one).
+        self.top_cut_off: set[bytes] = set()
 
     def run(self, open_session: Callable[[SessionOptions], Session]) -> None:
         """One session, or a few: a message cut off for running past its size
@@ -236,12 +239,13 @@ class Poll:
         leaves the old one mid-body), at most :data:`MAX_SESSIONS` times."""
         secret = self.account.secret()  # a bad secret source fails before connecting
         for attempt in range(MAX_SESSIONS):
-            skipped = self.skipped
+            before = (self.skipped, len(self.top_cut_off))
             try:
                 self.session(open_session, secret, again=attempt > 0)
             except BodyLimitExceeded:
-                # Go on only if the culprit is now skipped (not, say, a TOP).
-                if self.skipped == skipped or attempt == MAX_SESSIONS - 1:
+                # Go on only if the culprit is now skipped, or left out of
+                # the remap step (not, say, a TOP before a DELE).
+                if before == (self.skipped, len(self.top_cut_off)) or attempt == MAX_SESSIONS - 1:
                     raise
                 continue
             break
@@ -351,15 +355,31 @@ class Poll:
         row over (:meth:`Ledger.remap`) and is not fetched.  A server that
         refuses TOP, or any ambiguity, leaves the message to be fetched.
         """
-        candidates = remap_candidates(messages, rows)
+        trusted = [m for m in messages if m.uid not in self.top_cut_off]
+        candidates = remap_candidates(trusted, rows)
         if not candidates:
             return rows
         reader = HeaderReader()
-        sizes = {m.msg: m.size for m in messages}
-        session.retrieve(
-            (RetrRequest(msg, body_limit(sizes[msg], None), top=0) for msg in sorted(candidates)),
-            reader,
-        )
+        by_msg = {m.msg: m for m in messages}
+        try:
+            session.retrieve(
+                (
+                    RetrRequest(msg, body_limit(by_msg[msg].size, None), top=0)
+                    for msg in sorted(candidates)
+                ),
+                reader,
+            )
+        except BodyLimitExceeded as exc:
+            # A header section longer than the whole message: a lying server.
+            # That one is fetched like a new message (and cut off if its body
+            # lies too); the next session compares the others.
+            culprit = by_msg[exc.msg]
+            self.top_cut_off.add(culprit.uid)
+            self.warn(
+                f"message {culprit.msg} (unique-id {escape_server_text(culprit.uid)}): TOP ran "
+                "past the size the server announced; not compared with known mail"
+            )
+            raise
         digests = {msg: d.stable if d is not None else None for msg, d in reader.digests.items()}
         found = match_remaps(messages, candidates, digests)
         if not found:

@@ -34,7 +34,7 @@ from popsync.ledger.models import MessageState
 from popsync.plan import ServerMessage, match_remaps, remap_candidates
 from popsync.sync import PollReport, format_summary, run_account
 from popsync.testing.faults import Faults
-from popsync.testing.mailstore import MailStore
+from popsync.testing.mailstore import MailStore, StoredMessage
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from popsync.testing.server_state import SessionState
@@ -182,6 +182,29 @@ def test_same_size_other_headers_is_not_taken_for_a_known_message(tmp_path: Path
             )
     assert (report.counts.remapped, report.counts.fetched) == (0, 1)
     assert set(maildir_contents(mirror.maildir)) == {stored_form(old), stored_form(new)}
+
+
+def test_a_top_past_its_size_is_left_out_and_the_rest_remapped(tmp_path: Path) -> None:
+    # X's header section alone is far longer than the size LIST claims for
+    # it (Y's size, so X is a candidate for Y's row): TOP X is cut off.
+    y = next(generate_messages(1, 1500, seed=19))
+    x = b"".join(b"X-Filler-%d: %s\n" % (i, b"f" * 90) for i in range(2000)) + b"\nbody\n"
+    store = MailStore([x, y])
+    size_of_y = StoredMessage(b"y", y).size
+    with POP3TestServer(store, faults=Faults(wrong_list_size={1: size_of_y})) as server:
+        acct = account(tmp_path, server.port)
+        cfg = load(tmp_path / "config.yaml")
+        with Ledger.open(cfg.ledger_url) as ledger:
+            first = poll(acct, ledger, cfg.state_dir)
+            assert (first.counts.fetched, first.counts.skipped) == (1, 1)  # X is cut off
+            for uid in store.uids():  # renumber, same order
+                store.remove(uid)
+            store.add(x, b"new-x")
+            store.add(y, b"new-y")
+            second = poll(acct, ledger, cfg.state_dir)
+    assert (second.counts.remapped, second.counts.fetched) == (1, 0)
+    assert any("TOP ran past the size" in w for w in second.warnings)
+    assert maildir_contents(acct.maildir) == Counter([stored_form(y)])
 
 
 # -- a real Dovecot whose pop3_uidl_format changes ----------------------------------------
