@@ -263,7 +263,8 @@ def remap_candidates(
     rows; empty -- so the poll sends nothing more -- unless both unknown
     unique-ids and vanished rows of a matching size exist.
     """
-    unknown = [m for m in messages if (m.uid, m.occurrence) not in rows and m.size is not None]
+    # Unknown messages are always sized (see needs_size): test the size first.
+    unknown = [m for m in messages if m.size is not None and (m.uid, m.occurrence) not in rows]
     if not unknown:
         return {}  # the usual poll: every listed message is known
     listed = {(uid, occurrence) for _, uid, occurrence, _ in messages}
