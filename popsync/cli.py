@@ -105,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "never fetched again",
         description="Read another POP3 client's state file and record this account's "
         "unique-ids in it as delivered (with no local copy): popsync will not fetch them, "
-        "and never deletes them from the server. Entries of other accounts are ignored.",
+        "and never deletes them from the server. Only entries for the account's username "
+        "at its host (and port, where the file records one) are adopted. Exit 0: done; "
+        "2: the file cannot be read or parsed, or holds nothing for the account (the "
+        "ledger is then unchanged).",
     )
-    p_import.add_argument("account", metavar="ACCOUNT")
+    p_import.add_argument("account", metavar="ACCOUNT", help="the account, as named in the config")
     p_import.add_argument(
         "--from",
         dest="tool",

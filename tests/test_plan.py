@@ -258,3 +258,17 @@ def test_ambiguous_uids_are_new_only_while_a_copy_is_unseen() -> None:
     }
     again = plan(listing, rows, Policy(now=NOW))
     assert again.ambiguous == {b"dup"} and again.new_ambiguous == frozenset()
+
+
+def test_a_row_adopted_by_import_is_never_due_for_deletion() -> None:
+    # `popsync import` rows: delivered, no name, no copy to confirm a DELE by.
+    adopted = row(b"a", "delivered", delivered_days_ago=30, name=None)
+    held = row(b"b", "delivered", delivered_days_ago=30)
+    rows = {adopted.key: adopted, held.key: held}
+    policy = Policy(delete_after_days=0, now=NOW)
+    listing = msgs(b"a", b"b")
+    result = plan(listing, rows, policy)
+    assert keys(result.delete) == [(2, b"b")]
+    assert not result.fetch
+    assert needs_size(listing, rows, policy) == [2]
+    assert plan(msgs(b"b"), rows, policy).gone == ()  # vanished: kept as it is
