@@ -258,12 +258,16 @@ def _wanted(account: Account) -> str:
 
 
 def _describe(lists: Iterable[tuple[Owner, Sequence[bytes]]]) -> str:
-    held = [f"{len(set(uids))} UIDs for {owner}" for owner, uids in lists if uids]
+    held = [_count_uids(len(set(uids))) + f" for {owner}" for owner, uids in lists if uids]
     if not held:
         return "no UIDs"
     if len(held) > 5:
         held = [*held[:5], f"and {len(held) - 5} more accounts"]
     return ", ".join(held)
+
+
+def _count_uids(n: int) -> str:
+    return f"{n} UID" if n == 1 else f"{n} UIDs"
 
 
 def receipt(tool: Tool) -> str:

@@ -331,7 +331,7 @@ def test_getmail_matches_server_port_and_user_from_the_file_name() -> None:
     state = parse_getmail(name, b"a\x001\n")
     assert select(state, account(110)).mine == [b"a"]
     with pytest.raises(
-        StateFileError, match=r"holds 1 UIDs for erin@example\.org@mail\.example\.org:110"
+        StateFileError, match=r"holds 1 UID for erin@example\.org@mail\.example\.org:110"
     ):
         select(state, account(995))
     with pytest.raises(StateFileError, match="line 1: expected UID, NUL, a time"):
