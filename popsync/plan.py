@@ -296,13 +296,22 @@ def match_remaps(
     ambiguity leaves the message to be fetched, which never loses mail.
     """
     by_msg = {m.msg: m for m in messages}
+    # Messages of one size share one list of rows (thousands, for a mailbox
+    # of similar small messages): index each list by digest once, so the
+    # matching stays linear instead of messages x rows of their size.
+    indexes: dict[int, dict[str | None, list[LedgerRow]]] = {}
     matched: dict[int, list[LedgerRow]] = {}
     claims: Counter[int] = Counter()
     for msg, rows in candidates.items():
         digest = stable_digests.get(msg)
         if digest is None:
             continue
-        same = [row for row in rows if row.stable_sha256 == digest]
+        index = indexes.get(id(rows))
+        if index is None:
+            index = indexes[id(rows)] = {}
+            for row in rows:
+                index.setdefault(row.stable_sha256, []).append(row)
+        same = index.get(digest, [])
         matched[msg] = same
         claims.update(row.id for row in same)
     return [
