@@ -183,3 +183,21 @@ def run_sync(
         timeout=timeout,
         check=False,
     )
+
+
+#: The start of a memory probe run as ``python -c``: ``peak_kib()`` reads the
+#: probe's own peak RSS (VmHWM), reset here after start-up; ``ru_maxrss``
+#: would also count the parent's peak from before exec.
+RSS_PROBE_PRELUDE = """
+import sys
+
+
+def peak_kib():
+    # This process's peak RSS (VmHWM): ru_maxrss would count the parent's from before exec.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak
+"""

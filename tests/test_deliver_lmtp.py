@@ -42,7 +42,7 @@ from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.server import POP3TestServer
 from tests.dovecot_fixtures import require_dovecot
-from tests.helpers import load, run_sync, stored_form, write_config
+from tests.helpers import RSS_PROBE_PRELUDE, load, run_sync, stored_form, write_config
 from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
 
 pytestmark = pytest.mark.timeout(60)
@@ -635,18 +635,9 @@ def test_sigkill_then_rerun_loses_nothing_and_duplicates_at_most_one(
 
 # -- memory: a 200 MB message through the target, measured in a subprocess -----------
 
-RSS_PROBE = """
-import sys
-
-
-def peak_kib():
-    # This process's peak RSS (VmHWM): ru_maxrss would count the parent's from before exec.
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak
+RSS_PROBE = (
+    RSS_PROBE_PRELUDE
+    + """
 from popsync.deliver.lmtp import open_lmtp_target
 
 size, address = int(sys.argv[1]), sys.argv[2]
@@ -664,6 +655,7 @@ with open_lmtp_target(address, "r@x", timeout=60, warn=print) as target:
 after = peak_kib()
 print(type(result).__name__, written, sha, before, after)
 """
+)
 
 
 @pytest.mark.slow

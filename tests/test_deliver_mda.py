@@ -36,7 +36,7 @@ from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.server import POP3TestServer
 from tests.dovecot_fixtures import require_dovecot
-from tests.helpers import load, run_sync, stored_form, write_config
+from tests.helpers import RSS_PROBE_PRELUDE, load, run_sync, stored_form, write_config
 from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
 
 # Stored form: LF line ends.  Dot-stuffed-looking lines, "From " lines,
@@ -254,18 +254,9 @@ def test_close_discards_a_draft_never_committed(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "stdin").exists()
 
 
-RSS_PROBE = """
-import sys
-
-
-def peak_kib():
-    # This process's peak RSS (VmHWM): ru_maxrss would count the parent's from before exec.
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak
+RSS_PROBE = (
+    RSS_PROBE_PRELUDE
+    + """
 from popsync.deliver.mda import open_mda_target
 
 size, command = int(sys.argv[1]), sys.argv[2]
@@ -282,6 +273,7 @@ with open_mda_target(command, account="big", timeout=120, warn=print) as target:
 after = peak_kib()
 print(result, written, before, after)
 """
+)
 
 
 def test_a_50_mb_message_keeps_memory_bounded(tmp_path: Path) -> None:
