@@ -44,6 +44,10 @@ if [ "${#client_packages[@]}" -gt 0 ]; then
     apt_install "${client_packages[@]}"
 fi
 
+# systemd-analyze, which checks contrib/popsync.service (tests/test_systemd_unit.py).
+# The package installs without a running systemd (containers, CI).
+command -v systemd-analyze >/dev/null || apt_install systemd
+
 # --- 2. virtualenv -----------------------------------------------------------
 
 ensure_venv '.[test]'
