@@ -103,7 +103,6 @@ HARDENING = {
     "LockPersonality": "yes",
     "SystemCallArchitectures": "native",
     "SystemCallFilter": "@system-service",
-    "StateDirectory": "popsync",
 }
 
 
@@ -120,16 +119,30 @@ def test_network_stays_open(unit: dict[str, list[tuple[str, str]]]) -> None:
         assert not values(unit, "Service", closed), f"{closed}= would cut popsync off the network"
 
 
+LEDGER_DIR = "%h/.local/state/popsync"
+
+
+def test_the_ledger_directory_is_made_before_the_sandbox(
+    unit: dict[str, list[tuple[str, str]]],
+) -> None:
+    """ReadWritePaths= needs the directory to exist; "+" runs mkdir unsandboxed.
+    StateDirectory= would not do: systemd 252 (Debian 12) puts it under ~/.config
+    for user units."""
+    assert values(unit, "Service", "ExecStartPre") == [f"+/bin/mkdir -p {LEDGER_DIR}"]
+    assert not values(unit, "Service", "StateDirectory")
+
+
 def test_writable_paths_cover_common_maildirs_and_helpers(
     unit: dict[str, list[tuple[str, str]]],
 ) -> None:
     """Everything is read-only but these: each optional ("-"), so a missing
-    one does not stop the service."""
+    one does not stop the service, except the ledger's, which must be there."""
     paths = " ".join(values(unit, "Service", "ReadWritePaths")).split()
-    assert all(p.startswith("-") for p in paths), paths
+    assert all(p.startswith("-") for p in paths if p != LEDGER_DIR), paths
     writable = {p.removeprefix("-") for p in paths}
     maildirs = {"%h/Maildir", "%h/Mail", "%h/mail", "%h/.mail", "%h/.local/share/mail"}
     assert maildirs <= writable
+    assert LEDGER_DIR in paths, "the ledger's directory must be writable"
     # Caches, the runtime directory (agent and D-Bus sockets) and gpg's home,
     # for password_command helpers such as pass, gpg and secret-tool.
     assert {"%C", "%t", "%h/.gnupg"} <= writable
