@@ -3,7 +3,8 @@
     popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground
     popsync [-c CONFIG] check                validate the config
-    popsync [-c CONFIG] status [--json]      per account: last poll, result, counts
+    popsync [-c CONFIG] status [--json] [ACCOUNT ...]
+                                             per account: last poll, result, counts
     popsync [-c CONFIG] verify [--json] [--deep] [ACCOUNT ...]
                                              read-only: is every server message held here?
     popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
@@ -11,10 +12,13 @@
                                              adopt what another tool already fetched
     popsync demo                             a built-in server, sample mail, a real sync
 
-Exit status: 0 all good; 1 at least one account's poll did not complete;
-2 the config or the command line is wrong.  Every problem is one line on
-stderr naming the account -- never a traceback for a user mistake or a
-server fault.  Imports are lazy so that a cron ``popsync sync`` starts fast.
+The global options (-c, -v, -q, --log-format) may come before or after the
+command.  Exit status: 0 all good; 1 at least one account's poll did not
+complete; 2 the config or the command line is wrong.  Every problem is one
+line on stderr naming the account -- never a traceback for a user mistake or
+a server fault.  ``-q`` prints nothing but those problems, so cron mails the
+user only when something is wrong.  Imports are lazy so that a cron
+``popsync sync`` starts fast.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -40,6 +45,18 @@ EXIT_OK = 0
 EXIT_POLL_FAILED = 1
 EXIT_USAGE = 2
 
+_EXITS = {
+    "sync": "0 every account polled (or another popsync is polling it right now); "
+    "1 a poll failed; 2 config or usage error",
+    "run": "0 stopped cleanly; 2 config or usage error",
+    "check": "0 the config is valid; 2 it is not (one line per problem)",
+    "status": "0 every account's last poll succeeded (or it was never polled); "
+    "1 an account's last poll failed (a permanent failure pauses it in `popsync run`); "
+    "2 config or usage error",
+    "db": "0 the schema is up to date; 2 config or usage error",
+    "demo": "0 the demo synced its sample mail; 1 it did not",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit 2 (argparse's own default code)."""
@@ -48,23 +65,71 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"popsync: {message} (see popsync --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="popsync", description="Fetch POP3 mail exactly once into Maildirs.")
-    parser.add_argument("--version", action="version", version=f"popsync {__version__}")
+def _add_global_options(parser: argparse.ArgumentParser, *, sub_level: bool) -> None:
+    """-c, -v, -q and --log-format on *parser*.  The copies on each command's
+    parser default to SUPPRESS, so ``popsync -v sync`` keeps the -v given first."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if sub_level else value
+
     parser.add_argument(
         "-c",
         "--config",
+        default=default(None),
         help="config file (default: $POPSYNC_CONFIG, else $XDG_CONFIG_HOME/popsync/config.yaml)",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="more log output: -v each step, -vv the protocol dialog (secrets redacted)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="print only errors (for cron: no output unless something is wrong)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default("text"),
+        help="text: one readable line per event (default); json: one JSON object per "
+        "line, with the account and counts as fields",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="popsync",
+        description="Fetch POP3 mail exactly once into Maildirs.",
+        epilog="Exit status: 0 all good; 1 an account's poll failed (or, for status, its "
+        "last poll did); 2 the config or the command line is wrong.  "
+        "See `popsync COMMAND --help`.",
+    )
+    parser.add_argument("--version", action="version", version=f"popsync {__version__}")
+    _add_global_options(parser, sub_level=False)
+    common = _Parser(add_help=False)
+    _add_global_options(common, sub_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    p_sync = sub.add_parser("sync", help="poll all (or the named) accounts once, then exit")
-    p_sync.add_argument("accounts", nargs="*", metavar="ACCOUNT")
+
+    def add_parser(name: str, **kwargs: str) -> argparse.ArgumentParser:
+        if name in _EXITS:
+            kwargs.setdefault("epilog", f"Exit status: {_EXITS[name]}.")
+        return sub.add_parser(name, parents=[common], **kwargs)  # type: ignore[arg-type]
+
+    p_sync = add_parser("sync", help="poll all (or the named) accounts once, then exit")
+    p_sync.add_argument(
+        "accounts",
+        nargs="*",
+        metavar="ACCOUNT",
+        help="an account's name, as in the config (default: all accounts)",
+    )
     p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_run = sub.add_parser("run", help="run the daemon in the foreground")
+    p_run = add_parser("run", help="run the daemon in the foreground")
     p_run.add_argument(
         "--max-concurrent", type=int, default=4, metavar="N", help="polls at once (default 4)"
     )
@@ -75,10 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long polls in flight may finish after SIGTERM (default 30)",
     )
-    sub.add_parser("check", help="validate the config file")
-    p_status = sub.add_parser("status", help="show each account's last poll")
+    add_parser("check", help="validate the config file")
+    p_status = add_parser("status", help="show each account's last poll")
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
-    p_verify = sub.add_parser(
+    p_status.add_argument(
+        "accounts", nargs="*", metavar="ACCOUNT", help="accounts to show (default: all)"
+    )
+    p_verify = add_parser(
         "verify",
         help="read-only: is every message on the server held intact here?",
         description=(
@@ -97,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also compare each message's headers (TOP n 0) to catch reused unique-ids",
     )
-    p_db = sub.add_parser("db", help="ledger maintenance")
+    p_db = add_parser("db", help="ledger maintenance")
     p_db.add_argument("action", choices=("upgrade",))
-    p_import = sub.add_parser(
+    p_import = add_parser(
         "import",
         help="adopt the messages fetchmail, getmail or mpop already fetched, so they are "
         "never fetched again",
@@ -127,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_import.add_argument(
         "--dry-run", action="store_true", help="show what would be adopted; change nothing"
     )
-    p_demo = sub.add_parser("demo", help="sync sample mail from a built-in server")
+    p_demo = add_parser("demo", help="sync sample mail from a built-in server")
     p_demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
     return parser
 
@@ -148,14 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
         if args.command == "sync":
             return _sync(config, args.accounts, progress=not args.no_progress)
         if args.command == "status":
-            return _status(config, as_json=args.json)
+            return _status(config, args.accounts, as_json=args.json)
         if args.command == "verify":
             return _verify(config, args.accounts, as_json=args.json, deep=args.deep)
         if args.command == "import":
             return _import(config, args.account, args.tool, Path(args.file), dry_run=args.dry_run)
         if args.command == "db":
             _open_ledger(config).close()
-            print(f"ledger {config.ledger_url}: schema is up to date")
+            _say(f"ledger {config.ledger_url}: schema is up to date")
             return EXIT_OK
         if args.command == "run":
             from popsync.daemon import run_daemon
@@ -181,9 +249,18 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _problem(text: str) -> None:
+def _problem(text: str, **fields: object) -> None:
+    """Each line of *text* as one error record: ``popsync: LINE`` on stderr (or JSON)."""
+    log = logging.getLogger("popsync")
     for line in text.splitlines() or [text]:
-        print(f"popsync: {line}", file=sys.stderr)
+        log.error("%s", line, extra={"plain": True, **fields})
+
+
+def _say(text: str, **fields: object) -> None:
+    """A result line on stdout (or JSON); ``-q`` silences it."""
+    from popsync.logs import REPORT_LOGGER
+
+    logging.getLogger(REPORT_LOGGER).info("%s", text, extra=fields)
 
 
 def _config_path(cli_value: str | None) -> Path:
@@ -206,7 +283,7 @@ def _open_ledger(config: Config) -> Ledger:
 
 def _check(config: Config) -> int:
     names = ", ".join(a.name for a in config.accounts)
-    print(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
+    _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
     return EXIT_OK
 
 
@@ -227,8 +304,7 @@ def _sync(config: Config, names: list[str], *, progress: bool) -> int:
             )
             if bar:
                 bar.close()
-            print(format_report(report), file=sys.stdout if report.ok else sys.stderr)
-            failed += not report.ok
+            failed += not _tell(report)
     finally:
         ledger.close()
     return EXIT_POLL_FAILED if failed else EXIT_OK
@@ -297,6 +373,30 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
     return EXIT_OK
 
 
+def _tell(report: PollReport) -> bool:
+    """Log *report*'s summary line (an error line if it failed); False if it failed.
+
+    Another process holding the account's lock is not a failure: that process
+    (usually the daemon) is fetching the mail right now.
+    """
+    from popsync.locks import AccountBusy
+
+    fields: dict[str, object] = {"account": report.account}
+    if isinstance(report.exception, AccountBusy):
+        _say(f"{report.error}: skipped, its mail is being fetched", result="busy", **fields)
+        return True
+    if not report.ok:
+        _problem(format_report(report).removeprefix("popsync: "), result="error", **fields)
+        return False
+    counts = dataclasses.asdict(report.counts)
+    fields.update({key: counts[key] for key in _COUNT_FIELDS if key in counts})
+    _say(format_report(report), result="ok", seconds=round(report.seconds, 3), **fields)
+    return True
+
+
+_COUNT_FIELDS = ("listed", "new", "fetched", "deleted", "skipped", "bytes", "remapped")
+
+
 def format_report(report: PollReport) -> str:
     """The one summary line of a poll."""
     from popsync.sync import format_summary
@@ -337,37 +437,50 @@ class _ProgressBar:
             self.stream.flush()
 
 
-def _status(config: Config, *, as_json: bool) -> int:
+def _status(config: Config, names: list[str], *, as_json: bool) -> int:
+    """Each named (default: every) account's last poll.  Exit 1 when any of
+    them last failed -- a permanent failure is what pauses an account in the
+    daemon, whose pause lives only in its memory -- else 0."""
     import time
 
+    chosen = [a.name for a in config.select(names)]
     ledger = _open_ledger(config)
     try:
         polls = ledger.last_polls()
-        known = {a.name: ledger.counts(a.name) for a in config.accounts}
+        known = {name: ledger.counts(name) for name in chosen}
     finally:
         ledger.close()
-    names = [a.name for a in config.accounts]
     if as_json:
-        entries = [_status_entry(n, polls.get(n), known[n]) for n in names]
+        entries = [_status_entry(n, polls.get(n), known[n]) for n in chosen]
         print(json.dumps({"accounts": entries}, indent=2))
     else:
         now = time.time()
-        for name in names:
+        for name in chosen:
             print(_status_line(name, polls.get(name), known[name], now))
-    return EXIT_OK
+    failed = any((poll := polls.get(n)) is not None and poll.result == "error" for n in chosen)
+    return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def iso_time(when: float | None) -> str | None:
+    """*when* (epoch seconds) as ISO 8601 UTC to the second, ``2026-11-27T19:00:00Z``."""
+    import time
+
+    if when is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> dict[str, object]:
     entry: dict[str, object] = {"account": name, "ledger": known, "last_poll": None}
     if poll is not None:
         entry["last_poll"] = {
-            "started_at": poll.started_at,
-            "finished_at": poll.finished_at,
+            "started_at": iso_time(poll.started_at),
+            "finished_at": iso_time(poll.finished_at),
             "result": poll.result,
             "error": poll.error,
             "temporary": poll.temporary,
             "counts": dataclasses.asdict(poll.counts),
-            "next_poll_at": poll.next_poll_at,
+            "next_poll_at": iso_time(poll.next_poll_at),
         }
     return entry
 

@@ -356,7 +356,7 @@ def test_cli_sync_exit_codes(
     assert cli_main(["-c", cfg, "check"]) == 0
     assert cli_main(["-c", str(tmp_path / "missing.yaml"), "check"]) == 2
     capsys.readouterr()
-    assert cli_main(["-c", cfg, "status", "--json"]) == 0
+    assert cli_main(["-c", cfg, "status", "--json"]) == 1  # the last poll failed
     status = capsys.readouterr().out
     assert json.loads(status)["accounts"][0]["last_poll"]["result"] == "error"
 
@@ -459,7 +459,7 @@ def test_status_says_when_an_account_needs_attention(
     cfg = str(env.config_path)
     assert cli_main(["-c", cfg, "sync"]) == 1
     capsys.readouterr()
-    assert cli_main(["-c", cfg, "status"]) == 0
+    assert cli_main(["-c", cfg, "status"]) == 1
     assert "needs attention: retrying will not help" in capsys.readouterr().out
     env.server.faults = Faults()
     assert cli_main(["-c", cfg, "sync"]) == 0
