@@ -5,7 +5,8 @@ type says who is to blame, so callers decide by type, never by message text:
 
 * :class:`ConfigError` -- the user's configuration or command line is wrong
   (exit status 2; fix the config).
-* :class:`TransportError` -- the network or TLS failed (temporary).
+* :class:`TransportError` -- the network or TLS failed (temporary), except
+  :class:`TlsModeMismatch`: the port speaks the other TLS mode (permanent).
 * :class:`LocalProtocolError` -- popsync misused the protocol core (a bug).
 * :class:`RemoteProtocolError` -- the server broke the protocol (the session is
   abandoned; nothing is deleted).
@@ -88,6 +89,15 @@ class TransportError(PopsyncError):
 
 class TimeoutError_(TransportError):  # trailing _ : the builtin keeps its name
     """A network operation did not finish within its deadline."""
+
+
+class TlsModeMismatch(TransportError):
+    """The port speaks plain POP3 where TLS was configured, or the reverse.
+
+    Permanent: retrying cannot help, the account's ``tls`` or ``port`` must change.
+    """
+
+    temporary = False
 
 
 class ProtocolError(PopsyncError):

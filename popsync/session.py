@@ -48,6 +48,7 @@ from popsync.errors import (
     SecurityError,
     ServerError,
     TimeoutError_,
+    TlsModeMismatch,
     TransportError,
 )
 from popsync.options import AuthMethod, TlsMode
@@ -97,7 +98,7 @@ from popsync.pop3.listing import (
     parse_capabilities,
     parse_scan_line,
 )
-from popsync.transport import Deadline, Transport
+from popsync.transport import Deadline, Transport, answers_tls
 
 #: Most challenges one AUTH exchange may send before we give up on it.
 MAX_AUTH_ROUNDS = 8
@@ -228,6 +229,7 @@ class Session:
         try:
             if on_open is not None:
                 on_open(session)
+            session._expect_clear_greeting()
             session._greet()
             session.capabilities = session._capa()
             if options.tls == TlsMode.STARTTLS:
@@ -237,6 +239,26 @@ class Session:
             session.abort()
             raise
         return session
+
+    def _expect_clear_greeting(self) -> None:
+        """On a plain connection, a greeting still silent after
+        min(``timeout``, 5 s) makes a probe ask the port whether it expects
+        TLS at once (RFC 8314 §3.1); if it does, raise TlsModeMismatch instead
+        of waiting out the timeout for a greeting that never comes.
+
+        A slow plain server loses nothing: the probe sends no credential, and
+        the greeting is then awaited as usual.
+        """
+        t = self.transport
+        if t.is_tls:
+            return
+        wait = t.probe_wait()
+        if wait <= 0 or t.readable_within(wait) or t.ended() is not None:
+            return
+        if answers_tls(t.host, t.port, t.probe_wait()):
+            raise TlsModeMismatch(
+                f"{t.where}: port {t.port} expects TLS at once: use tls: implicit"
+            )
 
     def _greet(self) -> None:
         event = self._next()

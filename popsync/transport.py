@@ -22,11 +22,19 @@ Contract:
 * No ``OSError`` or ``ssl.SSLError`` leaves this module: they become
   :class:`TransportError` (network), :class:`TimeoutError_` (deadline) or
   :class:`SecurityError` (the certificate is not trusted for this host).
+* A TLS mode that does not match the port gets a hint, not OpenSSL jargon:
+  when the handshake of implicit TLS fails, or a plain connection's greeting
+  is late, a second short-lived connection probes what the port speaks (see
+  :func:`greets_in_clear`, :func:`answers_tls`), and a positive answer raises
+  :class:`TlsModeMismatch` (permanent).  A probe never sends a credential,
+  and only a positive answer changes the error: anything else (silence, a
+  reset, a captive portal's HTTP) keeps the ordinary, temporary one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -34,10 +42,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from popsync.errors import ConfigError, SecurityError, TimeoutError_, TransportError
+from popsync.errors import (
+    ConfigError,
+    SecurityError,
+    TimeoutError_,
+    TlsModeMismatch,
+    TransportError,
+)
 
 #: Bytes asked of the kernel per receive: large, so bodies arrive in big chunks.
 RECV_SIZE = 256 * 1024
+
+#: The longest a TLS-mode probe waits (seconds), and how long a plain
+#: connection's greeting may be silent before one is sent (never above the
+#: account's ``timeout``).  Real POP3 servers greet at once; those that delay
+#: (tarpits, slow reverse DNS) lose nothing: the probe only adds an answer.
+PROBE_WAIT = 5.0
+
+#: Certificate verification results (X509_V_ERR_*) that mean "issued by a CA
+#: the system does not know": self-signed leaf or chain, unknown issuer.
+_UNKNOWN_CA = frozenset({18, 19, 20, 21})
 
 
 def make_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
@@ -76,10 +100,7 @@ def _translate(exc: BaseException, doing: str, where: str) -> Exception:
     if isinstance(exc, socket.timeout | TimeoutError):
         return TimeoutError_(f"{where}: timed out while {doing}")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        reason = exc.verify_message or exc.reason or str(exc)
-        return SecurityError(
-            f"{where}: TLS certificate not trusted ({reason}); refusing to continue"
-        )
+        return _untrusted(exc, where)
     if isinstance(exc, ssl.SSLError):
         return TransportError(f"{where}: TLS error while {doing}: {exc.reason or exc}")
     if isinstance(exc, socket.gaierror):
@@ -88,6 +109,17 @@ def _translate(exc: BaseException, doing: str, where: str) -> Exception:
         text = exc.strerror or str(exc) or type(exc).__name__
         return TransportError(f"{where}: network error while {doing}: {text}")
     return TransportError(f"{where}: {doing} failed: {exc}")
+
+
+def _untrusted(exc: ssl.SSLCertVerificationError, where: str) -> SecurityError:
+    """The refusal of a certificate; an unknown CA gets the ``ca_file`` hint."""
+    reason = exc.verify_message or exc.reason or str(exc)
+    if exc.verify_code in _UNKNOWN_CA:
+        return SecurityError(
+            f"{where}: TLS certificate not trusted: {reason}; if this server uses "
+            "its own CA, give it with ca_file: PATH"
+        )
+    return SecurityError(f"{where}: TLS certificate not trusted ({reason}); refusing to continue")
 
 
 class Transport:
@@ -145,7 +177,7 @@ class Transport:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
-                transport.start_tls(ssl_context)
+                transport._implicit_tls(ssl_context)
         except BaseException:
             transport.close()
             raise
@@ -195,18 +227,60 @@ class Transport:
 
     def start_tls(self, ssl_context: ssl.SSLContext) -> None:
         """Run the TLS handshake on this connection, checking the configured host name."""
-        self._arm(None)
         try:
-            with self._lock:
-                if self._interrupted is not None:
-                    raise self._interrupted
-                tls = ssl_context.wrap_socket(
-                    self._sock, server_hostname=self.host, do_handshake_on_connect=False
-                )
-                self._sock = tls
-            tls.do_handshake()  # outside the lock, so interrupt() can wake it
+            self._handshake(ssl_context)
         except (OSError, ssl.SSLError) as exc:
             raise self._failure(exc, "negotiating TLS") from None
+
+    def _implicit_tls(self, ssl_context: ssl.SSLContext) -> None:
+        """:meth:`start_tls` on a fresh connection; raises TlsModeMismatch if the
+        handshake failed because the port speaks plain POP3 (RFC 1939 greeting)."""
+        try:
+            self._handshake(ssl_context)
+        except ssl.SSLCertVerificationError as exc:
+            raise self._failure(exc, "negotiating TLS") from None
+        except ssl.SSLError as exc:
+            if self.ended() is None and greets_in_clear(self.host, self.port, self.probe_wait()):
+                raise TlsModeMismatch(
+                    f"{self.where}: port {self.port} speaks plain POP3: "
+                    "use tls: starttls, or port 995"
+                ) from None
+            raise self._failure(exc, "negotiating TLS") from None
+        except OSError as exc:
+            raise self._failure(exc, "negotiating TLS") from None
+
+    def _handshake(self, ssl_context: ssl.SSLContext) -> None:
+        self._arm(None)
+        with self._lock:
+            if self._interrupted is not None:
+                raise self._interrupted
+            tls = ssl_context.wrap_socket(
+                self._sock, server_hostname=self.host, do_handshake_on_connect=False
+            )
+            self._sock = tls
+        tls.do_handshake()  # outside the lock, so interrupt() can wake it
+
+    def probe_wait(self) -> float:
+        """How long a probe of this port may take: PROBE_WAIT, cut short by
+        ``timeout`` and the deadline (0 if the deadline has passed)."""
+        wait = min(PROBE_WAIT, self.timeout)
+        if self.deadline is not None:
+            wait = min(wait, self.deadline.at - time.monotonic())
+        return max(wait, 0.0)
+
+    def readable_within(self, seconds: float) -> bool:
+        """True once the peer has sent something (or closed) within *seconds*,
+        or once this transport has ended (the next call then raises why);
+        reads nothing.  Plain sockets only (before any TLS)."""
+        if self.is_tls:
+            raise ValueError("readable_within() is for a plain connection")
+        if self.ended() is not None:
+            return True
+        try:
+            ready, _, _ = select.select([self._sock], [], [], max(seconds, 0.0))
+        except (OSError, ValueError):  # closed by close(): the next call says why
+            return True
+        return bool(ready)
 
     def send(self, data: bytes) -> None:
         self._arm(None)
@@ -275,3 +349,52 @@ class Transport:
                 self._interrupted = error
             with contextlib.suppress(OSError):
                 self._sock.close()
+
+
+# -- probes: what does this port speak? -----------------------------------------
+
+
+def _probe(host: str, port: int, wait: float, hello: bytes, want: int) -> bytes:
+    """Open a new connection, send *hello*, and return the first bytes (up to
+    *want*) the peer sends within *wait* seconds; ``b""`` on any failure."""
+    if wait <= 0:
+        return b""
+    end = time.monotonic() + wait
+    try:
+        with socket.create_connection((host, port), timeout=wait) as sock:
+            if hello:
+                sock.sendall(hello)
+            got = b""
+            while len(got) < want:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                more = sock.recv(want - len(got))
+                if not more:
+                    break
+                got += more
+            return got
+    except OSError:
+        return b""
+
+
+def greets_in_clear(host: str, port: int, wait: float) -> bool:
+    """True if a new connection to *port* gets a plaintext POP3 greeting
+    (``+OK``, RFC 1939 §4) within *wait* seconds, sending nothing."""
+    return _probe(host, port, wait, b"", 3) == b"+OK"
+
+
+def answers_tls(host: str, port: int, wait: float) -> bool:
+    """True if a new connection to *port* that sends a TLS ClientHello gets a
+    TLS record back (a handshake or an alert, RFC 8446 §5.1) within *wait*
+    seconds.  The handshake goes no further: nothing is verified or trusted,
+    and no credential is sent."""
+    engine = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=host
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        engine.do_handshake()
+    head = _probe(host, port, wait, outgoing.read(), 2)
+    # content type 22 (handshake) or 21 (alert), then the major version 3
+    return len(head) == 2 and head[0] in (21, 22) and head[1] == 3
