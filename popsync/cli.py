@@ -358,17 +358,19 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
         ledger.close()
     if dry_run:
         for uid in adopted:
-            print(f"would adopt {escape_server_text(uid)}")
+            _say(f"would adopt {escape_server_text(uid)}", account=account.name)
     verb = "would adopt" if dry_run else "adopted"
-    print(
+    _say(
         f"{account.name}: {verb} {len(adopted)}, already known {len(chosen.mine) - len(adopted)}, "
-        f"ignored {chosen.ignored} (other accounts)"
+        f"ignored {chosen.ignored} (other accounts)",
+        account=account.name,
     )
     if adopted and account.delete_after_days is not None:
-        print(
+        _say(
             f"{account.name}: note: popsync never deletes adopted messages from the server "
             "(it holds no copy to compare them with); delete_after_days applies to the "
-            "messages it fetches itself"
+            "messages it fetches itself",
+            account=account.name,
         )
     return EXIT_OK
 
@@ -456,7 +458,7 @@ def _status(config: Config, names: list[str], *, as_json: bool) -> int:
     else:
         now = time.time()
         for name in chosen:
-            print(_status_line(name, polls.get(name), known[name], now))
+            _say(_status_line(name, polls.get(name), known[name], now), account=name)
     failed = any((poll := polls.get(n)) is not None and poll.result == "error" for n in chosen)
     return EXIT_POLL_FAILED if failed else EXIT_OK
 

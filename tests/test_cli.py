@@ -134,6 +134,10 @@ def test_json_log_format_covers_sync_summary_and_errors(
     (error,) = (json.loads(line) for line in bad.stderr.splitlines())
     assert (error["level"], error["account"], error["result"]) == ("error", "acct", "error")
     assert "FAILED" in error["message"]
+    status = popsync("-c", str(config), "--log-format", "json", "status")
+    assert status.returncode == 1
+    (line,) = (json.loads(line) for line in status.stdout.splitlines())
+    assert line["account"] == "acct" and "last poll" in line["message"]
 
 
 def test_lines_to_the_journal_carry_their_syslog_priority(
