@@ -45,6 +45,8 @@ def write_config(tmp: Path, accounts: list[dict[str, Any]], *, ledger: Path | No
         if acc["tls"] == "none":
             acc.setdefault("allow_plaintext", True)
         acc.setdefault("username", "user")
+        if "maildir" not in acc:
+            (tmp / "Maildir").mkdir(exist_ok=True)  # the parent; the Maildir is popsync's
         acc.setdefault("maildir", str(tmp / "Maildir" / acc["name"]))
         acc.setdefault("timeout", 10)
         out.append(acc)

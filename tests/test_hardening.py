@@ -565,7 +565,7 @@ def test_root_refuses_another_users_symlink_anywhere_on_the_path(tmp_path: Path)
     link.symlink_to(root_only)
     os.lchown(link, NOBODY, NOBODY)
     with pytest.raises(UnsafeMaildir, match=rf"{link} is a symlink owned by uid {NOBODY}"):
-        Maildir(link / "deep" / "Mail")
+        Maildir(link / "deep" / "Mail", parents=True)
     assert os.listdir(root_only) == []  # nothing created on the way either
 
 
@@ -578,7 +578,7 @@ def test_root_follows_its_own_symlinks_relative_and_absolute(tmp_path: Path) -> 
     (tmp_path / "x").mkdir()
     (tmp_path / "chain").symlink_to("abs")
     for via in ("abs", "rel", "chain"):
-        with Maildir(tmp_path / via / "Mail") as md:
+        with Maildir(tmp_path / via / "Mail", parents=True) as md:
             md.deliver(finished_tmp(md, b"same message\n"))
     assert sorted(os.listdir(real / "Mail" / "new")) == [name_for()]
     assert stat.S_IMODE((real / "Mail").stat().st_mode) == 0o700
@@ -589,10 +589,10 @@ def test_root_refuses_a_symlink_loop_and_a_file_on_the_path(tmp_path: Path) -> N
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
     with pytest.raises(DeliveryError, match="too many levels of symbolic links"):
-        Maildir(tmp_path / "a" / "Mail")
+        Maildir(tmp_path / "a" / "Mail", parents=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(DeliveryError, match=r"Maildir .*: .*file is not a directory"):
-        Maildir(tmp_path / "file" / "Mail")
+        Maildir(tmp_path / "file" / "Mail", parents=True)
     with pytest.raises(DeliveryError, match="does not exist"):
         Maildir(tmp_path / "missing" / "Mail", create=False)
 
@@ -613,7 +613,7 @@ def test_an_ordinary_user_syncs_exactly_once(nobody_dir: Path) -> None:
 
     with POP3TestServer(MailStore(messages)) as server:
         config = write_config(nobody_dir, [{"name": "acct", "port": server.port}])
-        for path in (config, nobody_dir / "acct.pass"):
+        for path in (config, nobody_dir / "acct.pass", nobody_dir / "Maildir"):
             os.chown(path, NOBODY, NOBODY)
         assert as_nobody(poll_twice) == f"True {len(messages)} None; True 0 None"
     maildir = nobody_dir / "Maildir" / "acct"

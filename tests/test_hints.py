@@ -106,3 +106,50 @@ def test_a_certificate_from_an_unknown_ca_mentions_ca_file(
     assert "certificate not trusted: " in line
     assert line.endswith("; if this server uses its own CA, give it with ca_file: PATH")
     assert len(implicit.store) == 2
+
+
+# --------------------------------------------------------------------------
+# The Maildir: a missing parent is a typo until the account says create: true
+
+
+def test_a_maildir_whose_parent_is_missing_is_an_error_unless_create_is_true(
+    tmp_path: Path, plain: POP3TestServer
+) -> None:
+    maildir = tmp_path / "Mial" / "home"  # the typo: "Mial" does not exist
+    lines, _ = sync(tmp_path, port=plain.port, maildir=str(maildir))
+    assert lines == [
+        f"popsync: a: FAILED (needs attention): Maildir {maildir}: parent directory "
+        f"{maildir.parent} does not exist; create it, or set create: true"
+    ]
+    assert not maildir.parent.exists()
+    assert len(plain.store) == 2
+
+    cfg = write_config(tmp_path, [{"name": "a", "port": plain.port, "maildir": str(maildir)}])
+    assert run_sync(cfg).returncode == 1  # the same without create: true ...
+    cfg = write_config(
+        tmp_path, [{"name": "a", "port": plain.port, "maildir": str(maildir), "create": True}]
+    )
+    done = run_sync(cfg)  # ... and with it, the Maildir and its parents are made
+    assert done.returncode == 0, done.stderr
+    assert sum(maildir_contents(maildir).values()) == 2
+
+
+def test_a_maildir_in_an_existing_directory_is_still_created(
+    tmp_path: Path, plain: POP3TestServer
+) -> None:
+    maildir = tmp_path / "home"  # tmp_path exists: only the Maildir is new
+    cfg = write_config(tmp_path, [{"name": "a", "port": plain.port, "maildir": str(maildir)}])
+    done = run_sync(cfg)
+    assert done.returncode == 0, done.stderr
+    assert sum(maildir_contents(maildir).values()) == 2
+
+
+def test_a_maildir_under_a_file_is_a_permanent_error(tmp_path: Path, plain: POP3TestServer) -> None:
+    (tmp_path / "Mail").write_text("not a directory\n")
+    maildir = tmp_path / "Mail" / "home"
+    for create in (False, True):
+        lines, _ = sync(tmp_path, port=plain.port, maildir=str(maildir), create=create)
+        (line,) = lines
+        assert line.startswith("popsync: a: FAILED (needs attention): "), line
+        assert str(tmp_path / "Mail") in line and "not a directory" in line
+    assert len(plain.store) == 2

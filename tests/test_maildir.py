@@ -203,7 +203,7 @@ def test_any_input_gives_a_safe_distinct_name(
 
 def test_creates_private_directories_and_files(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "Mail"
-    with Maildir(path) as md:
+    with Maildir(path, parents=True) as md:
         for sub in ("", "tmp", "new", "cur"):
             assert stat.S_IMODE((path / sub).stat().st_mode) == 0o700, sub
         with md.open_tmp(name_for()) as tmp:

@@ -113,6 +113,9 @@ class Account(SecretSource, TlsLoginRules):
     allow_plaintext: bool = Field(default=False, validate_default=True)
     # The delivery target: exactly one of these (see popsync.config.targets).
     maildir: Path | None = None
+    # Make the Maildir's missing parent directories too (by default only the
+    # Maildir itself is made, so a typo in the path is an error, not a tree).
+    create: bool = False
     mbox: Path | None = None
     mda: str | None = None
     lmtp: str | None = None

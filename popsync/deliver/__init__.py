@@ -49,7 +49,7 @@ def open_target(
         assert account.maildir is not None
         from popsync.deliver.maildir import open_maildir_target
 
-        with open_maildir_target(account.maildir, warn) as maildir:
+        with open_maildir_target(account.maildir, warn, parents=account.create) as maildir:
             yield maildir
     elif kind == "mbox":
         mbox = import_module("popsync.deliver.mbox")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from popsync.errors import DeliveryError
 
-__all__ = ["DeliveryConflict", "UnsafeMaildir", "os_error"]
+__all__ = ["DeliveryConflict", "MaildirUnusable", "UnsafeMaildir", "os_error"]
 
 
 class DeliveryConflict(DeliveryError):
@@ -38,6 +38,16 @@ class UnsafeMaildir(DeliveryError):
     A Maildir directory owned by someone else or writable by group or others,
     or (as root) a path through another user's symlink. Not temporary: it
     stays unsafe until someone fixes the modes or the path.
+    """
+
+    temporary = False
+
+
+class MaildirUnusable(DeliveryError):
+    """The Maildir cannot be used where it is configured: its parent directory
+    is missing, a file is in the way, or popsync may not write there.
+
+    Not temporary: it stays so until someone fixes the path or the modes.
     """
 
     temporary = False

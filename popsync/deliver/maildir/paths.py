@@ -19,7 +19,7 @@ import os
 import stat
 from pathlib import Path
 
-from popsync.deliver.maildir.errors import UnsafeMaildir, os_error
+from popsync.deliver.maildir.errors import MaildirUnusable, UnsafeMaildir, os_error
 from popsync.deliver.maildir.files import DIR_FLAGS, DIR_MODE
 from popsync.errors import DeliveryError
 
@@ -114,7 +114,7 @@ def _root_symlink_target(dir_fd: int, part: str, shown: str, path: Path) -> str:
         raise os_error("open Maildir", shown, exc) from exc
     where = f"Maildir {path}" if shown == os.fspath(path) else f"Maildir {path}: {shown}"
     if not stat.S_ISLNK(st.st_mode):
-        raise DeliveryError(f"{where} is not a directory")
+        raise MaildirUnusable(f"{where} is not a directory")
     if st.st_uid != 0:
         raise UnsafeMaildir(
             f"{where} is a symlink owned by uid {st.st_uid}, and popsync "

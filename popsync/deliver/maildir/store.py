@@ -71,7 +71,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from popsync.deliver.maildir.errors import DeliveryConflict, UnsafeMaildir, os_error
+from popsync.deliver.maildir.errors import (
+    DeliveryConflict,
+    MaildirUnusable,
+    UnsafeMaildir,
+    os_error,
+)
 from popsync.deliver.maildir.files import (
     DIR_FLAGS,
     DIR_MODE,
@@ -183,6 +188,16 @@ class _DirFds:
                 os.close(fd)
 
 
+#: Errors opening or making the Maildir that stay until someone acts.
+_LASTING_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+
+def _setup_error(action: str, path: Path | str, exc: OSError) -> DeliveryError:
+    """:func:`os_error`, as MaildirUnusable (not temporary) for a lasting cause."""
+    error = os_error(action, path, exc)
+    return MaildirUnusable(str(error)) if exc.errno in _LASTING_ERRNOS else error
+
+
 class Maildir:
     """A Maildir that popsync delivers into.
 
@@ -192,8 +207,19 @@ class Maildir:
     poll is the intended use.
     """
 
-    def __init__(self, path: Path | str, *, create: bool = True, info_sep: str = ":") -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        create: bool = True,
+        parents: bool = False,
+        info_sep: str = ":",
+    ) -> None:
         """Open (and with *create*, make) the Maildir at *path*.
+
+        *create* makes a missing Maildir (and its tmp/, new/, cur/) in an
+        existing directory; its parent directories too only with *parents*:
+        a typo in the path must not silently grow a tree of directories.
 
         *info_sep* separates a name from its ``2,<flags>`` info in ``cur/``;
         use e.g. ``";"`` or ``"!"`` on file systems that forbid ``:``.
@@ -203,7 +229,10 @@ class Maildir:
         goes through a symlink root does not own. Raises DeliveryError if *path*
         (or tmp/, new/, cur/) is missing and *create* is False, is not a
         directory, is a symlink (the subdirectories only; the Maildir itself
-        may be a symlink), or tmp/ or new/ is not writable. Raises ValueError
+        may be a symlink), or tmp/ or new/ is not writable -- as
+        MaildirUnusable (not temporary) when the cause stays until someone
+        acts: a missing parent (without *parents*), a file in the way, no
+        permission. Raises ValueError
         for an unusable *info_sep*.
         """
         check_info_sep(info_sep)
@@ -213,10 +242,26 @@ class Maildir:
         self._finalizer = weakref.finalize(self, self._fds.close)
         self._known: MaildirIndex | None = None
         try:
+            if create and not parents:
+                self._check_parent()
             self._open(create)
         except BaseException:
             self.close()
             raise
+
+    def _check_parent(self) -> None:
+        parent = self.path.absolute().parent
+        try:
+            is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+        except FileNotFoundError:
+            raise MaildirUnusable(
+                f"Maildir {self.path}: parent directory {parent} does not exist; "
+                "create it, or set create: true"
+            ) from None
+        except OSError as exc:
+            raise _setup_error("reach the parent directory of Maildir", self.path, exc) from None
+        if not is_dir:
+            raise MaildirUnusable(f"Maildir {self.path}: {parent} is not a directory")
 
     def _open(self, create: bool) -> None:
         root = open_as_root(self.path, create) if os.geteuid() == 0 else self._open_root(create)
@@ -227,24 +272,24 @@ class Maildir:
             _check_private(fd, self.path / sub)
         for sub in ("tmp", "new"):
             if not os.access(sub, os.W_OK | os.X_OK, dir_fd=root):
-                raise DeliveryError(f"Maildir directory {self.path / sub} is not writable")
+                raise MaildirUnusable(f"Maildir directory {self.path / sub} is not writable")
 
     def _open_root(self, create: bool) -> int:
         if create:
             try:
                 os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
             except FileExistsError as exc:
-                raise DeliveryError(f"Maildir {self.path} exists but is not a directory") from exc
+                raise MaildirUnusable(f"Maildir {self.path} exists but is not a directory") from exc
             except OSError as exc:
-                raise os_error("create Maildir", self.path, exc) from exc
+                raise _setup_error("create Maildir", self.path, exc) from exc
         try:
             return os.open(self.path, DIR_FLAGS)
         except FileNotFoundError as exc:
             raise DeliveryError(f"Maildir {self.path} does not exist") from exc
         except NotADirectoryError as exc:
-            raise DeliveryError(f"Maildir {self.path} is not a directory") from exc
+            raise MaildirUnusable(f"Maildir {self.path} is not a directory") from exc
         except OSError as exc:
-            raise os_error("open Maildir", self.path, exc) from exc
+            raise _setup_error("open Maildir", self.path, exc) from exc
 
     def _open_sub(self, root: int, sub: str, create: bool) -> int:
         shown = self.path / sub
@@ -254,7 +299,7 @@ class Maildir:
             except FileExistsError:
                 pass  # checked below, whatever it is
             except OSError as exc:
-                raise os_error("create", shown, exc) from exc
+                raise _setup_error("create", shown, exc) from exc
         try:
             return os.open(sub, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root)
         except FileNotFoundError as exc:
@@ -267,8 +312,8 @@ class Maildir:
             if is_link:
                 raise DeliveryError(f"{shown} is a symlink; refusing to deliver") from exc
             if exc.errno == errno.ENOTDIR:
-                raise DeliveryError(f"{shown} is not a directory") from exc
-            raise os_error("open", shown, exc) from exc
+                raise MaildirUnusable(f"{shown} is not a directory") from exc
+            raise _setup_error("open", shown, exc) from exc
 
     def _fd(self, sub: str) -> int:
         if self._fds.closed:

@@ -96,14 +96,17 @@ class MaildirTarget:
 
 
 @contextmanager
-def open_maildir_target(path: Path, warn: Callable[[str], None]) -> Iterator[MaildirTarget]:
-    """Open (creating if needed) the Maildir at *path* as a target for one poll.
+def open_maildir_target(
+    path: Path, warn: Callable[[str], None], *, parents: bool = False
+) -> Iterator[MaildirTarget]:
+    """Open (creating if needed) the Maildir at *path* as a target for one poll;
+    its missing parent directories are made only with *parents*.
 
     Sweeps popsync's own stale files from ``tmp/`` and warns when the Maildir
     is on a network file system.  Raises DeliveryError (``UnsafeMaildir`` for
     one that other users could write).
     """
-    with Maildir(path) as maildir:
+    with Maildir(path, parents=parents) as maildir:
         maildir.sweep_tmp()
         if maildir.is_on_nfs():
             warn("the Maildir is on a network file system; see README")
