@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from popsync import failpoints
 from popsync.deliver.base import Draft, Held, Pending, Receipt, Refusal
+from popsync.deliver.maildir.errors import os_error
+from popsync.deliver.maildir.files import open_regular
 from popsync.deliver.maildir.names import name_hash
 from popsync.deliver.maildir.pipeline import DeliveryPipeline
 from popsync.deliver.maildir.store import Maildir
@@ -120,17 +121,13 @@ def open_maildir_target(
 def measure(path: Path, *, asked: str, name: str) -> Held:
     """Size, SHA-256, wire size and header section of a delivered file.
 
-    Opens with O_NOFOLLOW and reads only a regular file (a FIFO planted under
-    a message name must not hang a poll).  Raises DeliveryError.
+    Opened as :func:`~popsync.deliver.maildir.files.open_regular` opens
+    files: no symlink followed, only a regular file (a FIFO planted under a
+    message name must not hang a poll).  Raises DeliveryError.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DeliveryError(f"{path}: cannot open: {exc.strerror}") from None
+    fd = open_regular(os.fspath(path), None, path)
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise DeliveryError(f"{path}: not a regular file")
+        mtime = os.fstat(f.fileno()).st_mtime
         digest = hashlib.sha256()
         size = lines = 0
         head = bytearray()
@@ -142,7 +139,7 @@ def measure(path: Path, *, asked: str, name: str) -> Held:
                 if len(head) <= HEADER_CAP:
                     head += chunk[: HEADER_CAP + 1 - len(head)]
         except OSError as exc:
-            raise DeliveryError(f"{path}: cannot read: {exc.strerror}") from None
+            raise os_error("read", path, exc) from exc
     end = head.find(b"\n\n")
     section = bytes(head[: end + 2]) if end >= 0 else bytes(head)
     return Held(
@@ -152,6 +149,6 @@ def measure(path: Path, *, asked: str, name: str) -> Held:
         sha256=digest.hexdigest(),
         wire_size=size + lines,  # each stored LF was a CRLF on the wire
         header_section=section,
-        delivered_at=info.st_mtime,
+        delivered_at=mtime,
         receipt=name,
     )
