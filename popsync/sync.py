@@ -60,7 +60,7 @@ from popsync.errors import (
     escape_server_text,
 )
 from popsync.fetch import DeleGate, Fetcher, FetchOutcome, HeaderReader
-from popsync.identity import Stored, Verdict, digest_headers, judge
+from popsync.identity import HeaderDigest, Stored, Verdict, digest_headers, judge
 from popsync.ledger import (
     SEEN_REFRESH,
     FetchIntent,
@@ -154,6 +154,19 @@ def body_limit(size: int | None, max_message_size: int | None) -> int:
     if max_message_size is not None:
         limits.append(max_message_size)
     return min(limits)
+
+
+def read_headers(
+    session: Session, messages: Sequence[ServerMessage]
+) -> dict[int, HeaderDigest | None]:
+    """``TOP n 0`` for each message, pipelined, each bounded by its LIST size
+    (:func:`body_limit`): the header digests by message number, None where
+    the server refused TOP.  Raises as :meth:`Session.retrieve` does."""
+    reader = HeaderReader()
+    session.retrieve(
+        (RetrRequest(m.msg, body_limit(m.size, None), top=0) for m in messages), reader
+    )
+    return reader.digests
 
 
 def session_options(account: Account) -> SessionOptions:
@@ -359,16 +372,9 @@ class Poll:
         candidates = remap_candidates(trusted, rows)
         if not candidates:
             return rows
-        reader = HeaderReader()
         by_msg = {m.msg: m for m in messages}
         try:
-            session.retrieve(
-                (
-                    RetrRequest(msg, body_limit(by_msg[msg].size, None), top=0)
-                    for msg in sorted(candidates)
-                ),
-                reader,
-            )
+            tops = read_headers(session, [by_msg[msg] for msg in sorted(candidates)])
         except BodyLimitExceeded as exc:
             # A header section longer than the whole message: a lying server.
             # That one is fetched like a new message (and cut off if its body
@@ -380,7 +386,7 @@ class Poll:
                 "past the size the server announced; not compared with known mail"
             )
             raise
-        digests = {msg: d.stable if d is not None else None for msg, d in reader.digests.items()}
+        digests = {msg: d.stable if d is not None else None for msg, d in tops.items()}
         found = match_remaps(messages, candidates, digests)
         if not found:
             return rows
@@ -430,11 +436,7 @@ class Poll:
         """
         if not deletes:
             return []
-        reader = HeaderReader()
-        session.retrieve(
-            (RetrRequest(d.message.msg, body_limit(d.message.size, None), top=0) for d in deletes),
-            reader,
-        )
+        tops = read_headers(session, [d.message for d in deletes])
         reused: list[Fetch] = []
         withheld: list[tuple[Key, str | None]] = []
         # Rows of an older popsync recorded less: measure their copies, at once.
@@ -445,7 +447,7 @@ class Poll:
             row, msg = item.row, item.message.msg
             assert item.message.size is not None  # plan() only offers sized messages
             stored = stored_of(row) or stored_from(row, held.get(row.maildir_name or ""))
-            verdict = judge(stored, item.message.size, reader.digests.get(msg))
+            verdict = judge(stored, item.message.size, tops.get(msg))
             if verdict.verdict is Verdict.SAME:
                 gate.allow_confirmed(msg, row.key)
                 if row.withheld is not None:

@@ -40,13 +40,12 @@ from pathlib import Path
 from popsync.config import Account
 from popsync.deliver.base import Held, Pending
 from popsync.errors import PopsyncError, escape_server_text
-from popsync.fetch import HeaderReader
 from popsync.identity import HeaderDigest, Verdict, judge
 from popsync.ledger import Ledger, LedgerRow
 from popsync.locks import account_lock
 from popsync.plan import ServerMessage, join_listings
-from popsync.session import RetrRequest, Session, SessionOptions
-from popsync.sync import body_limit, session_options, stored_from, stored_of
+from popsync.session import Session, SessionOptions
+from popsync.sync import read_headers, session_options, stored_from, stored_of
 
 #: Copies looked up per call of the target's look-up (each call lists the
 #: Maildir once; fewer calls cost listings, more hold more header sections).
@@ -198,17 +197,15 @@ def _listing(
     (None where the server refused TOP).  Raises PopsyncError.
     """
     secret = account.secret()
-    reader = HeaderReader()
+    digests: Mapping[int, HeaderDigest | None] = {}
     with session_factory(session_options(account)) as session:
         session.login(secret)
         uidl = session.uidl()
         messages, _ = join_listings(uidl, session.scan())
         if deep and messages:
-            session.retrieve(
-                (RetrRequest(m.msg, body_limit(m.size, None), top=0) for m in messages), reader
-            )
+            digests = read_headers(session, messages)
         session.quit()
-    return messages, reader.digests
+    return messages, digests
 
 
 @dataclass(frozen=True, slots=True)
