@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
 import random
 import signal
 import socket
@@ -41,9 +40,8 @@ from popsync.ledger import Ledger
 from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.server import POP3TestServer
-from tests.dovecot_fixtures import require_dovecot
 from tests.helpers import RSS_PROBE_PRELUDE, load, run_sync, stored_form, write_config
-from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
+from tests.servers.dovecot_delivery import DeliveryDovecot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -679,22 +677,6 @@ def test_a_200_mb_message_keeps_memory_bounded(lmtp: Callable[..., ScriptedLmtp]
 # -- against Dovecot's LMTP ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dovecot_lmtp() -> Iterator[DeliveryDovecot]:
-    require_dovecot()
-    ok, reason = DeliveryDovecot.available()
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    workdir = reachable_workdir()
-    try:
-        with DeliveryDovecot(workdir, users={}) as server:
-            yield server
-    finally:
-        remove_workdir(workdir)
-
-
 def without_return_path(stored: bytes, sender: bytes) -> bytes:
     """*stored* without the ``Return-Path:`` line Dovecot's LMTP always prepends."""
     added = b"Return-Path: <" + sender + b">\n"
@@ -704,25 +686,25 @@ def without_return_path(stored: bytes, sender: bytes) -> bytes:
 
 @pytest.mark.dovecot
 def test_dovecot_stores_what_the_target_sends_byte_exact(
-    dovecot_lmtp: DeliveryDovecot,
+    dovecot_delivery: DeliveryDovecot,
 ) -> None:
-    box = dovecot_lmtp.new_mailbox("lmtp")
+    box = dovecot_delivery.new_mailbox("lmtp")
     messages = [stored_form(m) for m in tricky_messages()]
     with open_lmtp_target(
-        dovecot_lmtp.lmtp_address, box.user, timeout=30, warn=_no_warning
+        dovecot_delivery.lmtp_address, box.user, timeout=30, warn=_no_warning
     ) as target:
         results = [deliver_with(target, m, f"n{i}") for i, m in enumerate(messages)]
     assert all(isinstance(r, Receipt) and r.text.startswith("250 2.0.0") for r in results)
-    stored = dovecot_lmtp.stored_messages(box.user)
+    stored = dovecot_delivery.stored_messages(box.user)
     senders = [return_path(m) for m in messages]
     assert [without_return_path(s, f) for s, f in zip(stored, senders, strict=True)] == messages
 
 
 @pytest.mark.dovecot
 def test_dovecot_through_run_account_byte_exact(
-    dovecot_lmtp: DeliveryDovecot, tmp_path: Path
+    dovecot_delivery: DeliveryDovecot, tmp_path: Path
 ) -> None:
-    box = dovecot_lmtp.new_mailbox("lmtp")
+    box = dovecot_delivery.new_mailbox("lmtp")
     messages = tricky_messages()
     store = MailStore(messages)
     with POP3TestServer(store) as pop3:
@@ -730,7 +712,7 @@ def test_dovecot_through_run_account_byte_exact(
             "name": "acct",
             "port": pop3.port,
             "maildir": None,
-            "lmtp": dovecot_lmtp.lmtp_address,
+            "lmtp": dovecot_delivery.lmtp_address,
             "lmtp_recipient": f"{box.user}@example.org",
             "delete_after_days": 0,
             "timeout": 60,
@@ -745,15 +727,15 @@ def test_dovecot_through_run_account_byte_exact(
     assert len(store) == 0
     stored = sorted(
         without_return_path(s, return_path(s[s.index(b"\n") + 1 :]))
-        for s in dovecot_lmtp.stored_messages(box.user)
+        for s in dovecot_delivery.stored_messages(box.user)
     )
     assert stored == sorted(stored_form(m) for m in messages)
 
 
 @pytest.mark.dovecot
-def test_dovecot_unknown_user_is_a_permanent_refusal(dovecot_lmtp: DeliveryDovecot) -> None:
+def test_dovecot_unknown_user_is_a_permanent_refusal(dovecot_delivery: DeliveryDovecot) -> None:
     with open_lmtp_target(
-        dovecot_lmtp.lmtp_address, "nobody-here", timeout=30, warn=_no_warning
+        dovecot_delivery.lmtp_address, "nobody-here", timeout=30, warn=_no_warning
     ) as target:
         result = deliver_with(target, TRICKY)
     assert isinstance(result, Refusal) and not result.temporary
@@ -763,15 +745,15 @@ def test_dovecot_unknown_user_is_a_permanent_refusal(dovecot_lmtp: DeliveryDovec
 @pytest.mark.dovecot
 @pytest.mark.parametrize(("tempfail", "reply"), [(False, "552 5.2.2"), (True, "452 4.2.2")])
 def test_dovecot_over_quota_is_refused(
-    dovecot_lmtp: DeliveryDovecot, tempfail: bool, reply: str
+    dovecot_delivery: DeliveryDovecot, tempfail: bool, reply: str
 ) -> None:
-    box = dovecot_lmtp.new_mailbox("quota", quota_bytes=1000, quota_tempfail=tempfail)
+    box = dovecot_delivery.new_mailbox("quota", quota_bytes=1000, quota_tempfail=tempfail)
     with open_lmtp_target(
-        dovecot_lmtp.lmtp_address, box.user, timeout=30, warn=_no_warning
+        dovecot_delivery.lmtp_address, box.user, timeout=30, warn=_no_warning
     ) as target:
         small = deliver_with(target, b"Subject: fits\n\nsmall\n", "n1")
         big = deliver_with(target, b"Subject: too big\n\n" + b"x" * 5000 + b"\n", "n2")
     assert isinstance(small, Receipt)
     assert isinstance(big, Refusal) and big.temporary is tempfail
     assert big.text.startswith(f"after DATA: {reply}") and "Quota exceeded" in big.text
-    assert len(dovecot_lmtp.stored_messages(box.user)) == 1
+    assert len(dovecot_delivery.stored_messages(box.user)) == 1

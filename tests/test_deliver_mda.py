@@ -35,9 +35,8 @@ from popsync.ledger import Ledger
 from popsync.sync import PollReport, run_account
 from popsync.testing.mailstore import MailStore
 from popsync.testing.server import POP3TestServer
-from tests.dovecot_fixtures import require_dovecot
 from tests.helpers import RSS_PROBE_PRELUDE, load, run_sync, stored_form, write_config
-from tests.servers.dovecot_delivery import DeliveryDovecot, reachable_workdir, remove_workdir
+from tests.servers.dovecot_delivery import DeliveryDovecot
 
 # Stored form: LF line ends.  Dot-stuffed-looking lines, "From " lines,
 # 8-bit bytes, a 20,000-character line and no final line end.
@@ -488,22 +487,6 @@ def test_sigkill_then_rerun_loses_nothing_and_duplicates_at_most_one(
 # -- dovecot-lda as the MDA --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dovecot_lda() -> Iterator[DeliveryDovecot]:
-    require_dovecot()
-    ok, reason = DeliveryDovecot.available()
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    workdir = reachable_workdir()
-    try:
-        with DeliveryDovecot(workdir, users={}) as server:
-            yield server
-    finally:
-        remove_workdir(workdir)
-
-
 def poll_into_lda(
     tmp_path: Path, argv: list[str], messages: list[bytes]
 ) -> tuple[PollReport, MailStore]:
@@ -528,33 +511,38 @@ def poll_into_lda(
 
 @pytest.mark.dovecot
 def test_dovecot_lda_through_run_account_byte_exact(
-    dovecot_lda: DeliveryDovecot, tmp_path: Path
+    dovecot_delivery: DeliveryDovecot, tmp_path: Path
 ) -> None:
-    box = dovecot_lda.new_mailbox("lda")
+    box = dovecot_delivery.new_mailbox("lda")
     messages = tricky_messages()
-    report, store = poll_into_lda(tmp_path, dovecot_lda.lda_command(box.user), messages)
+    report, store = poll_into_lda(tmp_path, dovecot_delivery.lda_command(box.user), messages)
     assert report.ok, report.error
     assert len(store) == 0
-    stored = dovecot_lda.stored_messages(box.user)  # dovecot-lda adds nothing without -f
+    stored = dovecot_delivery.stored_messages(box.user)  # dovecot-lda adds nothing without -f
     assert sorted(stored) == sorted(stored_form(m) for m in messages)
 
 
 @pytest.mark.dovecot
 @pytest.mark.parametrize(("tempfail", "refusal"), [(True, "exit 75"), (False, "exit 77")])
 def test_dovecot_lda_over_quota(
-    dovecot_lda: DeliveryDovecot, tmp_path: Path, tempfail: bool, refusal: str
+    dovecot_delivery: DeliveryDovecot, tmp_path: Path, tempfail: bool, refusal: str
 ) -> None:
-    box = dovecot_lda.new_mailbox("quota", quota_bytes=1000, quota_tempfail=tempfail)
+    box = dovecot_delivery.new_mailbox("quota", quota_bytes=1000, quota_tempfail=tempfail)
     big = b"Subject: too big\r\n\r\n" + b"x" * 5000 + b"\r\n"
-    report, store = poll_into_lda(tmp_path, dovecot_lda.lda_command(box.user), [big])
+    report, store = poll_into_lda(tmp_path, dovecot_delivery.lda_command(box.user), [big])
     assert (not report.ok and report.temporary is tempfail) or not tempfail
     assert refusal in (report.error or "")
-    assert len(store) == 1 and dovecot_lda.stored_messages(box.user) == []
+    assert len(store) == 1 and dovecot_delivery.stored_messages(box.user) == []
 
 
 @pytest.mark.dovecot
-def test_dovecot_lda_unknown_user_is_refused(dovecot_lda: DeliveryDovecot, tmp_path: Path) -> None:
-    argv = [*dovecot_lda.lda_command(dovecot_lda.new_mailbox("lda").user)[:-1], "nobody-here"]
+def test_dovecot_lda_unknown_user_is_refused(
+    dovecot_delivery: DeliveryDovecot, tmp_path: Path
+) -> None:
+    argv = [
+        *dovecot_delivery.lda_command(dovecot_delivery.new_mailbox("lda").user)[:-1],
+        "nobody-here",
+    ]
     report, store = poll_into_lda(tmp_path, argv, [b"Subject: x\r\n\r\nbody\r\n"])
     assert not report.ok and "the mda target refused it: exit 67" in (report.error or "")
     assert len(store) == 1
