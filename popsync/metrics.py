@@ -139,10 +139,16 @@ class PollMetrics:
         info = Gauge("popsync_info", "popsync is running (always 1)", ["version"], registry=r)
         info.labels(version=__version__).set(1)
         r.register(_Schedule(self))
+        self._known: set[str] = set()
         for name in accounts:
             self._start_series(name)
 
     def _start_series(self, account: str) -> None:
+        """Every series of *account* at zero (once): an account added by a
+        reload gets them with its first poll."""
+        if account in self._known:
+            return
+        self._known.add(account)
         for result in RESULTS:
             self._polls.labels(account=account, result=result)
         for counter in (self._fetched, self._bytes, self._deleted, self._remapped):
@@ -152,6 +158,7 @@ class PollMetrics:
         """Count one finished poll (the daemon's ``on_poll`` hook); never raises
         for a well-formed event."""
         name, report, kind = event.account, event.report, event.outcome.kind
+        self._start_series(name)
         self._polls.labels(account=name, result=kind).inc()
         if kind == "busy":  # another popsync polled it: nothing of ours to count
             return

@@ -219,6 +219,58 @@ def test_a_scrape_shows_what_the_daemon_fetched_deleted_and_paused(
     assert refused("127.0.0.1", port)
 
 
+def test_a_reload_keeps_the_endpoint_and_an_added_account_gets_every_series(
+    tmp_path: Path, servers: Callable[..., POP3TestServer]
+) -> None:
+    a, b = servers(list(generate_messages(1, 300, seed=1))), servers([])
+    port = free_port()
+    cfg = with_metrics(write_config(tmp_path, [account("a", a.port)]), metrics=f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/metrics"
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "popsync", "-c", str(cfg), "run"],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+
+        def polled(name: str) -> Samples | None:
+            assert proc.poll() is None, f"the daemon exited:\n{log.read_text()}"
+            try:
+                samples = scrape(url)
+            except OSError:
+                return None
+            return (
+                samples
+                if value(samples, "popsync_polls_total", account=name, result="ok")
+                else None
+            )
+
+        wait_until(lambda: polled("a"), timeout=20, what=log.read_text)
+        other = free_port()
+        with_metrics(
+            write_config(tmp_path, [account("a", a.port), account("b", b.port)]),
+            metrics=f"127.0.0.1:{other}",
+        )
+        proc.send_signal(signal.SIGHUP)
+        samples = wait_until(lambda: polled("b"), timeout=20, what=log.read_text)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "the metrics setting changed; that takes a restart" in log.read_text()
+    assert refused("127.0.0.1", other)  # never served there
+    for result in ("temporary", "permanent", "busy"):
+        assert value(samples, "popsync_polls_total", account="b", result=result) == 0
+    assert value(samples, "popsync_messages_fetched_total", account="a") == 1
+    assert value(samples, "popsync_account_paused", account="b") == 0
+
+
 def test_a_port_in_use_is_one_config_error_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
