@@ -6,10 +6,12 @@ Contract
   account (id ``poll:<name>``) with an ``IntervalTrigger`` of the account's
   ``interval``; the first poll is due at start.  Jobs run in a thread pool of
   ``max_concurrent`` workers, so polls of different accounts run side by side
-  and a slow or failing account never delays the others.  ``max_instances=1``
-  and ``coalesce=True`` keep one account's polls from overlapping inside the
-  daemon; ``misfire_grace_time=None`` makes a poll that waited for a free
-  worker run late rather than be dropped.
+  and a slow or failing account never delays the others.  The daemon's own
+  in-flight count keeps one account's polls from overlapping (a run fired
+  while the previous one still returns marks it "poll again" or starts once
+  it has finished; ``max_instances=2`` so the scheduler never drops it), and
+  ``coalesce=True`` folds missed runs into one; ``misfire_grace_time=None``
+  makes a poll that waited for a free worker run late rather than be dropped.
 * **Each poll is** :func:`popsync.sync.run_account` with ``lock_wait=False``:
   the per-account ``flock`` (:mod:`popsync.locks`) keeps a daemon and a
   ``popsync sync`` (or a second daemon) from ever fetching in parallel; the
@@ -511,7 +513,12 @@ class Daemon:
             scheduler_log.setLevel(logging.WARNING)
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(self._max_concurrent)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            # Two instances: a run fired while the previous one is returning (its
+            # result already recorded, e.g. SIGUSR1 at that moment) must not be
+            # dropped as "maximum number of running instances reached".  The
+            # daemon's own in-flight count keeps two polls of one account from
+            # ever overlapping (see _poll_job).
+            job_defaults={"coalesce": True, "max_instances": 2, "misfire_grace_time": None},
             timezone=UTC,
             logger=scheduler_log,
             daemon=True,

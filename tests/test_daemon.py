@@ -824,6 +824,43 @@ def test_sigusr1_polls_every_account_now_and_json_logs_hold_no_secret(
     assert len(bad.sessions) == 2
 
 
+def test_poll_now_asked_while_a_poll_is_finishing_is_not_dropped(
+    tmp_path: Path, servers: Callable[..., POP3TestServer], daemon_log: list[logging.LogRecord]
+) -> None:
+    """SIGUSR1 that lands after a poll's result is recorded but before its job
+    has returned still polls again: the scheduler must not drop that run as
+    "maximum number of running instances reached"."""
+    srv = servers(messages(1, 1))
+    cfg = write_config(tmp_path, [account("a", srv.port, interval=3600)])
+    handled = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", None) == "poll-now":
+                handled.set()
+
+    seen = Seen()
+    logging.getLogger("popsync.daemon").addHandler(seen)
+
+    class AskDuringFinish(Harness):
+        def _record(self, event: PollEvent) -> None:
+            super()._record(event)
+            if len(self.polls("a")) == 1:
+                # Still inside the first poll's job: ask, and hold the job
+                # until the main thread has acted on the request.
+                srv.store.add(messages(1, 2)[0])
+                self.daemon.request_poll_now()
+                assert handled.wait(10)
+
+    h = AskDuringFinish(cfg).start()
+    try:
+        first, second = h.wait_polls("a", 2)[:2]
+        assert (first.report.counts.fetched, second.report.counts.fetched) == (1, 1)
+    finally:
+        logging.getLogger("popsync.daemon").removeHandler(seen)
+        h.stop()
+
+
 def test_sigterm_during_a_long_retr_exits_cleanly_and_a_restart_is_exactly_once(
     tmp_path: Path,
     servers: Callable[..., POP3TestServer],
