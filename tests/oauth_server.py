@@ -68,6 +68,8 @@ class OAuthServer:
     fail_status: int | None = None
     client_secret: str | None = None
     device_interval: int = 1
+    #: Answer this many device-code polls with ``slow_down`` (RFC 8628 §3.5).
+    slow_down: int = 0
     #: Every token, code and device code ever issued (to grep for leaks).
     issued: list[str] = field(default_factory=list)
     #: Token requests by grant type.
@@ -197,6 +199,9 @@ class OAuthServer:
         device = self._devices.get(form.get("device_code", ""))
         if device is None:
             return 400, {"error": "expired_token"}
+        if self.slow_down > 0:
+            self.slow_down -= 1
+            return 400, {"error": "slow_down"}
         if device.approved_for is None:
             return 400, {"error": "authorization_pending"}
         del self._devices[form["device_code"]]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,12 +26,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import keyring
+import keyring.backend
 import pytest
 import yaml
 
 from popsync.config import load_config
+from popsync.config.oauth2 import OAuth2Settings
 from popsync.errors import ConfigError
+from popsync.oauth.client import Client
+from popsync.oauth.errors import OAuthError
+from popsync.oauth.flows import device_flow
+from popsync.oauth.http import post_form
 from popsync.oauth.presets import PRESETS
+from popsync.oauth.tokens import TokenResponse
 from tests.dovecot_fixtures import require_dovecot
 from tests.helpers import maildir_contents, stored_form
 from tests.oauth_server import CLIENT_ID, OAuthServer
@@ -447,3 +457,220 @@ def test_missing_extra_is_one_line(tmp_path: Path, server: OAuthServer) -> None:
         assert done.returncode == status, done.stderr
         assert "oauth2 needs popsync[oauth]: pip install 'popsync[oauth]'" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# -- the device flow's timing, without waiting ----------------------------------------
+
+
+def client_for_server(server: OAuthServer, **kw: Any) -> Client:
+    settings = OAuth2Settings(
+        token_endpoint=f"{server.url}/token",
+        device_authorization_endpoint=f"{server.url}/device",
+        client_id=CLIENT_ID,
+    )
+    return Client(settings, None, kw.get("timeout", 10.0), kw.get("ca_file"))
+
+
+def test_device_flow_honours_interval_and_slow_down(server: OAuthServer) -> None:
+    server.device_interval, server.slow_down = 2, 1
+    waits: list[float] = []
+    said: list[str] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:  # the user approves during the third wait
+            server.approve(said[0].rsplit(" ", 1)[1])
+
+    tokens = device_flow(client_for_server(server), said.append, wait=wait, clock=lambda: 0.0)
+
+    assert tokens.access_token.get_secret_value() in server.issued
+    assert waits == [2, 7, 7]  # slow_down: 5 s more from then on (RFC 8628 §3.5)
+
+
+def test_device_flow_gives_up_when_the_code_expires(server: OAuthServer) -> None:
+    times = iter([0.0, 0.0, 599.5])
+    with pytest.raises(OAuthError, match="the code expired before it was approved"):
+        device_flow(client_for_server(server), lambda _: None, wait=lambda _: None,
+                    clock=lambda: next(times))  # fmt: skip
+
+
+def test_code_flow_times_out_with_exit_1(tmp_path: Path, server: OAuthServer) -> None:
+    oauth2 = {"device_authorization_endpoint": None, "authorization_endpoint": f"{server.url}/a"}
+    write_config(tmp_path, server, None, oauth2=oauth2)
+    done = popsync(tmp_path, "auth", "work", "--wait", "0.5")
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        "no answer from the browser in time; run popsync auth again"
+    )
+    assert not token_file(tmp_path).exists()
+
+
+def test_auth_of_an_account_without_oauth2_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    account = {"name": "home", "host": "h", "username": "u", "password": "p",
+               "maildir": str(tmp_path / "M")}  # fmt: skip
+    path.write_text(yaml.safe_dump({"accounts": [account]}))
+    path.chmod(0o600)
+    done = popsync(tmp_path, "auth", "home")
+    assert done.returncode == 2
+    assert "account 'home' has no oauth2 block" in done.stderr
+
+
+# -- the token endpoint is bounded like a POP3 server -----------------------------------
+
+
+class Canned:
+    """A one-connection-at-a-time HTTP(S) server that sends canned bytes."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.context = context
+        self.answers: queue.Queue[bytes | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.context else "http"
+        return f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}/token"
+
+    def _serve(self) -> None:
+        while True:
+            answer = self.answers.get()
+            if answer is None:
+                return
+            conn, _ = self.listener.accept()
+            try:
+                if self.context is not None:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                conn.settimeout(3.0)  # a client without deadline sees EOF, not a timeout
+                conn.recv(65536)
+                conn.sendall(answer)
+                while conn.recv(65536):  # the rest of the request; then hold on until
+                    pass  # the client gives up (or 3 s pass)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.answers.put(None)
+        self.listener.close()
+
+
+@pytest.fixture
+def canned() -> Iterator[Canned]:
+    server = Canned()
+    yield server
+    server.close()
+
+
+def http_answer(status: str, body: bytes, *, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("answer", "phrase"),
+    [
+        (http_answer("200 OK", b"{" + b" " * (70 << 10) + b"}"), "sent more than 65536 bytes"),
+        (b"", "did not answer within 0.5 seconds"),  # not even a status line
+        (http_answer("200 OK", b'{"a"', length=100), "did not answer within 0.5 seconds"),
+        (http_answer("302 Found", b""), "answered HTTP 302"),
+        (http_answer("503 Busy", b"{}"), "answered HTTP 503"),
+        (http_answer("200 OK", b"<html>"), "did not answer with JSON"),
+        (http_answer("400 Bad", b'{"error": "invalid_\\u001b[2Jgrant"}'),
+         "refused: invalid_\\x1b[2Jgrant"),
+    ],
+)  # fmt: skip
+def test_token_endpoint_answers_are_bounded(canned: Canned, answer: bytes, phrase: str) -> None:
+    canned.answers.put(answer)
+    started = time.monotonic()
+    with pytest.raises(OAuthError) as info:
+        post_form(canned.url, {"grant_type": "x"}, timeout=0.5, ca_file=None)
+    assert phrase in str(info.value)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("body", "bad"),
+    [
+        ({"token_type": "Bearer"}, "access_token"),
+        ({"access_token": "a", "token_type": "mac"}, "token_type"),
+        ({"access_token": "a\r\nDELE 1", "token_type": "Bearer"}, "access_token"),
+        ({"access_token": "a", "token_type": "Bearer", "expires_in": -5}, "expires_in"),
+    ],
+)
+def test_token_responses_are_validated(canned: Canned, body: dict[str, Any], bad: str) -> None:
+    canned.answers.put(http_answer("200 OK", json.dumps(body).encode()))
+    client = Client(
+        OAuth2Settings(token_endpoint=canned.url, device_authorization_endpoint=canned.url,
+                       client_id=CLIENT_ID),
+        None, 5.0, None,
+    )  # fmt: skip
+    with pytest.raises(OAuthError, match=rf"invalid token response \({bad}\)"):
+        client.refresh("r")
+
+
+def test_https_endpoint_is_verified_against_the_system_store_plus_ca_file(
+    server_ssl_context: ssl.SSLContext, ca_file: Path
+) -> None:
+    server = Canned(server_ssl_context)
+    try:
+        good = http_answer("200 OK", b'{"ok": 1}')
+        server.answers.put(good)
+        with pytest.raises(OAuthError, match="TLS failed"):
+            post_form(server.url, {}, timeout=5, ca_file=None)  # a CA unknown to the system
+        server.answers.put(good)
+        assert post_form(server.url, {}, timeout=5, ca_file=ca_file) == {"ok": 1}
+    finally:
+        server.close()
+
+
+# -- the keyring, when a real one is there ------------------------------------------------
+
+
+class MemoryKeyring(keyring.backend.KeyringBackend):
+    """A desktop keyring stand-in: in memory, priority like the Secret Service."""
+
+    priority = 5
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.items: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.items.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.items[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        self.items.pop((service, username), None)
+
+
+def test_tokens_go_to_a_usable_keyring_and_refresh_there(
+    tmp_path: Path, server: OAuthServer
+) -> None:
+    from popsync.oauth.access import access_token, store_tokens
+    from popsync.oauth.store import KEYRING_SERVICE, KeyringStore, open_store
+
+    memory = MemoryKeyring()
+    previous = keyring.get_keyring()
+    keyring.set_keyring(memory)
+    try:
+        path, name = write_config(tmp_path, server, None)
+        config = load_config(path)
+        store = open_store(config.state_dir, name)
+        assert isinstance(store, KeyringStore)
+        with server._lock:
+            grant = server._tokens(server.user)
+        store_tokens(store, TokenResponse.model_validate(grant), time.time() - 3600)
+        token = access_token(config.accounts[0], config.state_dir)  # expired: refreshed
+    finally:
+        keyring.set_keyring(previous)
+    assert token != grant["access_token"] and token in server.issued
+    kept = json.loads(memory.items[(KEYRING_SERVICE, name)])
+    assert kept["access_token"] == token and kept["refresh_token"] != grant["refresh_token"]
+    assert not token_file(tmp_path).exists()
