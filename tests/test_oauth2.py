@@ -674,3 +674,28 @@ def test_tokens_go_to_a_usable_keyring_and_refresh_there(
     kept = json.loads(memory.items[(KEYRING_SERVICE, name)])
     assert kept["access_token"] == token and kept["refresh_token"] != grant["refresh_token"]
     assert not token_file(tmp_path).exists()
+
+
+@pytest.mark.slow
+def test_token_dovecot_refuses_before_its_expiry_is_renewed_once(
+    tmp_path: Path, server: OAuthServer, mailbox: Mailbox
+) -> None:
+    write_config(tmp_path, server, mailbox)
+    device_auth(tmp_path, server, "work")
+    server.expire_access_tokens()  # revoked early: the stored expiry still looks fine
+
+    done = popsync(tmp_path, "-v", "sync", "--no-progress")
+
+    assert done.returncode == 0, done.stderr
+    assert "the server refused the OAuth2 access token; refreshing it" in done.stderr
+    assert server.grants.get("refresh_token") == 1
+    assert len(maildir_contents(tmp_path / "Maildir")) == 3
+
+    # A refresh token that no longer works either: one line, exit 1, no loop.
+    server.expire_access_tokens()
+    server.invalid_grant = True
+    again = popsync(tmp_path, "sync", "--no-progress")
+    assert again.returncode == 1
+    assert "needs attention: run popsync auth work" in again.stderr
+    assert server.grants.get("refresh_token") == 2
+    assert_no_secrets(server, done.stderr, again.stderr)

@@ -66,8 +66,16 @@ def store_tokens(store: TokenStore, response: TokenResponse, now: float) -> None
     store.save(_tokens_from(response, None, now))
 
 
-def access_token(account: Account, state_dir: Path, *, now: Callable[[], float] = time.time) -> str:
-    """A valid access token for *account* (see the module docstring).
+def access_token(
+    account: Account,
+    state_dir: Path,
+    *,
+    fresh: bool = False,
+    now: Callable[[], float] = time.time,
+) -> str:
+    """A valid access token for *account* (see the module docstring); with
+    *fresh*, a new one even if the stored one has not expired (the server
+    refused it).
 
     Call with the account's lock held.
 
@@ -85,7 +93,7 @@ def access_token(account: Account, state_dir: Path, *, now: Callable[[], float] 
         raise NeedsAuthorization(account.name, "no OAuth2 token is stored yet")
     at = now()
     fresh_enough = tokens.expires_at is not None and tokens.expires_at - EXPIRY_MARGIN > at
-    if tokens.access_token is not None and fresh_enough:
+    if tokens.access_token is not None and fresh_enough and not fresh:
         return tokens.access_token.get_secret_value()
     if tokens.refresh_token is None:
         raise NeedsAuthorization(account.name, "the access token expired and no refresh token")
@@ -96,14 +104,14 @@ def access_token(account: Account, state_dir: Path, *, now: Callable[[], float] 
         if exc.code == "invalid_grant":
             raise NeedsAuthorization(account.name, "the refresh token was refused") from None
         raise
-    fresh = _tokens_from(response, tokens.refresh_token, at)
-    store.save(fresh)
+    renewed = _tokens_from(response, tokens.refresh_token, at)
+    store.save(renewed)
     rotated = response.refresh_token is not None and response.refresh_token != tokens.refresh_token
     log.info(
         "%s: OAuth2 access token refreshed%s", account.name, "; refresh token rotated" * rotated
     )
-    assert fresh.access_token is not None
-    return fresh.access_token.get_secret_value()
+    assert renewed.access_token is not None
+    return renewed.access_token.get_secret_value()
 
 
 def authorize(
