@@ -53,6 +53,18 @@ CLIENT_SECRET = "cs-" + "k3y" * 8
 # -- fixtures ------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def no_desktop_keyring() -> Iterator[None]:
+    """In this process too, no keyring (as for the children, see popsync_env):
+    tokens go to the state directory's file unless a test sets a keyring."""
+    import keyring.backends.fail
+
+    previous = keyring.get_keyring()
+    keyring.set_keyring(keyring.backends.fail.Keyring())  # type: ignore[no-untyped-call]
+    yield
+    keyring.set_keyring(previous)
+
+
 @pytest.fixture(scope="module")
 def oauth_server() -> Iterator[OAuthServer]:
     with OAuthServer() as server:
@@ -420,11 +432,10 @@ def test_token_endpoint_errors_are_temporary(tmp_path: Path, server: OAuthServer
 
 @pytest.mark.slow
 def test_daemon_pauses_without_token_and_resumes_once_authorized(
-    tmp_path: Path, server: OAuthServer, mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, server: OAuthServer, mailbox: Mailbox
 ) -> None:
     from tests.test_daemon import Harness
 
-    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     path, name = write_config(tmp_path, server, mailbox)
     daemon = Harness(path, token_watch=0.05).start()
     try:
