@@ -141,6 +141,7 @@ def popsync(tmp: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
     return subprocess.run(
         [sys.executable, "-m", "popsync", "-c", str(tmp / "config.yaml"), *args],
         env=popsync_env(tmp),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -155,6 +156,7 @@ class Running:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "popsync", "-c", str(tmp / "config.yaml"), *args],
             env=popsync_env(tmp),
+            stdin=subprocess.DEVNULL,  # popsync auth needs no input
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
