@@ -10,6 +10,7 @@
     popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
     popsync [-c CONFIG] import ACCOUNT --from fetchmail|getmail|mpop FILE [--dry-run]
                                              adopt what another tool already fetched
+    popsync [-c CONFIG] auth ACCOUNT         OAuth2: authorize once, store the tokens
     popsync demo                             a built-in server, sample mail, a real sync
 
 The global options (-c, -v, -q, --log-format) may come before or after the
@@ -54,6 +55,8 @@ _EXITS = {
     "1 an account's last poll failed (a permanent failure pauses it in `popsync run`); "
     "2 config or usage error",
     "db": "0 the schema is up to date; 2 config or usage error",
+    "auth": "0 the tokens are stored; 1 the authorization failed or timed out; "
+    "2 config or usage error",
     "demo": "0 the demo synced its sample mail; 1 it did not",
 }
 
@@ -195,12 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_import.add_argument(
         "--dry-run", action="store_true", help="show what would be adopted; change nothing"
     )
+    p_auth = add_parser(
+        "auth",
+        help="OAuth2: authorize popsync once for an account and store its tokens (prints "
+        "a URL and a code, or a URL to open; needs no input)",
+    )
+    p_auth.add_argument("account", metavar="ACCOUNT", help="an account with an oauth2 block")
+    p_auth.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the browser to come back (code flow; default 300)",
+    )
     p_demo = add_parser("demo", help="sync sample mail from a built-in server")
     p_demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one return per command
     args = build_parser().parse_args(argv)
     from popsync.logs import setup_logging
 
@@ -219,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
             return _status(config, args.accounts, as_json=args.json)
         if args.command == "verify":
             return _verify(config, args.accounts, as_json=args.json, deep=args.deep)
+        if args.command == "auth":
+            return _auth(config, args.account, wait=args.wait)
         if args.command == "import":
             return _import(config, args.account, args.tool, Path(args.file), dry_run=args.dry_run)
         if args.command == "db":
@@ -285,8 +303,34 @@ def _check(config: Config) -> int:
     from popsync.daemon import require_metrics
 
     require_metrics(config)
+    if any(account.oauth2 is not None for account in config.accounts):
+        from popsync.oauth.client import require_authlib
+
+        require_authlib()  # else one line: how to install the extra (exit 2)
     names = ", ".join(a.name for a in config.accounts)
     _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
+    return EXIT_OK
+
+
+def _auth(config: Config, name: str, *, wait: float) -> int:
+    """``popsync auth ACCOUNT``: the instructions on stdout, even with -q (the
+    user must act on them); the tokens never appear anywhere."""
+    from popsync.oauth.access import authorize
+
+    (account,) = config.select([name])
+    if account.oauth2 is None:
+        raise ConfigError(
+            f"account {name!r} has no oauth2 block (popsync auth is for auth: xoauth2 or "
+            "oauthbearer with oauth2)"
+        )
+    if not wait > 0:
+        raise ConfigError(f"--wait must be more than 0 seconds, not {wait:g}")
+
+    def tell(text: str) -> None:
+        print(text, flush=True)
+
+    where = authorize(account, config.state_dir, tell, wait=wait)
+    _say(f"account {name!r}: authorized; tokens stored in {where}")
     return EXIT_OK
 
 

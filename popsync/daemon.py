@@ -36,6 +36,10 @@ Contract
   broken secret source) pauses the account with one clear error line: no
   retry loop that gets the user locked out.  A reload (SIGHUP) with a
   changed entry for the account resumes it; SIGUSR1 gives it one more try.
+  An OAuth2 account paused for ``popsync auth`` (no token, or the refresh
+  token refused) resumes by itself once new tokens are stored: the main
+  loop looks at the token store every ``token_watch`` seconds (a file's
+  inode and mtime, a keyring entry's digest).
 * **Signals** only set a flag and write a byte to a self-pipe; the main
   thread waits on that pipe and does the work (signal handlers take no
   locks).  SIGTERM/SIGINT: stop scheduling, let polls in flight finish
@@ -92,6 +96,7 @@ from popsync.config import Account, Config, load_config
 from popsync.errors import ConfigError, PopsyncError, ServerError, TimeoutError_
 from popsync.ledger import Ledger
 from popsync.locks import AccountBusy
+from popsync.oauth.errors import NeedsAuthorization
 from popsync.session import Session, SessionOptions
 from popsync.sync import PollReport, format_summary, run_account
 from popsync.textfmt import format_duration
@@ -131,6 +136,9 @@ DEFAULT_GRACE: Final = 30.0
 #: before that (lock, crash recovery, a password_command of up to 30 s) and the
 #: last batch made durable after the deadline.
 DEFAULT_OVERRUN_GRACE: Final = 60.0
+#: Seconds between looks at the token store of an account waiting for
+#: ``popsync auth`` (a cheap stat; the user is waiting for the daemon).
+DEFAULT_TOKEN_WATCH: Final = 10.0
 #: Exit status when polls had to be cut off (second signal, grace expired).
 EXIT_ABORTED: Final = 1
 #: Backoff: first retry after this many seconds, doubling per failure ...
@@ -386,6 +394,7 @@ class Daemon:
         hard_exit: Callable[[int], NoReturn] = os._exit,
         overrun_grace: float = DEFAULT_OVERRUN_GRACE,
         open_session: SessionOpener = _open_session,
+        token_watch: float = DEFAULT_TOKEN_WATCH,
     ) -> None:
         """Prepare (nothing runs until :meth:`serve`).
 
@@ -409,6 +418,10 @@ class Daemon:
         self._hard_exit = hard_exit
         self._overrun_grace = overrun_grace
         self._open_session = open_session
+        self._token_watch = token_watch
+        #: Accounts paused until new OAuth2 tokens are stored: how to read
+        #: the store's stamp, and the stamp when the account paused.
+        self._token_waits: dict[str, tuple[Callable[[], object], object]] = {}
         self._overruns: set[_Overrun] = set()
         self._state_dir = config.state_dir
         self._ledger: Ledger | None = None
@@ -491,8 +504,9 @@ class Daemon:
         try:
             self._start()
             while not self._requests.stops:
-                self._wait(self._until_overrun())
+                self._wait(self._next_wake())
                 self._cut_overruns()
+                self._resume_authorized()
                 if self._requests.stops:
                     break
                 if self._requests.reload:
@@ -663,6 +677,55 @@ class Daemon:
                     self._overruns.discard(watch)
                 self._wake()  # the main loop may be waiting for polls to end
 
+    def _next_wake(self) -> float | None:
+        """Seconds the main loop may sleep: until an overrun, or a token-store look."""
+        overrun = self._until_overrun()
+        with self._lock:
+            watching = bool(self._token_waits)
+        if not watching:
+            return overrun
+        return self._token_watch if overrun is None else min(overrun, self._token_watch)
+
+    def _wait_for_tokens(self, name: str) -> None:
+        """Watch *name*'s token store from now on (it paused for ``popsync auth``)."""
+        from popsync.oauth.store import open_store
+
+        try:
+            stamp = open_store(self._state_dir, name).stamp
+            self._token_waits[name] = (stamp, stamp())
+        except PopsyncError as exc:
+            log.warning(
+                "%s: cannot watch its token store (%s); SIGUSR1 resumes it",
+                name,
+                exc,
+                extra={"account": name, "event": "paused"},
+            )
+
+    def _resume_authorized(self) -> None:
+        """Resume every account whose token store changed since it paused (main thread)."""
+        with self._lock:
+            waits = dict(self._token_waits)
+        changed = []
+        for name, (stamp, before) in waits.items():
+            try:
+                if stamp() != before:
+                    changed.append(name)
+            except PopsyncError:
+                continue  # a keyring hiccup: look again next time
+        for name in changed:
+            with self._lock:
+                self._token_waits.pop(name, None)
+                state = self._states.get(name)
+                if state is None or not state.schedule.paused or self._stopping:
+                    continue
+                state.schedule = dataclasses.replace(state.schedule, paused=False, failures=0)
+                self._reschedule_at(state, time.time())
+            log.info(
+                "%s: new OAuth2 tokens stored; resuming",
+                name,
+                extra={"account": name, "event": "resume"},
+            )
+
     def _until_overrun(self) -> float | None:
         """Seconds until the next poll overruns (None: no poll to watch)."""
         with self._lock:
@@ -697,6 +760,8 @@ class Daemon:
                 next_at, delay, warn_delay = self._plan_next(state, generation, outcome)
                 paused, failures = state.schedule.paused, state.schedule.failures
                 interval = state.account.interval
+                if paused and isinstance(report.exception, NeedsAuthorization):
+                    self._wait_for_tokens(name)
         self._log_poll(name, report, outcome, next_at, failures, paused)
         if warn_delay is not None:
             log.warning(
@@ -809,6 +874,13 @@ class Daemon:
             holder = getattr(report.exception, "holder", None)
             who = f"process {holder}" if holder is not None else "another popsync"
             log.info("%s: skipped: %s is polling it already; %s", name, who, nxt, extra=extra)
+        elif paused and isinstance(report.exception, NeedsAuthorization):
+            log.error(
+                "%s: PAUSED: %s. Polling resumes once new tokens are stored",
+                name,
+                report.error,
+                extra={"account": name, "event": "paused"},
+            )
         elif paused:
             log.error(
                 "%s: PAUSED: %s. No more polls of this account until its entry in %s "

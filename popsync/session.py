@@ -323,7 +323,12 @@ class Session:
                 AuthMethod.XOAUTH2: xoauth2(opts.username, secret),
                 AuthMethod.OAUTHBEARER: oauthbearer(opts.username, secret),
             }[method]
-            self._sasl(method.upper(), initial, [])
+            # A refused token comes back as a challenge holding an error
+            # (RFC 7628 §3.2.2); the client must answer it -- with a lone
+            # %x01 (§3.2.3), not "*", which would abort the exchange and hide
+            # the server's verdict -- and then gets the final -ERR.
+            oauth = method in (AuthMethod.XOAUTH2, AuthMethod.OAUTHBEARER)
+            self._sasl(method.upper(), initial, [b"\x01"] if oauth else [])
         self.conn.pipelining = False
         if self.capabilities.login_delay is not None or self.capabilities.expire is not None:
             # RFC 2449 §6.5/6.7: the per-user values are shown only after login.

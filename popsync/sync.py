@@ -208,6 +208,17 @@ def plan_warnings(the_plan: Plan) -> list[str]:
     return out
 
 
+def login_secret(account: Account, state_dir: Path, *, fresh: bool = False) -> str:
+    """The password, or for an ``oauth2`` account a valid access token (refreshed
+    now if it is about to expire, or if *fresh*: call with the account's lock
+    held, see :func:`popsync.oauth.access.access_token`)."""
+    if account.oauth2 is None:
+        return account.secret()
+    from popsync.oauth.access import access_token
+
+    return access_token(account, state_dir, fresh=fresh)
+
+
 @dataclass(frozen=True, slots=True)
 class Listing:
     """The server's listing as the plan sees it."""
@@ -230,8 +241,10 @@ class Poll:
         now: Callable[[], float],
         progress: Progress | None,
         should_stop: Callable[[], bool],
+        state_dir: Path,
     ) -> None:
         self.account = account
+        self.state_dir = state_dir
         self.name = account.name
         self.ledger = ledger
         self.target = target
@@ -250,7 +263,22 @@ class Poll:
         """One session, or a few: a message cut off for running past its size
         is skipped and the poll goes on with a fresh session (the cut-off
         leaves the old one mid-body), at most :data:`MAX_SESSIONS` times."""
-        secret = self.account.secret()  # a bad secret source fails before connecting
+        # A bad secret source fails before connecting.
+        secret = login_secret(self.account, self.state_dir)
+        try:
+            self.sessions(open_session, secret)
+        except ServerError as exc:
+            if self.account.oauth2 is None or exc.command != "AUTH" or exc.temporary:
+                raise
+            # A provider may revoke an access token before it expires (a
+            # password change, a policy): one fresh token, one more try.
+            log.info("%s: the server refused the OAuth2 access token; refreshing it", self.name)
+            self.sessions(open_session, login_secret(self.account, self.state_dir, fresh=True))
+        if self.totals.failed:
+            raise _Incomplete(self.totals.failed)
+
+    def sessions(self, open_session: Callable[[SessionOptions], Session], secret: str) -> None:
+        """:meth:`session`, again after a cut-off (see :meth:`run`)."""
         for attempt in range(MAX_SESSIONS):
             before = (self.skipped, len(self.top_cut_off))
             try:
@@ -262,8 +290,6 @@ class Poll:
                     raise
                 continue
             break
-        if self.totals.failed:
-            raise _Incomplete(self.totals.failed)
 
     # -- the algorithm -----------------------------------------------------------
 
@@ -734,6 +760,7 @@ def run_account(
                 now=now,
                 progress=progress,
                 should_stop=should_stop,
+                state_dir=state_dir,
             )
             poll.run(session_factory)
         report.ok = True
@@ -774,6 +801,7 @@ __all__ = [
     "PollReport",
     "body_limit",
     "format_summary",
+    "login_secret",
     "run_account",
     "session_options",
 ]

@@ -45,7 +45,7 @@ from popsync.ledger import Ledger, LedgerRow
 from popsync.locks import account_lock
 from popsync.plan import ServerMessage, join_listings
 from popsync.session import Session, SessionOptions
-from popsync.sync import read_headers, session_options, stored_from, stored_of
+from popsync.sync import login_secret, read_headers, session_options, stored_from, stored_of
 
 #: Copies looked up per call of the target's look-up (each call lists the
 #: Maildir once; fewer calls cost listings, more hold more header sections).
@@ -168,7 +168,7 @@ def verify_account(
         with ExitStack() as stack:
             stack.enter_context(account_lock(state_dir, account.name, wait=False))
             rows = ledger.rows(account.name)
-            messages, digests = _listing(account, session_factory, deep=deep)
+            messages, digests = _listing(account, state_dir, session_factory, deep=deep)
             target = stack.enter_context(_readable_target(account))
             _judge_all(check, messages, rows, target, digests)
             if check.counts.get(State.PER_LEDGER):
@@ -187,6 +187,7 @@ def verify_account(
 
 def _listing(
     account: Account,
+    state_dir: Path,
     session_factory: Callable[[SessionOptions], Session],
     *,
     deep: bool,
@@ -196,7 +197,7 @@ def _listing(
     Returns the listing and, with *deep*, the header digest of each message
     (None where the server refused TOP).  Raises PopsyncError.
     """
-    secret = account.secret()
+    secret = login_secret(account, state_dir)  # the account's lock is held
     digests: Mapping[int, HeaderDigest | None] = {}
     with session_factory(session_options(account)) as session:
         session.login(secret)

@@ -207,9 +207,9 @@ def test_example_config_loads_and_documents_every_key(tmp_path: Path, clean_env:
     config = load_config(target)
 
     names = [a.name for a in config.accounts]
-    assert names == ["home", "archive", "test", "lists", "filtered", "sieve", "move"]
+    assert names == ["home", "archive", "test", "lists", "filtered", "sieve", "move", "work"]
     assert [a.target for a in config.accounts] == [
-        "maildir", "maildir", "maildir", "mbox", "mda", "lmtp", "imap"
+        "maildir", "maildir", "maildir", "mbox", "mda", "lmtp", "imap", "maildir"
     ]  # fmt: skip
     used = set().union(*(account.model_fields_set for account in config.accounts))
     assert used >= set(Account.model_fields), set(Account.model_fields) - used
@@ -251,7 +251,7 @@ ERROR_CASES: list[tuple[dict[str, object], str, str]] = [
     ({"maildir": "~nosuchuser-popsync/x"}, "maildir", "unknown user"),
     ({"ca_file": "missing-ca.pem"}, "ca_file", "no such file"),
     ({"password_file": "nowhere.pass"}, "password_file", "No such file"),
-    ({"password_file": None}, "password", "give one of password, password_file or"),
+    ({"password_file": None}, "password", "give one of password, password_file"),
     ({"password": SECRET}, "password, password_file", "only one of"),
     ({"password_file": None, "password": 1234}, "password", "must be text"),
     ({"password_file": None, "password": SECRET + "\nDELE 1"}, "password", "line breaks"),
@@ -370,15 +370,15 @@ def test_many_problems_one_line_each_and_duplicates(tmp_path: Path) -> None:
     path = config_file(tmp_path, text)
     lines = load_error(path).splitlines()
     assert lines == [
-        f"{path}: account 'work': password: missing: give one of password, "
-        "password_file or password_command",
         f"{path}: account 'work': port: must be between 1 and 65535",
-        f"{path}: account #4: password: missing: give one of password, "
-        "password_file or password_command",
+        f"{path}: account 'work': password: missing: give one of password, "
+        "password_file, password_command or oauth2",
         f"{path}: account #4: name: missing (this key is required)",
         f"{path}: account #4: username: missing (this key is required)",
         f"{path}: account #4: maildir: missing: give one delivery target: "
         "maildir, mbox, mda, lmtp, imap",
+        f"{path}: account #4: password: missing: give one of password, "
+        "password_file, password_command or oauth2",
         f"{path}: account #3: name: 'home' is already used by account #1",
     ]
 

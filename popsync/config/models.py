@@ -9,7 +9,9 @@ Invariants once a model exists:
   seconds (``poll_timeout >= timeout``), ``min_rate`` bytes per second.
 * Each account has exactly one secret source.  A ``password`` is a
   :class:`SecretStr`; the file and command sources are read only by
-  :meth:`Account.secret`, afresh on each call.
+  :meth:`Account.secret`, afresh on each call.  ``oauth2`` is a source too,
+  only with ``auth: xoauth2`` or ``oauthbearer`` (which may instead take the
+  access token from a password source).
 * ``tls: none`` is refused unless ``allow_plaintext: true``: credentials
   cross the network in clear only when the user asked for it.
 * Unknown keys are refused at every level; account names are unique.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from pydantic import (
     BaseModel,
@@ -36,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 
+from popsync.config.oauth2 import OAuth2Settings
 from popsync.config.paths import ledger_url, resolve_path, sqlite_file, state_dir
 from popsync.config.secrets import (
     PASSWORD_COMMAND_TIMEOUT,
@@ -133,7 +136,10 @@ class Account(SecretSource, TlsLoginRules):
     min_rate: Rate = DEFAULT_MIN_RATE
     max_line_length: LineLength = DEFAULT_MAX_LINE_LENGTH
     pipeline_window: Window = DEFAULT_PIPELINE_WINDOW
+    # Declared last: its validator sees every other key (the secret rule).
+    oauth2: OAuth2Settings | None = Field(default=None, validate_default=True)
 
+    _OTHER_SOURCE: ClassVar[str | None] = "oauth2"
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @model_validator(mode="before")
@@ -192,6 +198,34 @@ class Account(SecretSource, TlsLoginRules):
             raise KeyedValueError("missing: lmtp needs lmtp_recipient", key="lmtp_recipient")
         if kind != "lmtp" and recipient is not None:
             raise KeyedValueError("only with lmtp", key="lmtp_recipient")
+        return value
+
+    @field_validator("oauth2")
+    @classmethod
+    def _one_credential_source(
+        cls, value: OAuth2Settings | None, info: ValidationInfo
+    ) -> OAuth2Settings | None:
+        # A password key that failed its own validation is absent from
+        # info.data: it was given all the same.
+        passwords = [
+            key
+            for key in ("password", "password_file", "password_command")
+            if key not in info.data or info.data[key] is not None
+        ]
+        if value is None and not passwords:
+            raise KeyedValueError(
+                "missing: give one of password, password_file, password_command or oauth2",
+                key="password",
+            )
+        if value is not None and passwords:
+            raise KeyedValueError(
+                f"give only one of {', '.join(passwords)}, oauth2 (with oauth2, popsync "
+                "gets the access token itself)",
+                key="oauth2",
+            )
+        auth = info.data.get("auth")
+        if value is not None and auth not in (AuthMethod.XOAUTH2, AuthMethod.OAUTHBEARER):
+            raise ValueError("needs auth: xoauth2 or auth: oauthbearer")
         return value
 
     @property

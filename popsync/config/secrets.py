@@ -13,7 +13,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from pydantic import (
     BaseModel,
@@ -57,6 +57,10 @@ class SecretSource(BaseModel):
     password: SecretStr | None = None
     password_file: Path | None = None
     password_command: str | None = Field(default=None, validate_default=True)
+
+    #: A model with another credential source (an account's ``oauth2``)
+    #: checks "none given" itself, once that key is validated too.
+    _OTHER_SOURCE: ClassVar[str | None] = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -108,7 +112,7 @@ class SecretSource(BaseModel):
         ]
         if value is not None:
             given.append("password_command")
-        if not given:
+        if not given and cls._OTHER_SOURCE is None:
             raise KeyedValueError(
                 "missing: give one of password, password_file or password_command",
                 key="password",
