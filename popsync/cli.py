@@ -396,7 +396,16 @@ def _tell(report: PollReport) -> bool:
     return True
 
 
-_COUNT_FIELDS = ("listed", "new", "fetched", "deleted", "skipped", "bytes", "remapped")
+_COUNT_FIELDS = (
+    "listed",
+    "new",
+    "fetched",
+    "deleted",
+    "skipped",
+    "bytes",
+    "remapped",
+    "deferred",
+)
 
 
 def format_report(report: PollReport) -> str:
@@ -503,6 +512,8 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
     line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
     if poll.counts.remapped:
         line += f", remapped {poll.counts.remapped} (renumbered by the server, not fetched again)"
+    if poll.counts.deferred:
+        line += f", deferred {poll.counts.deferred} (fetch_limit: fetched by the next polls)"
     if poll.next_poll_at is not None:
         line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
     return f"{line}; ledger: {ledger_text}"

@@ -31,6 +31,7 @@ FIELDS = (
     "skipped",
     "bytes",
     "remapped",
+    "deferred",
     "seconds",
 )
 

@@ -142,6 +142,7 @@ def format_summary(report: PollReport) -> str:
         f"{c.listed} on server, {c.new} new, {c.fetched} fetched ({format_size(c.bytes)}), "
         f"{c.deleted} deleted, {c.skipped} skipped, "
         + (f"{c.remapped} remapped, " if c.remapped else "")
+        + (f"{c.deferred} deferred (fetch_limit), " if c.deferred else "")
         + f"{report.seconds:.1f} s"
     )
 
@@ -274,7 +275,12 @@ class Poll:
         gate = DeleGate()
         with self.connect(open_session, secret, again=again) as session:  # 2
             now = self.now()
-            policy = Policy(self.account.delete_after_days, self.account.max_message_size, now)
+            policy = Policy(
+                self.account.delete_after_days,
+                self.account.max_message_size,
+                now,
+                fetch_limit=self.budget(),
+            )
             listing = self.listing(session, rows, policy)
             rows = self.remap(session, listing.messages, rows)  # 2b
             the_plan = plan(listing.messages, rows, policy, listing.waiting)  # 3
@@ -291,6 +297,14 @@ class Poll:
         for msg, text in gate.refused:
             self.warn(f"DELE {msg} refused: {text}")
         self.touch(listing.messages, rows, now)
+
+    def budget(self) -> int | None:
+        """What is left of ``fetch_limit`` for this session: a poll that goes on
+        in a fresh session after a cut-off counts what earlier sessions took."""
+        limit = self.account.fetch_limit
+        if limit is None:
+            return None
+        return max(0, limit - self.totals.fetched - self.skipped)
 
     # -- 1. recovery -------------------------------------------------------------
 
@@ -633,12 +647,13 @@ class Poll:
     def count(self, the_plan: Plan, *, deleted: int) -> None:
         self.report.counts = PollCounts(
             listed=the_plan.listed,
-            new=len(the_plan.fetch),
+            new=len(the_plan.fetch) + the_plan.deferred,
             fetched=self.totals.fetched,
             deleted=deleted,
             skipped=len(the_plan.skip) + self.skipped,
             bytes=self.totals.bytes,
             remapped=self.remapped,
+            deferred=the_plan.deferred,
         )
 
     def warn(self, text: str) -> None:
