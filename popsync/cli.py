@@ -1,6 +1,7 @@
 """The command line (docs/design.md §5).
 
-    popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
+    popsync [-c CONFIG] sync [--refetch] [ACCOUNT ...]
+                                             one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground
     popsync [-c CONFIG] check                validate the config
     popsync [-c CONFIG] status [--json] [ACCOUNT ...]
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an account's name, as in the config (default: all accounts)",
     )
     p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_sync.add_argument(
+        "--refetch",
+        action="store_true",
+        help="also fetch again the messages delivered earlier whose Maildir file is missing "
+        "or damaged, if the server still holds them unchanged (maildir targets only)",
+    )
     p_run = add_parser("run", help="run the daemon in the foreground")
     p_run.add_argument(
         "--max-concurrent", type=int, default=4, metavar="N", help="polls at once (default 4)"
@@ -214,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
         if args.command == "check":
             return _check(config)
         if args.command == "sync":
-            return _sync(config, args.accounts, progress=not args.no_progress)
+            return _sync(config, args.accounts, progress=not args.no_progress, refetch=args.refetch)
         if args.command == "status":
             return _status(config, args.accounts, as_json=args.json)
         if args.command == "verify":
@@ -287,10 +294,14 @@ def _check(config: Config) -> int:
     return EXIT_OK
 
 
-def _sync(config: Config, names: list[str], *, progress: bool) -> int:
-    from popsync.sync import run_account
+def _sync(config: Config, names: list[str], *, progress: bool, refetch: bool = False) -> int:
+    from popsync.sync import REFETCH_NEEDS_MAILDIR, run_account
 
     accounts = config.select(names) if names else list(config.accounts)
+    if refetch and (others := [a for a in accounts if a.target != "maildir"]):
+        for account in others:
+            _problem(f"{account.name}: {REFETCH_NEEDS_MAILDIR} (it delivers to {account.target})")
+        return EXIT_USAGE
     ledger = _open_ledger(config)
     failed = 0
     try:
@@ -301,6 +312,7 @@ def _sync(config: Config, names: list[str], *, progress: bool) -> int:
                 ledger,
                 config.state_dir,
                 progress=bar.update if bar and bar.enabled else None,
+                refetch=refetch,
             )
             if bar:
                 bar.close()
@@ -392,6 +404,8 @@ def _tell(report: PollReport) -> bool:
         return False
     counts = dataclasses.asdict(report.counts)
     fields.update({key: counts[key] for key in _COUNT_FIELDS if key in counts})
+    if report.refetched is not None:
+        fields["refetched"] = report.refetched
     _say(format_report(report), result="ok", seconds=round(report.seconds, 3), **fields)
     return True
 

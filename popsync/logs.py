@@ -32,6 +32,7 @@ FIELDS = (
     "bytes",
     "remapped",
     "deferred",
+    "refetched",
     "seconds",
 )
 
