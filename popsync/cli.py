@@ -40,6 +40,7 @@ from popsync.errors import ConfigError, PopsyncError
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.ledger import Ledger, PollRecord
+    from popsync.retention import Retention
     from popsync.sync import PollReport
 
 EXIT_OK = 0
@@ -468,20 +469,24 @@ def _status(config: Config, names: list[str], *, as_json: bool) -> int:
     daemon, whose pause lives only in its memory -- else 0."""
     import time
 
-    chosen = [a.name for a in config.select(names)]
+    from popsync.retention import retention
+
+    accounts = config.select(names)
+    chosen = [a.name for a in accounts]
     ledger = _open_ledger(config)
     try:
         polls = ledger.last_polls()
         known = {name: ledger.counts(name) for name in chosen}
+        kept = {a.name: retention(ledger, a.name, a.delete_after_days) for a in accounts}
     finally:
         ledger.close()
     if as_json:
-        entries = [_status_entry(n, polls.get(n), known[n]) for n in chosen]
+        entries = [_status_entry(n, polls.get(n), known[n], kept[n]) for n in chosen]
         print(json.dumps({"accounts": entries}, indent=2))
     else:
         now = time.time()
         for name in chosen:
-            _say(_status_line(name, polls.get(name), known[name], now), account=name)
+            _say(_status_line(name, polls.get(name), known[name], kept[name], now), account=name)
     failed = any((poll := polls.get(n)) is not None and poll.result == "error" for n in chosen)
     return EXIT_POLL_FAILED if failed else EXIT_OK
 
@@ -495,8 +500,20 @@ def iso_time(when: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> dict[str, object]:
-    entry: dict[str, object] = {"account": name, "ledger": known, "last_poll": None}
+def _status_entry(
+    name: str, poll: PollRecord | None, known: dict[str, int], kept: Retention
+) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "account": name,
+        "ledger": known,
+        "deletion": {
+            "delete_after_days": kept.delete_after_days,
+            "policy": kept.policy,
+            "waiting": kept.waiting,
+            "next_due_at": iso_time(kept.next_due_at),
+        },
+        "last_poll": None,
+    }
     if poll is not None:
         entry["last_poll"] = {
             "started_at": iso_time(poll.started_at),
@@ -510,12 +527,14 @@ def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> 
     return entry
 
 
-def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now: float) -> str:
+def _status_line(
+    name: str, poll: PollRecord | None, known: dict[str, int], kept: Retention, now: float
+) -> str:
     from popsync.textfmt import format_duration
 
     ledger_text = ", ".join(f"{n} {state}" for state, n in sorted(known.items()) if n) or "empty"
     if poll is None:
-        return f"{name}: never polled; ledger: {ledger_text}"
+        return f"{name}: never polled; {kept.text(now)}; ledger: {ledger_text}"
     line = f"{name}: last poll {format_duration(now - poll.started_at)} ago: {poll.result}"
     if poll.error:
         line += f" ({poll.error})"
@@ -530,7 +549,7 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
         line += f", deferred {poll.counts.deferred} (fetch_limit: fetched by the next polls)"
     if poll.next_poll_at is not None:
         line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
-    return f"{line}; ledger: {ledger_text}"
+    return f"{line}; {kept.text(now)}; ledger: {ledger_text}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -329,6 +329,29 @@ class MessageStore(LedgerBase):
             out["withheld"] = int(conn.execute(held).scalar_one())
         return out
 
+    def deletion_queue(self, account: str) -> tuple[int, float | None]:
+        """The delivered messages of *account* a ``delete_after_days`` policy
+        will delete later: how many, and the earliest ``delivered_at`` among
+        them (None if none).  Counted as :func:`popsync.plan.plan` decides what
+        is due: ``delivered`` rows with a copy (a name) and a delivery time;
+        rows whose due deletion was withheld (see :meth:`counts`) are left out.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        stmt = select(func.count(), func.min(_m.delivered_at)).where(
+            _m.account == account,
+            _m.state == "delivered",
+            _m.maildir_name.is_not(None),
+            _m.delivered_at.is_not(None),
+            _m.withheld.is_(None),
+        )
+        with self._transaction(
+            f"read the deletions due for account {account}", write=False
+        ) as conn:
+            count, earliest = conn.execute(stmt).one()
+        return int(count), None if earliest is None else float(earliest)
+
     def _prior(self, conn: Connection, account: str, keys: Sequence[Key]) -> dict[Key, _Prior]:
         """The existing rows of *account* among *keys*."""
         wanted = set(keys)
