@@ -744,7 +744,9 @@ class Poll:
     def count(self, the_plan: Plan, *, deleted: int) -> None:
         self.report.counts = PollCounts(
             listed=the_plan.listed,
-            new=len(the_plan.fetch) + the_plan.deferred,
+            # Rows reopened by --refetch are planned like unfinished fetches,
+            # but they are not new mail.
+            new=max(0, len(the_plan.fetch) + the_plan.deferred - len(self.reopened)),
             fetched=self.totals.fetched,
             deleted=deleted,
             skipped=len(the_plan.skip) + self.skipped,

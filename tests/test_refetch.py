@@ -121,7 +121,7 @@ def test_two_deleted_files_come_back_byte_identical_and_only_they(tmp_path: Path
 
         run = cli(config, "sync", "--no-progress", "--refetch")
         assert run.returncode == 0, run.stderr
-        assert " 2 fetched" in run.stdout and " 2 refetched" in run.stdout, run.stdout
+        assert " 0 new, 2 fetched" in run.stdout and " 2 refetched" in run.stdout, run.stdout
         assert retrieved(server) == [2, 4]
         assert_exactly_once(maildir)
         assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())
