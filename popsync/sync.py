@@ -122,6 +122,8 @@ IN_USE_WAITS = (0.5, 1.0, 2.0)
 
 #: Why ``--refetch`` does nothing for an account that delivers elsewhere.
 REFETCH_NEEDS_MAILDIR = "--refetch needs a maildir target"
+#: Why a lost copy is not refetched when the server's TOP for it lied.
+TOP_PAST_SIZE = "its TOP ran past the size the server announced, so it cannot be compared"
 
 Progress = Callable[[int, int, int], None]  # (messages done, messages planned, bytes)
 
@@ -467,8 +469,13 @@ class Poll:
 
         lost = refetch.lost_copies(rows, Finder(self.target.kind, self.target.recover))
         listed, gone = refetch.on_server(lost, messages)
-        tops = read_headers(session, [m for _, m in listed]) if listed else {}
+        # A message whose TOP ran past its size (an earlier session of this
+        # poll) cannot be compared: not refetched.
+        liars = [(item, TOP_PAST_SIZE) for item, m in listed if m.uid in self.top_cut_off]
+        listed = [(item, m) for item, m in listed if m.uid not in self.top_cut_off]
+        tops = self.lost_headers(session, [m for _, m in listed])
         confirmed, refused = refetch.confirm(listed, tops)
+        refused += liars
         now = self.now()
         reopen = [
             (
@@ -484,6 +491,20 @@ class Poll:
         self.reopened = [key for key, _, _ in reopen]
         self.tell_lost(confirmed, gone, refused)
         return self.ledger.rows(self.name) if reopen else rows
+
+    def lost_headers(
+        self, session: Session, messages: list[ServerMessage]
+    ) -> dict[int, HeaderDigest | None]:
+        """``TOP n 0`` of the lost copies' messages.  One whose TOP runs past
+        its size ends the session (the poll goes on in a fresh one, without
+        that message: :meth:`run`)."""
+        if not messages:
+            return {}
+        try:
+            return read_headers(session, messages)
+        except BodyLimitExceeded as exc:
+            self.top_cut_off.update(m.uid for m in messages if m.msg == exc.msg)
+            raise
 
     def tell_lost(
         self,

@@ -283,3 +283,27 @@ def test_reopen_moves_only_a_delivered_row_under_its_recorded_name(tmp_path: Pat
         )
         with pytest.raises(LedgerError, match="state fetching"):
             ledger.reopen("acct", [(first.key, "9.Pfresh.host", "10.Pother.host")], 6.0)
+
+
+def test_a_top_past_its_size_is_not_refetched_and_the_rest_is(tmp_path: Path, cli: Cli) -> None:
+    filler = b"".join(b"X-Filler-%04d: %s\n" % (i, b"f" * 90) for i in range(800))  # ~85 KB
+    tall = b"Subject: tall headers\n" + filler + b"\nbody\n"
+    store = MailStore([tall, *MESSAGES[:2]])
+    with POP3TestServer(store) as server:
+        config = write_config(tmp_path, [{"name": "acct", "port": server.port}])
+        assert cli(config, "sync", "--no-progress").returncode == 0
+    maildir = load(config).accounts[0].maildir
+    assert maildir is not None
+    file_of(maildir, tall).unlink()
+    file_of(maildir, MESSAGES[0]).unlink()
+    # The server now says message 1 is 100 octets: its ~85 KB TOP runs past
+    # the bound that size allows, so the session ends; the poll goes on in a
+    # fresh one without it.
+    with POP3TestServer(store, faults=Faults(wrong_list_size={1: 100})) as liar:
+        config = write_config(tmp_path, [{"name": "acct", "port": liar.port}])
+        run = cli(config, "sync", "--no-progress", "--refetch")
+    assert run.returncode == 0, run.stderr
+    assert " 1 refetched" in run.stdout, run.stdout
+    assert "its TOP ran past the size the server announced" in run.stderr
+    contents = maildir_contents(maildir)
+    assert contents[stored_form(MESSAGES[0])] == 1 and stored_form(tall) not in contents
