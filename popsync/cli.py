@@ -49,7 +49,8 @@ EXIT_USAGE = 2
 
 _EXITS = {
     "sync": "0 every account polled (or another popsync is polling it right now); "
-    "1 a poll failed; 2 config or usage error",
+    "1 a poll failed; 2 config or usage error (--refetch for an account that is not a "
+    "Maildir included)",
     "run": "0 stopped cleanly; 2 config or usage error",
     "check": "0 the config is valid; 2 it is not (one line per problem)",
     "status": "0 every account's last poll succeeded (or it was never polled); "
