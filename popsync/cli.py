@@ -1,6 +1,7 @@
 """The command line (docs/design.md §5).
 
-    popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
+    popsync [-c CONFIG] sync [--refetch] [ACCOUNT ...]
+                                             one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground
     popsync [-c CONFIG] check                validate the config
     popsync [-c CONFIG] status [--json] [ACCOUNT ...]
@@ -40,6 +41,7 @@ from popsync.errors import ConfigError, PopsyncError
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.ledger import Ledger, PollRecord
+    from popsync.retention import Retention
     from popsync.sync import PollReport
 
 EXIT_OK = 0
@@ -48,7 +50,8 @@ EXIT_USAGE = 2
 
 _EXITS = {
     "sync": "0 every account polled (or another popsync is polling it right now); "
-    "1 a poll failed; 2 config or usage error",
+    "1 a poll failed; 2 config or usage error (--refetch for an account that is not a "
+    "Maildir included)",
     "run": "0 stopped cleanly; 2 config or usage error",
     "check": "0 the config is valid; 2 it is not (one line per problem)",
     "status": "0 every account's last poll succeeded (or it was never polled); "
@@ -132,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an account's name, as in the config (default: all accounts)",
     )
     p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_sync.add_argument(
+        "--refetch",
+        action="store_true",
+        help="also fetch again the messages delivered earlier whose Maildir file is missing "
+        "or damaged, if the server still holds them unchanged (maildir targets only)",
+    )
     p_run = add_parser("run", help="run the daemon in the foreground")
     p_run.add_argument(
         "--max-concurrent", type=int, default=4, metavar="N", help="polls at once (default 4)"
@@ -230,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
         if args.command == "check":
             return _check(config)
         if args.command == "sync":
-            return _sync(config, args.accounts, progress=not args.no_progress)
+            return _sync(config, args.accounts, progress=not args.no_progress, refetch=args.refetch)
         if args.command == "status":
             return _status(config, args.accounts, as_json=args.json)
         if args.command == "verify":
@@ -334,10 +343,14 @@ def _auth(config: Config, name: str, *, wait: float) -> int:
     return EXIT_OK
 
 
-def _sync(config: Config, names: list[str], *, progress: bool) -> int:
-    from popsync.sync import run_account
+def _sync(config: Config, names: list[str], *, progress: bool, refetch: bool = False) -> int:
+    from popsync.sync import REFETCH_NEEDS_MAILDIR, run_account
 
     accounts = config.select(names) if names else list(config.accounts)
+    if refetch and (others := [a for a in accounts if a.target != "maildir"]):
+        for account in others:
+            _problem(f"{account.name}: {REFETCH_NEEDS_MAILDIR} (it delivers to {account.target})")
+        return EXIT_USAGE
     ledger = _open_ledger(config)
     failed = 0
     try:
@@ -348,6 +361,7 @@ def _sync(config: Config, names: list[str], *, progress: bool) -> int:
                 ledger,
                 config.state_dir,
                 progress=bar.update if bar and bar.enabled else None,
+                refetch=refetch,
             )
             if bar:
                 bar.close()
@@ -439,11 +453,22 @@ def _tell(report: PollReport) -> bool:
         return False
     counts = dataclasses.asdict(report.counts)
     fields.update({key: counts[key] for key in _COUNT_FIELDS if key in counts})
+    if report.refetched is not None:
+        fields["refetched"] = report.refetched
     _say(format_report(report), result="ok", seconds=round(report.seconds, 3), **fields)
     return True
 
 
-_COUNT_FIELDS = ("listed", "new", "fetched", "deleted", "skipped", "bytes", "remapped")
+_COUNT_FIELDS = (
+    "listed",
+    "new",
+    "fetched",
+    "deleted",
+    "skipped",
+    "bytes",
+    "remapped",
+    "deferred",
+)
 
 
 def format_report(report: PollReport) -> str:
@@ -492,20 +517,24 @@ def _status(config: Config, names: list[str], *, as_json: bool) -> int:
     daemon, whose pause lives only in its memory -- else 0."""
     import time
 
-    chosen = [a.name for a in config.select(names)]
+    from popsync.retention import retention
+
+    accounts = config.select(names)
+    chosen = [a.name for a in accounts]
     ledger = _open_ledger(config)
     try:
         polls = ledger.last_polls()
         known = {name: ledger.counts(name) for name in chosen}
+        kept = {a.name: retention(ledger, a.name, a.delete_after_days) for a in accounts}
     finally:
         ledger.close()
     if as_json:
-        entries = [_status_entry(n, polls.get(n), known[n]) for n in chosen]
+        entries = [_status_entry(n, polls.get(n), known[n], kept[n]) for n in chosen]
         print(json.dumps({"accounts": entries}, indent=2))
     else:
         now = time.time()
         for name in chosen:
-            _say(_status_line(name, polls.get(name), known[name], now), account=name)
+            _say(_status_line(name, polls.get(name), known[name], kept[name], now), account=name)
     failed = any((poll := polls.get(n)) is not None and poll.result == "error" for n in chosen)
     return EXIT_POLL_FAILED if failed else EXIT_OK
 
@@ -519,8 +548,20 @@ def iso_time(when: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> dict[str, object]:
-    entry: dict[str, object] = {"account": name, "ledger": known, "last_poll": None}
+def _status_entry(
+    name: str, poll: PollRecord | None, known: dict[str, int], kept: Retention
+) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "account": name,
+        "ledger": known,
+        "deletion": {
+            "delete_after_days": kept.delete_after_days,
+            "policy": kept.policy,
+            "waiting": kept.waiting,
+            "next_due_at": iso_time(kept.next_due_at),
+        },
+        "last_poll": None,
+    }
     if poll is not None:
         entry["last_poll"] = {
             "started_at": iso_time(poll.started_at),
@@ -534,12 +575,14 @@ def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> 
     return entry
 
 
-def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now: float) -> str:
+def _status_line(
+    name: str, poll: PollRecord | None, known: dict[str, int], kept: Retention, now: float
+) -> str:
     from popsync.textfmt import format_duration
 
     ledger_text = ", ".join(f"{n} {state}" for state, n in sorted(known.items()) if n) or "empty"
     if poll is None:
-        return f"{name}: never polled; ledger: {ledger_text}"
+        return f"{name}: never polled; {kept.text(now)}; ledger: {ledger_text}"
     line = f"{name}: last poll {format_duration(now - poll.started_at)} ago: {poll.result}"
     if poll.error:
         line += f" ({poll.error})"
@@ -550,9 +593,11 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
     line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
     if poll.counts.remapped:
         line += f", remapped {poll.counts.remapped} (renumbered by the server, not fetched again)"
+    if poll.counts.deferred:
+        line += f", deferred {poll.counts.deferred} (fetch_limit: fetched by the next polls)"
     if poll.next_poll_at is not None:
         line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
-    return f"{line}; ledger: {ledger_text}"
+    return f"{line}; {kept.text(now)}; ledger: {ledger_text}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,8 @@ FIELDS = (
     "skipped",
     "bytes",
     "remapped",
+    "deferred",
+    "refetched",
     "seconds",
 )
 

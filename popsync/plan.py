@@ -16,6 +16,10 @@ Rules (docs/design.md §4):
   while the server lists it with the same size.  Messages whose fetch
   failed before come after all the others, so one message that always
   fails (too slow, cut off, broken) cannot starve the rest.
+* ``fetch_limit`` N: only the first N of that order are fetched; the rest
+  are *deferred* (:attr:`Plan.deferred`) and planned again next poll, in
+  the same order, so each poll makes progress on the oldest first.  Due
+  DELEs of mail delivered earlier are not limited.
 * DELE candidates (:attr:`Plan.delete`): rows ``delivered`` (or ``deleted``
   yet still listed: a lost QUIT reply) whose UID is not ambiguous (listed
   once), whose LIST size is known, and whose delete policy is due.  They are
@@ -69,6 +73,8 @@ class Policy:
     delete_after_days: int | None = None
     max_message_size: int | None = None
     now: float = 0.0
+    #: Most messages to fetch (None: no limit; 0: none, this poll's budget spent).
+    fetch_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,8 @@ class Plan:
     #: worth a warning now; the others were reported when they appeared.
     new_ambiguous: frozenset[bytes] = field(default_factory=frozenset)
     listed: int = 0
+    #: Messages that would be fetched but for ``fetch_limit``: next poll.
+    deferred: int = 0
 
 
 def join_listings(
@@ -212,8 +220,11 @@ def plan(
         for key, row in rows.items()
         if deleting and row.state == "delivered" and key not in listed_keys and _due(row, policy)
     )
+    ordered = [*fetch, *sorted(retry, key=lambda f: (rows[_key(f)].attempts, f.message.msg))]
+    cap = policy.fetch_limit
+    deferred = 0 if cap is None else max(0, len(ordered) - cap)
     return Plan(
-        fetch=(*fetch, *sorted(retry, key=lambda f: (rows[_key(f)].attempts, f.message.msg))),
+        fetch=tuple(ordered[: len(ordered) - deferred]),
         delete=tuple(delete),
         skip=tuple(skip),
         gone=gone,
@@ -221,6 +232,7 @@ def plan(
         ambiguous=ambiguous,
         new_ambiguous=frozenset(new_ambiguous),
         listed=len(messages),
+        deferred=deferred,
     )
 
 

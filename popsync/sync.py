@@ -14,7 +14,10 @@ each step is a unit of its own:
    and LIST only where sizes matter.  **Remap**: only if unknown unique-ids
    are listed *and* delivered rows of their size vanished, ``TOP n 0`` for
    those; one that matches exactly one such row's headers takes the row
-   over (a renumbering server), so it is not fetched again.
+   over (a renumbering server), so it is not fetched again.  **Refetch**
+   (only ``sync --refetch``, :mod:`popsync.refetch`): delivered rows whose
+   Maildir copy is missing or damaged, and whose message the server still
+   lists as the one stored, go back to ``fetching`` under a fresh name.
 3. **Plan** -- pure (:func:`popsync.plan.plan`): what to fetch, skip, DELE.
 4. **Confirm** due DELEs of mail delivered in an earlier session: ``TOP n 0``
    and the LIST size must show the message is still the complete copy
@@ -45,6 +48,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from popsync import failpoints
 from popsync.config import Account
@@ -96,6 +100,9 @@ from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.textfmt import format_size
 from popsync.transport import make_ssl_context
 
+if TYPE_CHECKING:
+    from popsync.refetch import Lost
+
 log = logging.getLogger("popsync.sync")
 
 #: A body may exceed its LIST size by half as much again plus this much
@@ -112,6 +119,11 @@ MAX_SESSIONS = 4
 #: session popsync dropped; a reconnect answered ``[IN-USE]`` waits this long
 #: (seconds, growing) before each further try.
 IN_USE_WAITS = (0.5, 1.0, 2.0)
+
+#: Why ``--refetch`` does nothing for an account that delivers elsewhere.
+REFETCH_NEEDS_MAILDIR = "--refetch needs a maildir target"
+#: Why a lost copy is not refetched when the server's TOP for it lied.
+TOP_PAST_SIZE = "its TOP ran past the size the server announced, so it cannot be compared"
 
 Progress = Callable[[int, int, int], None]  # (messages done, messages planned, bytes)
 
@@ -133,6 +145,8 @@ class PollReport:
     exception: PopsyncError | None = None
     #: A stop request cut the poll short (it still ended cleanly with QUIT).
     interrupted: bool = False
+    #: With ``--refetch``: lost copies delivered again (None: not asked).
+    refetched: int | None = None
 
 
 def format_summary(report: PollReport) -> str:
@@ -142,6 +156,8 @@ def format_summary(report: PollReport) -> str:
         f"{c.listed} on server, {c.new} new, {c.fetched} fetched ({format_size(c.bytes)}), "
         f"{c.deleted} deleted, {c.skipped} skipped, "
         + (f"{c.remapped} remapped, " if c.remapped else "")
+        + (f"{c.deferred} deferred (fetch_limit), " if c.deferred else "")
+        + (f"{report.refetched} refetched, " if report.refetched is not None else "")
         + f"{report.seconds:.1f} s"
     )
 
@@ -242,6 +258,7 @@ class Poll:
         progress: Progress | None,
         should_stop: Callable[[], bool],
         state_dir: Path,
+        refetch: bool = False,
     ) -> None:
         self.account = account
         self.state_dir = state_dir
@@ -258,6 +275,9 @@ class Poll:
         #: Unique-ids whose ``TOP n 0`` ran past their size: not compared again
         #: this poll (the message is fetched, and judged, like any new one).
         self.top_cut_off: set[bytes] = set()
+        #: ``--refetch`` asked and not yet done (done once per poll).
+        self.refetch_asked = self.refetch_pending = refetch
+        self.reopened: list[Key] = []
 
     def run(self, open_session: Callable[[SessionOptions], Session]) -> None:
         """One session, or a few: a message cut off for running past its size
@@ -274,6 +294,8 @@ class Poll:
             # password change, a policy): one fresh token, one more try.
             log.info("%s: the server refused the OAuth2 access token; refreshing it", self.name)
             self.sessions(open_session, login_secret(self.account, self.state_dir, fresh=True))
+        if self.refetch_asked:
+            self.report.refetched = self.refetched()
         if self.totals.failed:
             raise _Incomplete(self.totals.failed)
 
@@ -300,12 +322,21 @@ class Poll:
         gate = DeleGate()
         with self.connect(open_session, secret, again=again) as session:  # 2
             now = self.now()
-            policy = Policy(self.account.delete_after_days, self.account.max_message_size, now)
+            policy = Policy(
+                self.account.delete_after_days,
+                self.account.max_message_size,
+                now,
+                fetch_limit=self.budget(),
+            )
             listing = self.listing(session, rows, policy)
             rows = self.remap(session, listing.messages, rows)  # 2b
+            rows = self.refetch_lost(session, listing.messages, rows)  # 2c
             the_plan = plan(listing.messages, rows, policy, listing.waiting)  # 3
             self.note(the_plan)
             reused = self.confirm_deletes(session, the_plan.delete, gate)  # 4
+            # A message under a reused unique-id is fetched now even past
+            # fetch_limit: its row is retired, so deferring it would lose
+            # the fresh name that keeps it apart from the retired copy.
             fetches = self.claim((*the_plan.fetch, *reused), now)  # 5
             self.fetch(session, fetches, gate)  # 6
             failpoints.failpoint("after_dele")
@@ -317,6 +348,14 @@ class Poll:
         for msg, text in gate.refused:
             self.warn(f"DELE {msg} refused: {text}")
         self.touch(listing.messages, rows, now)
+
+    def budget(self) -> int | None:
+        """What is left of ``fetch_limit`` for this session: a poll that goes on
+        in a fresh session after a cut-off counts what earlier sessions took."""
+        limit = self.account.fetch_limit
+        if limit is None:
+            return None
+        return max(0, limit - self.totals.fetched - self.skipped)
 
     # -- 1. recovery -------------------------------------------------------------
 
@@ -373,7 +412,10 @@ class Poll:
         with nothing to do, ``LIST n`` for a few, the whole LIST for many."""
         uidl = session.uidl()
         unsized, _ = join_listings(uidl, ())
-        wanted = needs_size(unsized, rows, policy)
+        # --refetch compares sizes of delivered mail too: the whole LIST.
+        wanted = (
+            [m.msg for m in unsized] if self.refetch_pending else needs_size(unsized, rows, policy)
+        )
         if not wanted:
             return Listing(unsized, [])
         scan = session.scan(wanted) if len(wanted) <= SCAN_ONE_BY_ONE else session.scan()
@@ -432,6 +474,96 @@ class Poll:
             more,
         )
         return self.ledger.rows(self.name)
+
+    # -- 2c. lost copies (--refetch) ---------------------------------------------------
+
+    def refetch_lost(
+        self, session: Session, messages: list[ServerMessage], rows: dict[Key, LedgerRow]
+    ) -> dict[Key, LedgerRow]:
+        """Reopen the delivered rows whose copy is missing or damaged and whose
+        message the server still lists as the one stored, so the plan fetches
+        them again (the order and the crash cases: :mod:`popsync.refetch`)."""
+        if not self.refetch_pending:
+            return rows
+        if self.target.kind != "maildir":  # the command line refuses it first
+            self.refetch_pending = False
+            self.warn(REFETCH_NEEDS_MAILDIR)
+            return rows
+        # Imported here: popsync.refetch builds on popsync.verify, which uses this module.
+        from popsync import refetch
+        from popsync.verify import Finder
+
+        lost = refetch.lost_copies(rows, Finder(self.target.kind, self.target.recover))
+        listed, gone = refetch.on_server(lost, messages)
+        # A message whose TOP ran past its size (an earlier session of this
+        # poll) cannot be compared: not refetched.
+        liars = [(item, TOP_PAST_SIZE) for item, m in listed if m.uid in self.top_cut_off]
+        listed = [(item, m) for item, m in listed if m.uid not in self.top_cut_off]
+        tops = self.lost_headers(session, [m for _, m in listed])
+        confirmed, refused = refetch.confirm(listed, tops)
+        refused += liars
+        now = self.now()
+        reopen = [
+            (
+                item.row.key,
+                item.row.maildir_name or "",
+                refetch.fresh_name(self.name, item.row, now),
+            )
+            for item, _ in confirmed
+        ]
+        self.ledger.reopen(self.name, reopen, now)
+        failpoints.failpoint("after_reopen")
+        self.refetch_pending = False
+        self.reopened = [key for key, _, _ in reopen]
+        self.tell_lost(confirmed, gone, refused)
+        return self.ledger.rows(self.name) if reopen else rows
+
+    def lost_headers(
+        self, session: Session, messages: list[ServerMessage]
+    ) -> dict[int, HeaderDigest | None]:
+        """``TOP n 0`` of the lost copies' messages.  One whose TOP runs past
+        its size ends the session (the poll goes on in a fresh one, without
+        that message: :meth:`run`)."""
+        if not messages:
+            return {}
+        try:
+            return read_headers(session, messages)
+        except BodyLimitExceeded as exc:
+            self.top_cut_off.update(m.uid for m in messages if m.msg == exc.msg)
+            raise
+
+    def tell_lost(
+        self,
+        confirmed: Sequence[tuple[Lost, ServerMessage]],
+        gone: Sequence[Lost],
+        refused: Sequence[tuple[Lost, str]],
+    ) -> None:
+        """One line per damaged file left beside its new copy, per reason a
+        copy is not refetched, and for the copies the server no longer holds."""
+        for item, _ in confirmed:
+            if item.held is not None:
+                self.warn(
+                    f"unique-id {escape_server_text(item.row.uid)}: damaged copy {item.detail}; "
+                    "fetching it again under a new name (the damaged file is left as it is)"
+                )
+        by_reason: dict[str, list[bytes]] = {}
+        for item, why in refused:
+            by_reason.setdefault(why, []).append(item.row.uid)
+        if gone:
+            by_reason["no longer on the server"] = [item.row.uid for item in gone]
+        for why, uids in by_reason.items():
+            shown = ", ".join(escape_server_text(uid) for uid in uids[:3])
+            more = f" and {len(uids) - 3} more" if len(uids) > 3 else ""
+            self.warn(f"{len(uids)} lost copy(ies) not refetched ({shown}{more}): {why}")
+
+    def refetched(self) -> int:
+        """How many rows reopened by this poll are delivered again."""
+        if not self.reopened:
+            return 0
+        rows = self.ledger.rows(self.name)
+        return sum(
+            1 for key in self.reopened if (row := rows.get(key)) and row.state == "delivered"
+        )
 
     def note(self, the_plan: Plan) -> None:
         for text in plan_warnings(the_plan):
@@ -659,12 +791,15 @@ class Poll:
     def count(self, the_plan: Plan, *, deleted: int) -> None:
         self.report.counts = PollCounts(
             listed=the_plan.listed,
-            new=len(the_plan.fetch),
+            # Rows reopened by --refetch are planned like unfinished fetches,
+            # but they are not new mail.
+            new=max(0, len(the_plan.fetch) + the_plan.deferred - len(self.reopened)),
             fetched=self.totals.fetched,
             deleted=deleted,
             skipped=len(the_plan.skip) + self.skipped,
             bytes=self.totals.bytes,
             remapped=self.remapped,
+            deferred=the_plan.deferred,
         )
 
     def warn(self, text: str) -> None:
@@ -736,11 +871,15 @@ def run_account(
     progress: Progress | None = None,
     session_factory: Callable[[SessionOptions], Session] = Session.open,
     should_stop: Callable[[], bool] = lambda: False,
+    refetch: bool = False,
 ) -> PollReport:
     """Poll *account* once; never raises for faults of the network, server or disk.
 
     *should_stop* is asked between messages; once it says True no further
     RETR is sent, and the poll finishes what is in flight and QUITs cleanly.
+    With *refetch* (``sync --refetch``, Maildir targets only) the poll also
+    fetches again the delivered messages whose copy is missing or damaged
+    (:mod:`popsync.refetch`); :attr:`PollReport.refetched` says how many.
     """
     report = PollReport(account.name)
     started = time.monotonic()
@@ -761,6 +900,7 @@ def run_account(
                 progress=progress,
                 should_stop=should_stop,
                 state_dir=state_dir,
+                refetch=refetch,
             )
             poll.run(session_factory)
         report.ok = True

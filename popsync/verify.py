@@ -210,7 +210,7 @@ def _listing(
 
 
 @dataclass(frozen=True, slots=True)
-class _Finder:
+class Finder:
     """Where copies are looked for: a target's kind and its recovery look-up."""
 
     kind: str
@@ -218,7 +218,7 @@ class _Finder:
 
 
 @contextmanager
-def _readable_target(account: Account) -> Iterator[_Finder | None]:
+def _readable_target(account: Account) -> Iterator[Finder | None]:
     """The account's target opened only to find copies, or None where verify
     takes the ledger's word.  A Maildir is opened without creating it or
     sweeping its ``tmp/``: verify changes nothing.  A Maildir that is not
@@ -227,7 +227,7 @@ def _readable_target(account: Account) -> Iterator[_Finder | None]:
         yield None
         return
     if not os.path.lexists(account.maildir):
-        yield _Finder("maildir", lambda asks: [])
+        yield Finder("maildir", lambda asks: [])
         return
     from popsync.deliver.maildir.store import Maildir
     from popsync.deliver.maildir.target import MaildirTarget
@@ -235,7 +235,7 @@ def _readable_target(account: Account) -> Iterator[_Finder | None]:
     with Maildir(account.maildir, create=False) as maildir:
         target = MaildirTarget(maildir)
         try:
-            yield _Finder(target.kind, target.recover)
+            yield Finder(target.kind, target.recover)
         finally:
             target.close()
 
@@ -244,12 +244,12 @@ def _judge_all(
     check: AccountCheck,
     messages: Sequence[ServerMessage],
     rows: Mapping[tuple[bytes, int], LedgerRow],
-    target: _Finder | None,
+    target: Finder | None,
     digests: Mapping[int, HeaderDigest | None],
 ) -> None:
     check.on_server = len(messages)
     listed = [(m, rows.get((m.uid, m.occurrence))) for m in messages]
-    copies = _find_copies([row for _, row in listed if row is not None], target)
+    copies = find_copies([row for _, row in listed if row is not None], target)
     for message, row in listed:
         finding = _judge_one(message, row, target, copies, digests)
         check.add(finding.state)
@@ -257,11 +257,13 @@ def _judge_all(
             check.problems.append(finding)
 
 
-def _find_copies(rows: Sequence[LedgerRow], target: _Finder | None) -> dict[str, Held]:
+def find_copies(rows: Sequence[LedgerRow], target: Finder | None) -> dict[str, Held]:
     """Ask the target for the copy of every delivered row, :data:`FIND_CHUNK`
-    at a time.  A copy's header section is kept only for a row of an older
+    at a time: name asked -> copy found (a row whose name is absent has no
+    copy there).  A copy's header section is kept only for a row of an older
     popsync (``--deep`` measures its digests from it): 50,000 header
-    sections would otherwise be held at once."""
+    sections would otherwise be held at once.  Raises what the target's
+    look-up raises (DeliveryError)."""
     if target is None:
         return {}
     asks = [
@@ -281,7 +283,7 @@ def _find_copies(rows: Sequence[LedgerRow], target: _Finder | None) -> dict[str,
 def _judge_one(
     message: ServerMessage,
     row: LedgerRow | None,
-    target: _Finder | None,
+    target: Finder | None,
     copies: Mapping[str, Held],
     digests: Mapping[int, HeaderDigest | None],
 ) -> Finding:
@@ -317,19 +319,31 @@ def _copy_state(
     """The state of a delivered row's copy (*held*: what the target found,
     unless *trusted*, where the ledger's word is taken)."""
     where = row.receipt or row.maildir_name or "?"
-    if not trusted:
-        if held is None:
-            return State.MISSING, f"{where}: not found at the target"
-        if held.size != row.stored_size or held.sha256 != row.sha256:
-            return State.DAMAGED, (
-                f"{held.name}: {held.size} bytes, SHA-256 {held.sha256[:12]}...; the ledger "
-                f"recorded {row.stored_size} bytes, SHA-256 {(row.sha256 or '?')[:12]}..."
-            )
+    if not trusted and (problem := copy_problem(row, held)) is not None:
+        return problem
     if message.msg in digests and message.size is not None:
         reused = _reused(row, held, message.size, digests[message.msg])
         if reused:
             return State.REUSED, f"{where}: {reused}"
     return (State.PER_LEDGER if trusted else State.HELD), ""
+
+
+def copy_problem(row: LedgerRow, held: Held | None) -> tuple[State, str] | None:
+    """Is the copy *held* of a delivered row gone or not what was stored?
+
+    Returns ``(MISSING, detail)`` when the target holds nothing under the
+    row's name, ``(DAMAGED, detail)`` when its size or SHA-256 differs from
+    the ledger's record, None when it is intact.
+    """
+    if held is None:
+        where = row.receipt or row.maildir_name or "?"
+        return State.MISSING, f"{where}: not found at the target"
+    if held.size != row.stored_size or held.sha256 != row.sha256:
+        return State.DAMAGED, (
+            f"{held.name}: {held.size} bytes, SHA-256 {held.sha256[:12]}...; the ledger "
+            f"recorded {row.stored_size} bytes, SHA-256 {(row.sha256 or '?')[:12]}..."
+        )
+    return None
 
 
 def _reused(
@@ -356,9 +370,12 @@ def _imported(row: LedgerRow) -> bool:
 
 __all__ = [
     "AccountCheck",
+    "Finder",
     "Finding",
     "State",
     "check_document",
+    "copy_problem",
+    "find_copies",
     "format_check",
     "verify_account",
 ]

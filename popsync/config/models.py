@@ -50,6 +50,7 @@ from popsync.config.targets import TARGET_KEYS, ImapTarget, check_lmtp, check_md
 from popsync.config.values import (
     AccountName,
     Days,
+    FetchLimit,
     HostName,
     Interval,
     KeyedValueError,
@@ -130,6 +131,8 @@ class Account(SecretSource, TlsLoginRules):
     delete_after_days: Days | None = None
     interval: Interval = DEFAULT_INTERVAL
     max_message_size: MessageSize | None = None
+    # At most this many messages fetched per poll; the rest wait for the next.
+    fetch_limit: FetchLimit | None = None
     timeout: Timeout = DEFAULT_TIMEOUT
     # Absent, it is filled in by _default_poll_timeout (never below `timeout`).
     poll_timeout: Timeout = DEFAULT_POLL_TIMEOUT

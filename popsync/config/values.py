@@ -24,6 +24,7 @@ __all__ = [
     "MAX_DURATION",
     "AccountName",
     "Days",
+    "FetchLimit",
     "HostName",
     "Interval",
     "KeyedValueError",
@@ -45,6 +46,7 @@ __all__ = [
     "parse_listen_address",
     "parse_size",
     "positive_seconds",
+    "some_messages",
     "whole",
     "whole_seconds",
 ]
@@ -150,6 +152,13 @@ def between(low: int, high: int | None = None) -> Callable[[int], int]:
         return value
 
     return check
+
+
+def some_messages(value: int) -> int:
+    """A message count that must be at least 1; "no limit" is the key left out."""
+    if value < 1:
+        raise ValueError("must be at least 1 (leave the key out for no limit)")
+    return value
 
 
 def positive_seconds(value: float) -> float:
@@ -264,6 +273,7 @@ HostName = Annotated[str, AfterValidator(check_host)]
 WireText = Annotated[str, AfterValidator(check_wire_text)]
 Port = Annotated[int, BeforeValidator(whole), AfterValidator(between(1, 65535))]
 Days = Annotated[int, BeforeValidator(whole), AfterValidator(between(0))]
+FetchLimit = Annotated[int, BeforeValidator(whole), AfterValidator(some_messages)]
 Interval = Annotated[int, BeforeValidator(whole_seconds), AfterValidator(between(1))]
 Timeout = Annotated[float, BeforeValidator(parse_duration), AfterValidator(positive_seconds)]
 MessageSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(between(1))]

@@ -5,6 +5,11 @@ per call: ``fetching`` (a name committed before RETR) -> ``delivered`` (durable
 at the target) -> ``deleted`` (after ``+OK`` to QUIT); ``skipped`` is left on
 the server by policy.  Rows are kept when a unique-id disappears from the
 server, so a glitch that hides mail never causes re-downloads.
+
+One move goes back, and only when the user asks for it (``popsync sync
+--refetch``): :meth:`MessageStore.reopen` turns a ``delivered`` row whose
+copy is gone back into ``fetching`` under a fresh name, so the ordinary
+fetch -- and its crash recovery -- delivers it once more.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    null,
     select,
     update,
 )
@@ -218,6 +224,28 @@ _ADOPT: Final = insert(_messages).values(
     target=bindparam("b_target"),
     receipt=bindparam("b_receipt"),
 )
+# A delivered row fetched again: back to fetching under a fresh name, with
+# everything recorded of the lost copy cleared (the new copy records its own).
+_REOPEN: Final = (
+    update(_messages)
+    .where(_m.id == bindparam("b_id"))
+    .values(
+        state=literal_column("'fetching'"),
+        maildir_name=bindparam("b_name"),
+        last_seen=bindparam("b_now"),
+        stored_size=null(),
+        sha256=null(),
+        delivered_at=null(),
+        header_sha256=null(),
+        wire_size=null(),
+        stable_sha256=null(),
+        mutable_octets=null(),
+        mutable_lines=null(),
+        attempts=literal_column("0"),
+        withheld=null(),
+        receipt=null(),
+    )
+)
 _DELETE: Final = (
     update(_messages)
     .where(_m.id == bindparam("b_id"))
@@ -300,6 +328,29 @@ class MessageStore(LedgerBase):
                 out[str(state)] = int(n)
             out["withheld"] = int(conn.execute(held).scalar_one())
         return out
+
+    def deletion_queue(self, account: str) -> tuple[int, float | None]:
+        """The delivered messages of *account* a ``delete_after_days`` policy
+        will delete later: how many, and the earliest ``delivered_at`` among
+        them (None if none).  Counted as :func:`popsync.plan.plan` decides what
+        is due: ``delivered`` rows with a copy (a name) and a delivery time;
+        rows whose due deletion was withheld (see :meth:`counts`) are left out.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        stmt = select(func.count(), func.min(_m.delivered_at)).where(
+            _m.account == account,
+            _m.state == "delivered",
+            _m.maildir_name.is_not(None),
+            _m.delivered_at.is_not(None),
+            _m.withheld.is_(None),
+        )
+        with self._transaction(
+            f"read the deletions due for account {account}", write=False
+        ) as conn:
+            count, earliest = conn.execute(stmt).one()
+        return int(count), None if earliest is None else float(earliest)
 
     def _prior(self, conn: Connection, account: str, keys: Sequence[Key]) -> dict[Key, _Prior]:
         """The existing rows of *account* among *keys*."""
@@ -626,6 +677,48 @@ class MessageStore(LedgerBase):
                     }
                 )
             self._executemany(conn, _REMAP, params)
+
+    def reopen(self, account: str, items: Sequence[tuple[Key, str, str]], now: float) -> None:
+        """Make these ``delivered`` rows ``fetching`` again, each under a fresh name.
+
+        Each item is ``(key, old name, new name)``: the row must still be
+        ``delivered`` under the old name (nothing moved it since the caller
+        looked), and the new name must be free.  All rows in one transaction.
+        The next fetch of the row delivers under the new name, so a damaged
+        file left under the old one is never mistaken for the new copy, and a
+        crash anywhere after this commit is recovered as any unfinished fetch
+        is: the copy found under the new name is recorded, else fetched.
+
+        Raises:
+            LedgerError: a row is missing, not ``delivered``, or under another
+                name; a new name is given twice or taken; or the database fails.
+        """
+        keys = _unique_keys(account, (key for key, _, _ in items))
+        if not keys:
+            return
+        names = [new for _, _, new in items]
+        if len(set(names)) != len(names):
+            raise LedgerError(f"account {account}: a ledger batch gives one name twice")
+        taken = select(_m.maildir_name).where(
+            _m.account == account, _m.maildir_name.in_(bindparam("names", expanding=True))
+        )
+        with self._transaction(
+            f"reopen messages to refetch for account {account}", write=True
+        ) as conn:
+            if conn.execute(taken, {"names": names}).first() is not None:
+                raise LedgerError(f"account {account}: a name chosen for a refetch is taken")
+            prior = self._prior(conn, account, keys)
+            params: list[dict[str, Any]] = []
+            for key, old, new in items:
+                row = prior.get(key)
+                if row is None or row.state != "delivered" or row.maildir_name != old:
+                    state = "no row" if row is None else f"state {row.state}"
+                    raise LedgerError(
+                        f"account {account}: cannot refetch {_show_key(key)} ({state}, "
+                        f"name {row.maildir_name if row else None!r}; expected delivered {old!r})"
+                    )
+                params.append({"b_id": row.id, "b_name": new, "b_now": now})
+            self._executemany(conn, _REOPEN, params)
 
     def adopt(
         self,

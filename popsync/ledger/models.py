@@ -155,6 +155,8 @@ polls = Table(
     Column("next_poll_at", Double),
     # Migration 0005: known messages found under a new unique-id.
     Column("remapped", Integer, nullable=False, default=0, server_default=text("0")),
+    # Migration 0006: messages left for the next poll by the account's fetch_limit.
+    Column("deferred", Integer, nullable=False, default=0, server_default=text("0")),
     Index(None, "account", "started_at"),
     CheckConstraint(_in_list("result", POLL_RESULTS), name="result"),
 )

@@ -40,6 +40,8 @@ class PollCounts:
     bytes: int = 0
     #: Known messages found under a new unique-id (not fetched again).
     remapped: int = 0
+    #: Messages left for a later poll by the account's ``fetch_limit``.
+    deferred: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class PollLog(LedgerBase):
                 skipped=counts.skipped,
                 bytes=counts.bytes,
                 remapped=counts.remapped,
+                deferred=counts.deferred,
                 next_poll_at=next_poll_at,
             )
         )
@@ -183,6 +186,7 @@ class PollLog(LedgerBase):
                         skipped=r.skipped,
                         bytes=r.bytes,
                         remapped=r.remapped,
+                        deferred=r.deferred,
                     ),
                     next_poll_at=r.next_poll_at,
                 )
