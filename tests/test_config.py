@@ -234,7 +234,7 @@ ERROR_CASES: list[tuple[dict[str, object], str, str]] = [
     ({"port": True}, "port", "must be a whole number"),
     ({"tls": "ssl"}, "tls", "must be one of 'implicit', 'starttls' or 'none'"),
     ({"tls": False}, "tls", "must be one of"),
-    ({"auth": "cram-md5"}, "auth", "must be one of"),
+    ({"auth": "digest-md5"}, "auth", "must be one of"),
     ({"tls": "none"}, "tls", "allow_plaintext: true"),
     ({"tls": "none", "allow_plaintext": False}, "tls", "in clear"),
     ({"allow_plaintext": "maybe"}, "allow_plaintext", "must be true or false"),
@@ -251,7 +251,7 @@ ERROR_CASES: list[tuple[dict[str, object], str, str]] = [
     ({"maildir": "~nosuchuser-popsync/x"}, "maildir", "unknown user"),
     ({"ca_file": "missing-ca.pem"}, "ca_file", "no such file"),
     ({"password_file": "nowhere.pass"}, "password_file", "No such file"),
-    ({"password_file": None}, "password", "give one of password, password_file or"),
+    ({"password_file": None}, "password", "give one of password, password_file, password_keyring"),
     ({"password": SECRET}, "password, password_file", "only one of"),
     ({"password_file": None, "password": 1234}, "password", "must be text"),
     ({"password_file": None, "password": SECRET + "\nDELE 1"}, "password", "line breaks"),
@@ -371,10 +371,10 @@ def test_many_problems_one_line_each_and_duplicates(tmp_path: Path) -> None:
     lines = load_error(path).splitlines()
     assert lines == [
         f"{path}: account 'work': password: missing: give one of password, "
-        "password_file or password_command",
+        "password_file, password_keyring or password_command",
         f"{path}: account 'work': port: must be between 1 and 65535",
         f"{path}: account #4: password: missing: give one of password, "
-        "password_file or password_command",
+        "password_file, password_keyring or password_command",
         f"{path}: account #4: name: missing (this key is required)",
         f"{path}: account #4: username: missing (this key is required)",
         f"{path}: account #4: maildir: missing: give one delivery target: "

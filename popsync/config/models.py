@@ -197,6 +197,10 @@ class Account(SecretSource, TlsLoginRules):
         """The kind of delivery target: maildir, mbox, mda, lmtp or imap."""
         return next(key for key in TARGET_KEYS if getattr(self, key) is not None)
 
+    def keyring_user(self) -> str:
+        """``password_keyring``: the secret is stored under the account's name."""
+        return self.name
+
     def secret(self) -> str:
         """The password or OAuth token, read afresh from its source on every call
         (see :meth:`SecretSource.read_secret`)."""

@@ -51,6 +51,10 @@ class ImapTarget(SecretSource, TlsLoginRules):
             data = {**data, "port": 993 if implicit else 143}
         return data
 
+    def keyring_user(self) -> str:
+        """``password_keyring``: the secret is stored as ``imap:USER@HOST``."""
+        return f"imap:{self.username}@{self.host}"
+
     def secret(self) -> str:
         """The IMAP password, read afresh (see :meth:`SecretSource.read_secret`)."""
         return self.read_secret(f"imap target {self.username}@{self.host}")
