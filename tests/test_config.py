@@ -203,6 +203,8 @@ def test_example_config_loads_and_documents_every_key(tmp_path: Path, clean_env:
     target.chmod(0o600)  # it holds a literal password
     write(clean_env / ".config/popsync/home.pass", "from-the-example\n")
     write(clean_env / ".config/popsync/example-net-ca.pem", "not parsed at load time\n")
+    write(clean_env / ".config/popsync/me.pem", "not parsed at load time\n", 0o644)
+    write(clean_env / ".config/popsync/me.key", "not parsed at load time\n")
 
     config = load_config(target)
 

@@ -44,6 +44,7 @@ from popsync.config.secrets import (
     context_of,
 )
 from popsync.config.targets import TARGET_KEYS, ImapTarget, check_lmtp, check_mda, one_target
+from popsync.config.tls import TlsControls
 from popsync.config.values import (
     AccountName,
     Days,
@@ -96,7 +97,7 @@ def _source(info: ValidationInfo) -> Path | None:
     return source if isinstance(source, Path) else None
 
 
-class Account(SecretSource, TlsLoginRules):
+class Account(TlsControls, SecretSource, TlsLoginRules):
     """One POP3 account: where to connect, how to log in, where mail goes, what to delete."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
