@@ -122,6 +122,68 @@ def test_a_scram_refusal_about_the_mailbox_does_not_fall_back(code: bytes) -> No
     assert [w.split()[:2] for w in t.writes[1:]] == [[b"AUTH", b"SCRAM-SHA-256"]]
 
 
+class ScramFake(FakeTransport):
+    """A scripted server that speaks SCRAM-SHA-256 through scramp's server
+    side, honestly or not: *mode* ``honest`` (server-final as a challenge),
+    ``in-ok`` (server-final in the ``+OK``), ``forged`` (a wrong signature)
+    or ``no-proof`` (``+OK`` without any)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__([GREETING, b"+OK\r\nSASL SCRAM-SHA-256\r\n.\r\n"])
+        mech = ScramMechanism("SCRAM-SHA-256")
+        info = mech.make_auth_info(PASSWORD, iteration_count=4096)
+        self.server = mech.make_server(lambda _user: info)
+        self.mode = mode
+        self.step = 0
+
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        line = data.rstrip(b"\r\n")
+        if line == b"CAPA":
+            return
+        self.step += 1
+        if self.step == 1:  # AUTH SCRAM-SHA-256 client-first
+            self.server.set_client_first(base64.b64decode(line.split()[2]).decode())
+            self.reply(b"+ ", self.server.get_server_first())
+        elif self.step == 2:  # client-final
+            self.server.set_client_final(base64.b64decode(line).decode())
+            final = self.server.get_server_final()
+            if self.mode == "honest":
+                self.reply(b"+ ", final)
+            elif self.mode == "in-ok":
+                self.reply(b"+OK ", final)
+            elif self.mode == "forged":
+                self.reply(b"+ ", "v=" + base64.b64encode(b"\1" * 32).decode())
+            else:
+                self.script.append(b"+OK welcome\r\n")
+        elif self.step == 3:  # the empty answer to server-final
+            assert line == b""
+            self.script.append(b"+OK welcome\r\n")
+
+    def reply(self, head: bytes, message: str) -> None:
+        self.script.append(head + base64.b64encode(message.encode()) + b"\r\n")
+
+
+@pytest.mark.parametrize("mode", ["honest", "in-ok"])
+def test_a_server_that_proves_itself_is_trusted(mode: str) -> None:
+    t = ScramFake(mode)
+    Session.start(t, options()).login(PASSWORD)
+    assert not any(form in t.sent for form in secret_forms(PASSWORD))
+
+
+@pytest.mark.parametrize(
+    ("mode", "phrase"),
+    [("forged", "could not prove it knows the password"), ("no-proof", "without proving")],
+)
+def test_a_server_that_cannot_prove_itself_is_refused(mode: str, phrase: str) -> None:
+    t = ScramFake(mode)
+    session = Session.start(t, options())
+    with pytest.raises(SecurityError, match=phrase) as info:
+        session.login(PASSWORD)
+    assert not info.value.temporary
+    assert len(t.writes) == 3  # CAPA, AUTH, client-final: nothing after
+
+
 # ------------------------------------------------------------ real Dovecot
 
 
