@@ -140,3 +140,72 @@ def test_keyring_and_another_secret_key_is_a_config_error(tmp_path: Path) -> Non
     done = popsync(tmp_path, "-c", str(config), "check")
     assert done.returncode == 2
     assert "give only one of password, password_file, password_keyring" in done.stderr
+
+
+def run_on_a_terminal(args: list[str], env: dict[str, str], answers: list[str]) -> tuple[int, str]:
+    """Run popsync with a pseudo-terminal as its controlling terminal; type each
+    of *answers* after each prompt ending in ": ".  (exit status, what it showed)."""
+    import fcntl
+    import select
+    import termios
+
+    main_fd, child_fd = os.openpty()
+
+    def take_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(child_fd, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "popsync", *args],
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        env=env,
+        preexec_fn=take_terminal,  # noqa: PLW1509 - the child needs the pty as its terminal
+    )
+    os.close(child_fd)
+    shown = b""
+    pending = list(answers)
+    try:
+        while True:
+            ready, _, _ = select.select([main_fd], [], [], 30)
+            assert ready, f"no output within 30 s; so far: {shown!r}"
+            try:
+                chunk = os.read(main_fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if pending and shown.rstrip().endswith(b":"):
+                os.write(main_fd, pending.pop(0).encode() + b"\n")
+        return proc.wait(timeout=30), shown.decode("utf-8", "replace")
+    finally:
+        os.close(main_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("answers", "status"),
+    [([SECRET, SECRET], 0), ([SECRET, SECRET + "x"], 2)],
+    ids=["same", "differ"],
+)
+def test_at_a_terminal_the_secret_is_typed_twice_without_echo(
+    tmp_path: Path, answers: list[str], status: int
+) -> None:
+    config = keyring_config(tmp_path)
+    env = {
+        **os.environ,
+        "PYTHON_KEYRING_BACKEND": PLAINTEXT,
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+    }
+    code, shown = run_on_a_terminal(["-c", str(config), "set-password", "home"], env, answers)
+    assert code == status, shown
+    assert "Password for account 'home':" in shown and "Again" in shown
+    assert SECRET not in shown  # no echo
+    if status:
+        assert "the two entries differ; nothing stored" in shown
+    stored = (tmp_path / "data").exists()
+    assert stored == (status == 0)
