@@ -33,7 +33,7 @@ __all__ = [
 #: The keyring service every popsync secret is stored under.
 SERVICE: Final = "popsync"
 
-_INSTALL_HINT: Final = "password_keyring needs popsync[keyring] (pip install 'popsync[keyring]')"
+_NEEDS: Final = "needs popsync[keyring] (pip install 'popsync[keyring]')"
 _BACKEND_HINT: Final = (
     "no usable keyring backend: run a Secret Service (GNOME Keyring, KWallet, KeePassXC) "
     "and unlock it, or name a backend in PYTHON_KEYRING_BACKEND"
@@ -44,7 +44,7 @@ class KeyringMissing(ValueError):
     """The ``keyring`` library is not installed."""
 
     def __init__(self) -> None:
-        super().__init__(_INSTALL_HINT)
+        super().__init__(_NEEDS)
 
 
 class NoKeyringBackend(ValueError):
@@ -68,7 +68,7 @@ def keyring_problem() -> str | None:
     try:
         _keyring()
     except KeyringMissing:
-        return "needs popsync[keyring] (pip install 'popsync[keyring]')"
+        return _NEEDS
     return None
 
 
@@ -76,8 +76,8 @@ def backend_problem() -> str | None:
     """Why no secret can be stored or read here (no library, no backend), else None."""
     try:
         keyring = _keyring()
-    except KeyringMissing as exc:
-        return str(exc)
+    except KeyringMissing:
+        return f"password_keyring {_NEEDS}"
     from keyring.backends.fail import Keyring as NoBackend
 
     if isinstance(keyring.get_keyring(), NoBackend):

@@ -123,6 +123,7 @@ def test_storing_for_an_account_that_does_not_read_the_keyring_says_so(tmp_path:
 def test_without_the_keyring_library_check_says_which_extra(tmp_path: Path) -> None:
     fake = tmp_path / "nolib"
     fake.mkdir()
+    (tmp_path / "other").mkdir()
     (fake / "keyring.py").write_text("raise ImportError('not installed')\n")
     config = keyring_config(tmp_path)
     done = popsync(tmp_path, "-c", str(config), "check", pythonpath=[fake])
@@ -133,6 +134,16 @@ def test_without_the_keyring_library_check_says_which_extra(tmp_path: Path) -> N
         tmp_path, "-c", str(config), "set-password", "home", stdin=SECRET, pythonpath=[fake]
     )
     assert stored.returncode == 2  # the config itself cannot be used here
+    # An account that does not read the keyring yet: set-password itself says it.
+    other = write_config(tmp_path / "other", [{"name": "home", "port": 1}])
+    stored = popsync(
+        tmp_path, "-c", str(other), "set-password", "home", stdin=SECRET, pythonpath=[fake]
+    )
+    assert stored.returncode == 1
+    (line,) = stored.stderr.strip().splitlines()
+    assert (
+        line == "popsync: password_keyring needs popsync[keyring] (pip install 'popsync[keyring]')"
+    )
 
 
 def test_keyring_and_another_secret_key_is_a_config_error(tmp_path: Path) -> None:
