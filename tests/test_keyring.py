@@ -220,3 +220,22 @@ def test_at_a_terminal_the_secret_is_typed_twice_without_echo(
         assert "the two entries differ; nothing stored" in shown
     stored = (tmp_path / "data").exists()
     assert stored == (status == 0)
+
+
+def test_the_imap_target_reads_its_own_keyring_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keyring
+    from keyrings.alt.file import PlaintextKeyring
+
+    from popsync.config.targets import ImapTarget
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    before = keyring.get_keyring()
+    keyring.set_keyring(PlaintextKeyring())
+    try:
+        keyring.set_password("popsync", "imap:alice@imap.example", SECRET)
+        target = ImapTarget(host="imap.example", username="alice", password_keyring=True)
+        assert target.secret() == SECRET
+    finally:
+        keyring.set_keyring(before)
