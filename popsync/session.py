@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from popsync.errors import (
+    ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
     SecurityError,
@@ -335,10 +336,17 @@ class Session:
             self._command(Utf8())
         methods = self._choose_methods()
         for index, method in enumerate(methods):
+            last = index + 1 == len(methods)
             try:
                 self._login_with(method, secret)
             except ServerError as exc:
-                if index + 1 == len(methods) or not _scram_refusal(method, exc):
+                if last or not _scram_refusal(method, exc):
+                    raise
+                continue
+            except ConfigError:
+                # SASLprep refused the name or password: SCRAM cannot carry
+                # it, the next method can; nothing was sent.
+                if last or opts.auth != AuthMethod.AUTO:
                     raise
                 continue
             if index:
@@ -402,11 +410,12 @@ class Session:
             _SCRAM_REFUSED.setdefault(self._scram_key(), set()).update(refused)
         names = " and ".join(method.upper() for method in refused)
         log.warning(
-            "%s: the server offers %s but refused it for %s; logged in with %s instead, "
+            "%s: the server offers %s but refused %s for %s; logged in with %s instead, "
             "and this process will not try %s again (the server probably stores the "
             "password in a scheme that cannot do SCRAM)",
             self.transport.where,
             names,
+            "them" if len(refused) > 1 else "it",
             self.options.username,
             used.upper(),
             names,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from scramp import ScramMechanism
 
-from popsync.errors import RemoteProtocolError, SecurityError, ServerError
+from popsync.errors import ConfigError, RemoteProtocolError, SecurityError, ServerError
 from popsync.options import AuthMethod, TlsMode
 from popsync.pop3 import Auth, AuthResponse
 from popsync.pop3.sasl import MAX_SCRAM_ITERATIONS, CramMd5, Scram
@@ -120,6 +120,22 @@ def test_a_scram_refusal_about_the_mailbox_does_not_fall_back(code: bytes) -> No
     with pytest.raises(ServerError):
         session.login(PASSWORD)
     assert [w.split()[:2] for w in t.writes[1:]] == [[b"AUTH", b"SCRAM-SHA-256"]]
+
+
+def test_a_password_saslprep_refuses_skips_scram_in_auto() -> None:
+    # RFC 4013 §2.3 prohibits ASCII control characters; PLAIN carries them.
+    password = "pa\x07ss"
+    capa = b"+OK\r\nSASL SCRAM-SHA-256 PLAIN\r\n.\r\n"
+    t = FakeTransport([GREETING, capa, b"+OK welcome\r\n"])
+    Session.start(t, options(port=2001)).login(password)
+    assert [w.split()[:2] for w in t.writes[1:]] == [[b"AUTH", b"PLAIN"]]
+
+    t = FakeTransport([GREETING, capa])
+    session = Session.start(t, options(port=2002, auth=AuthMethod.SCRAM_SHA_256))
+    with pytest.raises(ConfigError, match="cannot be used with SCRAM-SHA-256") as info:
+        session.login(password)
+    assert password not in str(info.value)
+    assert t.writes == [b"CAPA\r\n"]  # nothing was sent
 
 
 class ScramFake(FakeTransport):
