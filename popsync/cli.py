@@ -12,6 +12,7 @@
     popsync [-c CONFIG] import ACCOUNT --from fetchmail|getmail|mpop FILE [--dry-run]
                                              adopt what another tool already fetched
     popsync [-c CONFIG] auth ACCOUNT         OAuth2: authorize once, store the tokens
+    popsync [-c CONFIG] set-password ACCOUNT store the account's secret in the keyring
     popsync demo                             a built-in server, sample mail, a real sync
 
 The global options (-c, -v, -q, --log-format) may come before or after the
@@ -61,6 +62,8 @@ _EXITS = {
     "auth": "0 the tokens are stored; 1 the authorization failed or timed out; "
     "2 config or usage error",
     "demo": "0 the demo synced its sample mail; 1 it did not",
+    "set-password": "0 stored; 1 no usable keyring (the line says how to get one); "
+    "2 config error, unknown account, or the two entries differ",
 }
 
 
@@ -220,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the browser to come back (code flow; default 300)",
     )
+    p_setpw = add_parser(
+        "set-password",
+        help="store an account's password (or token) in the desktop keyring",
+        description="Prompt for the secret (twice, without echo) and store it in the "
+        "keyring under service 'popsync', user ACCOUNT, where password_keyring: true "
+        "reads it. Without a terminal, one line is read from stdin. Never give a "
+        "secret on the command line.",
+    )
+    p_setpw.add_argument("account", metavar="ACCOUNT", help="the account, as named in the config")
     p_demo = add_parser("demo", help="sync sample mail from a built-in server")
     p_demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
     return parser
@@ -248,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             return _auth(config, args.account, wait=args.wait)
         if args.command == "import":
             return _import(config, args.account, args.tool, Path(args.file), dry_run=args.dry_run)
+        if args.command == "set-password":
+            return _set_password(config, args.account)
         if args.command == "db":
             _open_ledger(config).close()
             _say(f"ledger {config.ledger_url}: schema is up to date")
@@ -306,6 +320,52 @@ def _open_ledger(config: Config) -> Ledger:
     from popsync.ledger import Ledger
 
     return Ledger.open(config.ledger_url)
+
+
+def _set_password(config: Config, name: str) -> int:
+    """``set-password``: read the secret (prompt or stdin line), store it in the keyring."""
+    from popsync.keyring_secrets import backend_problem, store_keyring_secret
+
+    (account,) = config.select([name])
+    problem = backend_problem()  # before the prompt: do not ask for nothing
+    if problem:
+        _problem(problem)
+        return EXIT_POLL_FAILED
+    secret = _new_secret(account.name)
+    try:
+        store_keyring_secret(account.name, secret)
+    except ValueError as exc:
+        _problem(str(exc))
+        return EXIT_POLL_FAILED
+    _say(f"account {account.name!r}: secret stored in the keyring (service 'popsync')")
+    if not account.password_keyring:
+        _problem(
+            f"account {account.name!r}: note: it does not read the keyring yet; "
+            "set password_keyring: true (instead of its other password key)"
+        )
+    return EXIT_OK
+
+
+def _new_secret(name: str) -> str:
+    """The secret to store: typed twice at a terminal (no echo), else stdin's
+    first line.  ConfigError if empty, different, or not one clean line."""
+    import getpass
+
+    from popsync.credentials import LINE_BREAKERS, MAX_PASSWORD_FILE_BYTES
+
+    if sys.stdin.isatty():
+        secret = getpass.getpass(f"Password for account {name!r}: ")
+        if getpass.getpass("Again, to be sure: ") != secret:
+            raise ConfigError(f"account {name!r}: the two entries differ; nothing stored")
+    else:
+        raw = sys.stdin.buffer.readline(MAX_PASSWORD_FILE_BYTES)
+        try:
+            secret = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"account {name!r}: stdin is not UTF-8 text") from None
+    if not secret or LINE_BREAKERS.intersection(secret):
+        raise ConfigError(f"account {name!r}: the secret must be one non-empty line")
+    return secret
 
 
 def _check(config: Config) -> int:

@@ -4,16 +4,17 @@ Both return one line of text or raise ValueError with a reason that never
 quotes the secret (config.py turns it into a ConfigError naming the account
 and the key).  A password file must be a regular file no one but its owner
 can read; a password command runs without a shell, with stdin closed, its
-stderr discarded, a cap on what it may print and a timeout; going past either
-kills its whole process group.  Neither may yield a CR, LF or
-NUL: a secret that goes onto the wire must not smuggle in a second command
-(``secret\r\nDELE 1``).
+stderr never shown (only looked at for a shell's "not found"), a cap on what
+it may print and a timeout; going past either kills its whole process group.
+Neither may yield a CR, LF or NUL: a secret that goes onto the wire must not
+smuggle in a second command (``secret\r\nDELE 1``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import stat
 import time
@@ -33,6 +34,7 @@ __all__ = [
     "mode_problem",
     "read_password_file",
     "run_password_command",
+    "shell_hint",
 ]
 
 #: Only the first line of a password file is used; this bounds the read.
@@ -92,12 +94,47 @@ def read_password_file(path: Path) -> str:
     return secret
 
 
+#: Words a shell would have acted on; without one they reach the program as
+#: arguments (``pass show mail | head -1`` runs ``pass`` with four arguments).
+_SHELL_WORDS: Final = frozenset({"|", "||", "&&", ";", "&", ">", ">>", "<", "2>", "2>&1", "|&"})
+_SHELL_WORD_RE: Final = re.compile(r"^(?:\$[({A-Za-z_]|~/|`)|[|;&<>]$|\$\(")
+#: How a shell reports a program it could not run: "sh: 1: gpgg: not found",
+#: "bash: line 1: gpgg: command not found", "zsh: command not found: gpgg".
+_NOT_FOUND_RE: Final = re.compile(
+    rb"^(?:[\w./-]*sh): .*(?:not found|No such file or directory|Permission denied)",
+    re.MULTILINE,
+)
+#: The exit statuses a shell gives a command it could not run (POSIX 2.8.2).
+_CANNOT_RUN: Final = {126: "found but not executable", 127: "not found"}
+
+
+def shell_hint(argv: list[str], returncode: int | None, stderr: bytes) -> str:
+    """A hint for a password command that failed the way a shell-less
+    pipeline or a missing program does, or "" (never quotes its output)."""
+    words = [w for w in argv[1:] if w in _SHELL_WORDS or _SHELL_WORD_RE.search(w)]
+    if words:
+        shown = escape_server_text(words[0], 20)
+        return (
+            f"; it runs without a shell, so {shown!r} reached "
+            f"{escape_server_text(os.path.basename(argv[0]), 40)} as an argument: "
+            "write the command as sh -c '...'"
+        )
+    if returncode in _CANNOT_RUN or _NOT_FOUND_RE.search(stderr):
+        what = _CANNOT_RUN.get(returncode or 0, "not found")
+        return (
+            f"; a program it runs was {what} (a shell said so): check the names "
+            "and PATH in the command, and that sh -c '...' wraps any pipe"
+        )
+    return ""
+
+
 def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
     """Run a password command without a shell; its one line of output is the secret.
 
-    The child gets a closed stdin, its stderr goes to /dev/null (a failing
-    helper may print the secret there, and popsync's error text ends up on the
-    terminal, in logs and in the ledger's poll history), and it runs in its own
+    The child gets a closed stdin; its stderr is read (bounded) but never
+    shown -- a failing helper may print the secret there, and popsync's error
+    text ends up on the terminal, in logs and in the ledger's poll history --
+    only matched for a shell's "not found" (:func:`shell_hint`).  It runs in its own
     session, so on timeout or excess output the whole process group (a shell
     script's children too) is killed, not only the direct child. At most
     :data:`MAX_PASSWORD_COMMAND_OUTPUT` bytes of stdout are read, a chunk at a
@@ -105,7 +142,9 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
 
     Raises ValueError with a reason that never quotes its output: it could not
     start, printed too much, did not finish within *timeout* seconds, failed
-    (exit status or signal only), or printed nothing, several lines or non-UTF-8.
+    (exit status or signal only), or printed nothing, several lines or non-UTF-8;
+    a failure that looks like a pipeline written without ``sh -c``, or like a
+    shell's "not found", ends with a hint saying so.
     """
     import subprocess
 
@@ -114,7 +153,7 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             cwd=cwd,
             start_new_session=True,
         )
@@ -122,19 +161,27 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
         raise ValueError(f"cannot run {escape_server_text(argv[0])}: {exc.strerror}") from None
     with proc:
         try:
-            out = _read_bounded(proc, time.monotonic() + timeout, timeout)
+            out, err = _read_bounded(proc, time.monotonic() + timeout, timeout)
         except ValueError:
             _kill_group(proc)  # not reaped yet, so its group id cannot be reused
             raise
+    try:
+        return _one_line(out, proc.returncode)
+    except ValueError as exc:
+        raise ValueError(f"{exc}{shell_hint(argv, proc.returncode, err)}") from None
+
+
+def _one_line(out: bytes, returncode: int) -> str:
+    """The secret in a password command's stdout, or ValueError saying why not."""
     if out.endswith(b"\n"):
         out = out[:-1].removesuffix(b"\r")
-    if proc.returncode != 0:
+    if returncode != 0:
         how = (
-            f"was killed by signal {-proc.returncode}"
-            if proc.returncode < 0
-            else f"exited with status {proc.returncode}"
+            f"was killed by signal {-returncode}"
+            if returncode < 0
+            else f"exited with status {returncode}"
         )
-        # Its stderr was not kept: it may hold the secret.
+        # Its stderr is never shown: it may hold the secret.
         raise ValueError(f"{how} (run it by hand to see its error output)")
     if not out:
         raise ValueError("printed nothing (the secret must be its first output line)")
@@ -146,41 +193,50 @@ def run_password_command(argv: list[str], cwd: Path, timeout: float) -> str:
         raise ValueError("printed something that is not UTF-8 text") from None
 
 
-def _read_bounded(proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> bytes:
-    """Read *proc*'s stdout to EOF and wait for it to exit, all before *deadline*.
+def _read_bounded(
+    proc: subprocess.Popen[bytes], deadline: float, timeout: float
+) -> tuple[bytes, bytes]:
+    """Read *proc*'s stdout and stderr to EOF and wait for it to exit, all
+    before *deadline*; (stdout, the first MAX_PASSWORD_COMMAND_OUTPUT bytes
+    of stderr -- the rest is read and dropped).
 
-    Raises ValueError once more than MAX_PASSWORD_COMMAND_OUTPUT bytes arrive or
-    the deadline passes; the caller then kills the process group.
+    Raises ValueError once more than MAX_PASSWORD_COMMAND_OUTPUT bytes arrive on
+    stdout or the deadline passes; the caller then kills the process group.
     """
     import selectors
     import subprocess
 
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    out = bytearray()
+    assert proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    got = {out_fd: bytearray(), err_fd: bytearray()}
     with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
+        for fd in got:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
             left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
+            ready = selector.select(left) if left > 0 else []
+            if not ready:
                 raise ValueError(f"did not finish within {timeout:g} seconds")
-            try:
-                chunk = os.read(fd, _READ_CHUNK)
-            except OSError as exc:
-                raise ValueError(f"cannot read its output: {exc.strerror}") from None
-            if not chunk:
-                break
-            out += chunk
-            if len(out) > MAX_PASSWORD_COMMAND_OUTPUT:
-                raise ValueError(
-                    f"printed more than {MAX_PASSWORD_COMMAND_OUTPUT} bytes; "
-                    "the secret must be one short line"
-                )
+            for key, _ in ready:
+                fd = int(key.fd)
+                try:
+                    chunk = os.read(fd, _READ_CHUNK)
+                except OSError as exc:
+                    raise ValueError(f"cannot read its output: {exc.strerror}") from None
+                if not chunk:
+                    selector.unregister(fd)
+                elif len(got[fd]) <= MAX_PASSWORD_COMMAND_OUTPUT:
+                    got[fd] += chunk
+                if fd == out_fd and len(got[fd]) > MAX_PASSWORD_COMMAND_OUTPUT:
+                    raise ValueError(
+                        f"printed more than {MAX_PASSWORD_COMMAND_OUTPUT} bytes; "
+                        "the secret must be one short line"
+                    )
     try:
         proc.wait(max(deadline - time.monotonic(), 0))
     except subprocess.TimeoutExpired:
         raise ValueError(f"did not finish within {timeout:g} seconds") from None
-    return bytes(out)
+    return bytes(got[out_fd]), bytes(got[err_fd][:MAX_PASSWORD_COMMAND_OUTPUT])
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

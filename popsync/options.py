@@ -22,12 +22,15 @@ class TlsMode(StrEnum):
 
 
 class AuthMethod(StrEnum):
-    """Which login to use; ``auto`` never picks APOP (MD5 is broken)."""
+    """Which login to use; ``auto`` never picks APOP or CRAM-MD5 (MD5 is broken)."""
 
     AUTO = "auto"
     USER = "user"  # USER/PASS, RFC 1939 §7
     PLAIN = "plain"  # SASL PLAIN, RFC 4616
     LOGIN = "login"  # SASL LOGIN (draft-murchison-sasl-login)
     APOP = "apop"  # RFC 1939 §7
+    SCRAM_SHA_256 = "scram-sha-256"  # RFC 7677
+    SCRAM_SHA_1 = "scram-sha-1"  # RFC 5802
+    CRAM_MD5 = "cram-md5"  # RFC 2195; like APOP, only when configured
     XOAUTH2 = "xoauth2"  # the secret is the OAuth access token
     OAUTHBEARER = "oauthbearer"  # RFC 7628; the secret is the OAuth token

@@ -35,6 +35,7 @@ thread, which is how a watchdog frees a session stuck in a read.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections import deque
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from popsync.errors import (
+    ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
     SecurityError,
@@ -98,10 +100,28 @@ from popsync.pop3.listing import (
     parse_capabilities,
     parse_scan_line,
 )
+from popsync.pop3.sasl import CramMd5, Mechanism, Scram, Scripted, additional_data
 from popsync.transport import Deadline, Transport, answers_tls
 
 #: Most challenges one AUTH exchange may send before we give up on it.
 MAX_AUTH_ROUNDS = 8
+
+log = logging.getLogger("popsync.session")
+
+#: The SCRAM methods ``auth: auto`` tries first, strongest first.
+_SCRAM = (AuthMethod.SCRAM_SHA_256, AuthMethod.SCRAM_SHA_1)
+#: (host, port, user) -> SCRAM methods the server refused where a fallback
+#: worked: this process does not try them again (each try is a failed login
+#: in the server's log, and enough of those get an address banned).
+_SCRAM_REFUSED: dict[tuple[str, int, str], set[AuthMethod]] = {}
+_SCRAM_REFUSED_LOCK = threading.Lock()
+
+
+def _scram_refusal(method: AuthMethod, exc: ServerError) -> bool:
+    """Whether *exc*, the answer to an ``auth: auto`` SCRAM attempt, may mean
+    "not with SCRAM": a plain or ``[AUTH]`` refusal.  ``[IN-USE]``,
+    ``[LOGIN-DELAY]`` or ``[SYS/...]`` are about the mailbox, not the mechanism."""
+    return method in _SCRAM and (exc.code is None or exc.code.top == "AUTH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +314,16 @@ class Session:
         """Authenticate with the configured method.
 
         Raises SecurityError (before sending anything) if that would put the
-        secret on an unencrypted connection without ``allow_plaintext``, and
-        ServerError if the server refuses.
+        secret on an unencrypted connection without ``allow_plaintext``,
+        ServerError if the server refuses, and SecurityError if a SCRAM
+        server cannot prove it knows the password.
+
+        With ``auth: auto``, SCRAM-SHA-256 and then SCRAM-SHA-1 come first when
+        the server offers them.  A server may offer SCRAM yet be unable to do it
+        for this user (Dovecot does, when it stores the password in another
+        scheme): a refused SCRAM falls back, once, to the next method; when that
+        one works, this process stops trying SCRAM for the account and says so
+        once in the log.
         """
         opts = self.options
         if not self.secure and not opts.allow_plaintext:
@@ -306,7 +334,32 @@ class Session:
             # RFC 6856 §2: messages as stored, not a per-download wrapper.
             # A refusal changes nothing for us; the reply is read either way.
             self._command(Utf8())
-        method = self._choose_method()
+        methods = self._choose_methods()
+        for index, method in enumerate(methods):
+            last = index + 1 == len(methods)
+            try:
+                self._login_with(method, secret)
+            except ServerError as exc:
+                if last or not _scram_refusal(method, exc):
+                    raise
+                continue
+            except ConfigError:
+                # SASLprep refused the name or password: SCRAM cannot carry
+                # it, the next method can; nothing was sent.
+                if last or opts.auth != AuthMethod.AUTO:
+                    raise
+                continue
+            if index:
+                self._scram_gave_way(methods[:index], method)
+            break
+        self.conn.pipelining = False
+        if self.capabilities.login_delay is not None or self.capabilities.expire is not None:
+            # RFC 2449 §6.5/6.7: the per-user values are shown only after login.
+            self.capabilities = self._capa()
+        self.conn.pipelining = self.capabilities.pipelining
+
+    def _login_with(self, method: AuthMethod, secret: str) -> None:
+        opts = self.options
         if method == AuthMethod.USER:
             self._expect_ok(User(opts.username), login=True)
             self._expect_ok(Pass(secret), login=True)
@@ -317,6 +370,10 @@ class Session:
             self._expect_ok(Apop(opts.username, apop_digest(stamp, secret)), login=True)
         elif method == AuthMethod.LOGIN:
             self._sasl("LOGIN", None, [opts.username.encode(), secret.encode()])
+        elif method in _SCRAM:
+            self._sasl_exchange(Scram(method.upper(), opts.username, secret))
+        elif method == AuthMethod.CRAM_MD5:
+            self._sasl_exchange(CramMd5(opts.username, secret))
         else:
             initial = {
                 AuthMethod.PLAIN: sasl_plain(opts.username, secret),
@@ -329,40 +386,82 @@ class Session:
             # the server's verdict -- and then gets the final -ERR.
             oauth = method in (AuthMethod.XOAUTH2, AuthMethod.OAUTHBEARER)
             self._sasl(method.upper(), initial, [b"\x01"] if oauth else [])
-        self.conn.pipelining = False
-        if self.capabilities.login_delay is not None or self.capabilities.expire is not None:
-            # RFC 2449 §6.5/6.7: the per-user values are shown only after login.
-            self.capabilities = self._capa()
-        self.conn.pipelining = self.capabilities.pipelining
 
-    def _choose_method(self) -> AuthMethod:
+    def _choose_methods(self) -> list[AuthMethod]:
+        """The methods to try, in order: the configured one alone, or for
+        ``auto`` the SCRAM mechanisms the server offers (unless it refused
+        them before), then SASL PLAIN if offered, else USER/PASS."""
         opts = self.options
         if opts.auth != AuthMethod.AUTO:
-            return opts.auth
+            return [opts.auth]
+        key = self._scram_key()
+        with _SCRAM_REFUSED_LOCK:
+            refused = set(_SCRAM_REFUSED.get(key, ()))
+        methods = [
+            method
+            for method in _SCRAM
+            if method.upper() in self.capabilities.sasl and method not in refused
+        ]
         # SASL PLAIN carries the same secret as PASS but in one round trip.
-        if "PLAIN" in self.capabilities.sasl:
-            return AuthMethod.PLAIN
-        return AuthMethod.USER
+        methods.append(AuthMethod.PLAIN if "PLAIN" in self.capabilities.sasl else AuthMethod.USER)
+        return methods
+
+    def _scram_key(self) -> tuple[str, int, str]:
+        return (self.options.host, self.options.port, self.options.username)
+
+    def _scram_gave_way(self, refused: list[AuthMethod], used: AuthMethod) -> None:
+        """Remember that *refused* failed where *used* worked, and say so once."""
+        with _SCRAM_REFUSED_LOCK:
+            _SCRAM_REFUSED.setdefault(self._scram_key(), set()).update(refused)
+        names = " and ".join(method.upper() for method in refused)
+        log.warning(
+            "%s: the server offers %s but refused %s for %s; logged in with %s instead, "
+            "and this process will not try %s again (the server probably stores the "
+            "password in a scheme that cannot do SCRAM)",
+            self.transport.where,
+            names,
+            "them" if len(refused) > 1 else "it",
+            self.options.username,
+            used.upper(),
+            names,
+        )
 
     def _sasl(self, mechanism: str, initial: bytes | None, answers: list[bytes]) -> None:
         """An RFC 5034 AUTH exchange; *answers* reply to successive challenges."""
-        command = Auth(mechanism, initial)
-        pending = deque(answers)
+        self._sasl_exchange(Scripted(mechanism, initial, answers))
+
+    def _sasl_exchange(self, mechanism: Mechanism) -> None:
+        """Drive one RFC 5034 AUTH exchange: *mechanism* answers each ``+``
+        challenge (None cancels it with ``*``) and checks the final ``+OK``.
+
+        Every client line of the exchange goes through the core's
+        :meth:`Connection.send` / :meth:`Connection.send_auth_response`.
+        """
+        name = mechanism.name
+        initial = mechanism.initial()
+        command = Auth(name, initial)
+        pending_initial = None
         if initial is not None and not command.fits():
             # RFC 5034 §4: too long for the command line; send it on request.
-            command = Auth(mechanism, None)
-            pending.appendleft(initial)
+            command = Auth(name, None)
+            pending_initial = initial
         self.transport.send(self.conn.send(command))
         for _ in range(MAX_AUTH_ROUNDS):
             event = self._next()
             if isinstance(event, Challenge):
-                decode_challenge(event.data)  # validates; content is not needed
-                reply = AuthResponse(pending.popleft() if pending else None)
-                self.transport.send(self.conn.send_auth_response(reply))
+                challenge = decode_challenge(event.data)
+                if pending_initial is not None:
+                    answer: bytes | None = pending_initial
+                    pending_initial = None
+                else:
+                    answer = mechanism.respond(challenge)
+                self.transport.send(self.conn.send_auth_response(AuthResponse(answer)))
                 continue
             self._check_login_reply(event)
+            assert isinstance(event, Ok)
+            mechanism.succeeded(additional_data(event.text))
             return
-        raise RemoteProtocolError(f"AUTH {mechanism}: too many challenges")
+        raise RemoteProtocolError(f"AUTH {name}: too many challenges")
 
     def _expect_ok(self, command: Command, *, login: bool = False) -> bytes:
         self.transport.send(self.conn.send(command))

@@ -98,7 +98,6 @@ from popsync.reconcile import (
 )
 from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.textfmt import format_size
-from popsync.transport import make_ssl_context
 
 if TYPE_CHECKING:
     from popsync.refetch import Lost
@@ -194,7 +193,7 @@ def session_options(account: Account) -> SessionOptions:
         port=account.port,
         username=account.username,
         tls=account.tls,
-        ssl_context=None if account.tls == TlsMode.NONE else make_ssl_context(account.ca_file),
+        ssl_context=None if account.tls == TlsMode.NONE else account.ssl_context(),
         auth=account.auth,
         allow_plaintext=account.allow_plaintext,
         timeout=account.timeout,

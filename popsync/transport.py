@@ -17,8 +17,13 @@ Contract:
   later one -- raises the error given to it.
 * TLS is always verified: :func:`make_ssl_context` starts from
   ``ssl.create_default_context()`` (CERT_REQUIRED, host name checked) and
-  requires TLS 1.2 or newer (RFC 8997).  The name checked is the host the
-  user configured (RFC 7817), never one learnt from DNS.
+  requires TLS 1.2 or newer (RFC 8997; ``tls_min_version: "1.3"`` raises
+  that).  The name checked is the host the user configured (RFC 7817),
+  never one learnt from DNS.  With pins (``tls_fingerprint``) the context is
+  a :class:`PinnedContext`: the pin replaces CA and name checks, and the
+  peer certificate is compared right after the handshake, before a byte of
+  POP3 is read or written; a mismatch is a SecurityError naming both
+  fingerprints (see :mod:`popsync.tlspin`).
 * No ``OSError`` or ``ssl.SSLError`` leaves this module: they become
   :class:`TransportError` (network), :class:`TimeoutError_` (deadline) or
   :class:`SecurityError` (the certificate is not trusted for this host).
@@ -42,6 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from popsync import tlspin
 from popsync.errors import (
     ConfigError,
     SecurityError,
@@ -64,19 +70,88 @@ PROBE_WAIT = 5.0
 _UNKNOWN_CA = frozenset({18, 19, 20, 21})
 
 
-def make_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
+#: SSL error reasons that mean "no TLS version both sides accept".
+_VERSION_REASONS = frozenset(
+    {
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "VERSION_TOO_LOW",
+        "VERSION_TOO_HIGH",
+    }
+)
+#: SSL error reasons that mean "the server wants (another) client certificate".
+_CLIENT_CERT_REASONS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    }
+)
+#: ``tls_min_version`` values and the TLS version each is.
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class PinnedContext(ssl.SSLContext):
+    """A client context that trusts a server by its pins alone (no CA, no
+    host-name check); :class:`Transport` compares them after each handshake."""
+
+    pins: tuple[str, ...] = ()
+
+
+def make_ssl_context(
+    ca_file: Path | None = None,
+    *,
+    pins: tuple[str, ...] = (),
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    min_version: str = "1.2",
+) -> ssl.SSLContext:
     """A verifying client context; *ca_file* adds a trust anchor to the system's.
 
-    Raises ConfigError if *ca_file* cannot be read as PEM certificates.
+    With *pins* (canonical, :func:`popsync.tlspin.parse_pin`) a
+    :class:`PinnedContext` instead, which neither checks a CA nor the host
+    name.  *client_cert* (and *client_key*, unless the cert file holds the
+    key) is offered to servers that ask; *min_version* is ``"1.2"`` or
+    ``"1.3"``.  Raises ConfigError if a file cannot be loaded.
     """
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8997
-    if ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"ca_file {ca_file}: cannot load certificates: {exc}") from None
+    if pins:
+        pinned = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.check_hostname = False
+        pinned.verify_mode = ssl.CERT_NONE  # the pin is checked after the handshake
+        pinned.pins = pins
+        ctx: ssl.SSLContext = pinned
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if ca_file is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"ca_file {ca_file}: cannot load certificates: {exc}") from None
+    ctx.minimum_version = TLS_VERSIONS[min_version]  # RFC 8997: never below 1.2
+    if client_cert is not None:
+        _load_client_cert(ctx, client_cert, client_key)
     return ctx
+
+
+def _load_client_cert(ctx: ssl.SSLContext, cert: Path, key: Path | None) -> None:
+    """Load the client certificate; an encrypted key is refused, never prompted for."""
+
+    def no_passphrase() -> bytes:
+        raise ConfigError(
+            f"tls_client_key {key or cert}: the key is encrypted; "
+            "popsync needs it unencrypted (chmod 600 keeps it private)"
+        )
+
+    try:
+        ctx.load_cert_chain(str(cert), None if key is None else str(key), no_passphrase)
+    except (OSError, ssl.SSLError) as exc:
+        files = str(cert) if key is None else f"{cert}, {key}"
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ConfigError(
+            f"tls_client_cert {files}: cannot load the certificate and its key: {reason}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +177,29 @@ def _translate(exc: BaseException, doing: str, where: str) -> Exception:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _untrusted(exc, where)
     if isinstance(exc, ssl.SSLError):
-        return TransportError(f"{where}: TLS error while {doing}: {exc.reason or exc}")
+        return _tls_failure(exc, doing, where)
     if isinstance(exc, socket.gaierror):
         return TransportError(f"{where}: cannot resolve host name: {exc.strerror}")
     if isinstance(exc, OSError):
         text = exc.strerror or str(exc) or type(exc).__name__
         return TransportError(f"{where}: network error while {doing}: {text}")
     return TransportError(f"{where}: {doing} failed: {exc}")
+
+
+def _tls_failure(exc: ssl.SSLError, doing: str, where: str) -> Exception:
+    """A TLS error: a version or client-certificate refusal is permanent (the
+    config must change), anything else a temporary TransportError."""
+    if exc.reason in _VERSION_REASONS:
+        return SecurityError(
+            f"{where}: no TLS version both sides accept ({exc.reason}): the server offers "
+            "none at or above popsync's minimum (tls_min_version, default 1.2)"
+        )
+    if exc.reason in _CLIENT_CERT_REASONS:
+        return SecurityError(
+            f"{where}: the server refused the TLS client certificate, or wants one "
+            f"({exc.reason}): check tls_client_cert and tls_client_key"
+        )
+    return TransportError(f"{where}: TLS error while {doing}: {exc.reason or exc}")
 
 
 def _untrusted(exc: ssl.SSLCertVerificationError, where: str) -> SecurityError:
@@ -259,6 +350,23 @@ class Transport:
             )
             self._sock = tls
         tls.do_handshake()  # outside the lock, so interrupt() can wake it
+        if isinstance(ssl_context, PinnedContext):
+            self._check_pins(tls, ssl_context.pins)
+
+    def _check_pins(self, tls: ssl.SSLSocket, pins: tuple[str, ...]) -> None:
+        """SecurityError unless the peer certificate matches one of *pins*."""
+        der = tls.getpeercert(binary_form=True)
+        if der is None:
+            raise SecurityError(f"{self.where}: the server sent no TLS certificate to pin")
+        if not tlspin.matches(der, pins):
+            shown = tlspin.cert_fingerprint(der)
+            if any(pin.startswith("pin-sha256:") for pin in pins):
+                with contextlib.suppress(ValueError):
+                    shown += f" ({tlspin.spki_pin(der)})"
+            raise SecurityError(
+                f"{self.where}: TLS certificate {shown} does not match tls_fingerprint "
+                f"({', '.join(pins)}); refusing to continue"
+            )
 
     def probe_wait(self) -> float:
         """How long a probe of this port may take: PROBE_WAIT, cut short by

@@ -35,7 +35,8 @@ def write_config(tmp: Path, accounts: list[dict[str, Any]], *, ledger: Path | No
     for acc in accounts:
         acc = dict(acc)  # noqa: PLW2901
         secret = acc.pop("secret", "pass")
-        if "password_file" not in acc and "password" not in acc and "password_command" not in acc:
+        sources = ("password_file", "password", "password_command", "password_keyring")
+        if not any(key in acc for key in sources):
             pw = tmp / f"{acc['name']}.pass"
             pw.write_text(secret + "\n")
             pw.chmod(0o600)

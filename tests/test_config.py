@@ -203,6 +203,8 @@ def test_example_config_loads_and_documents_every_key(tmp_path: Path, clean_env:
     target.chmod(0o600)  # it holds a literal password
     write(clean_env / ".config/popsync/home.pass", "from-the-example\n")
     write(clean_env / ".config/popsync/example-net-ca.pem", "not parsed at load time\n")
+    write(clean_env / ".config/popsync/me.pem", "not parsed at load time\n", 0o644)
+    write(clean_env / ".config/popsync/me.key", "not parsed at load time\n")
 
     config = load_config(target)
 
@@ -234,7 +236,7 @@ ERROR_CASES: list[tuple[dict[str, object], str, str]] = [
     ({"port": True}, "port", "must be a whole number"),
     ({"tls": "ssl"}, "tls", "must be one of 'implicit', 'starttls' or 'none'"),
     ({"tls": False}, "tls", "must be one of"),
-    ({"auth": "cram-md5"}, "auth", "must be one of"),
+    ({"auth": "digest-md5"}, "auth", "must be one of"),
     ({"tls": "none"}, "tls", "allow_plaintext: true"),
     ({"tls": "none", "allow_plaintext": False}, "tls", "in clear"),
     ({"allow_plaintext": "maybe"}, "allow_plaintext", "must be true or false"),
@@ -372,13 +374,13 @@ def test_many_problems_one_line_each_and_duplicates(tmp_path: Path) -> None:
     assert lines == [
         f"{path}: account 'work': port: must be between 1 and 65535",
         f"{path}: account 'work': password: missing: give one of password, "
-        "password_file, password_command or oauth2",
+        "password_file, password_command, password_keyring or oauth2",
         f"{path}: account #4: name: missing (this key is required)",
         f"{path}: account #4: username: missing (this key is required)",
         f"{path}: account #4: maildir: missing: give one delivery target: "
         "maildir, mbox, mda, lmtp, imap",
         f"{path}: account #4: password: missing: give one of password, "
-        "password_file, password_command or oauth2",
+        "password_file, password_command, password_keyring or oauth2",
         f"{path}: account #3: name: 'home' is already used by account #1",
     ]
 

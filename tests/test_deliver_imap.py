@@ -12,6 +12,7 @@ message.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -37,6 +38,7 @@ from popsync.deliver.imap import (
 )
 from popsync.errors import DeliveryError, SecurityError
 from popsync.options import TlsMode
+from popsync.transport import make_ssl_context
 from tests.fakes import FakeTransport
 from tests.helpers import run_sync
 from tests.servers.dovecot_delivery import DeliveryDovecot, DeliveryMailbox
@@ -66,6 +68,9 @@ class Spec:
 
     def secret(self) -> str:
         return self.password
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return make_ssl_context(self.ca_file)
 
 
 def draft_of(target: ImapTarget, name: str, data: bytes, piece: int = 65536) -> ImapDraft:
@@ -321,6 +326,7 @@ import os, resource, sys
 from dataclasses import dataclass
 from popsync.deliver.imap import open_imap_target
 from popsync.options import TlsMode
+from popsync.transport import make_ssl_context
 
 @dataclass(frozen=True)
 class Spec:

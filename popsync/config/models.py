@@ -47,6 +47,7 @@ from popsync.config.secrets import (
     context_of,
 )
 from popsync.config.targets import TARGET_KEYS, ImapTarget, check_lmtp, check_mda, one_target
+from popsync.config.tls import TlsControls
 from popsync.config.values import (
     AccountName,
     Days,
@@ -102,7 +103,7 @@ def _source(info: ValidationInfo) -> Path | None:
     return source if isinstance(source, Path) else None
 
 
-class Account(SecretSource, TlsLoginRules):
+class Account(TlsControls, SecretSource, TlsLoginRules):
     """One POP3 account: where to connect, how to log in, where mail goes, what to delete."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -215,9 +216,12 @@ class Account(SecretSource, TlsLoginRules):
             for key in ("password", "password_file", "password_command")
             if key not in info.data or info.data[key] is not None
         ]
+        if info.data.get("password_keyring", True):
+            passwords.append("password_keyring")
         if value is None and not passwords:
             raise KeyedValueError(
-                "missing: give one of password, password_file, password_command or oauth2",
+                "missing: give one of password, password_file, password_command, "
+                "password_keyring or oauth2",
                 key="password",
             )
         if value is not None and passwords:
@@ -235,6 +239,10 @@ class Account(SecretSource, TlsLoginRules):
     def target(self) -> str:
         """The kind of delivery target: maildir, mbox, mda, lmtp or imap."""
         return next(key for key in TARGET_KEYS if getattr(self, key) is not None)
+
+    def keyring_user(self) -> str:
+        """``password_keyring``: the secret is stored under the account's name."""
+        return self.name
 
     def secret(self) -> str:
         """The password or OAuth token, read afresh from its source on every call

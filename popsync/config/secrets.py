@@ -1,10 +1,14 @@
 """Where a secret comes from: exactly one of ``password``, ``password_file``,
-``password_command`` -- for an account, and for an IMAP delivery target.
+``password_keyring``, ``password_command`` -- for an account, and for an IMAP
+delivery target.
 
 A ``password`` is a :class:`SecretStr` (never in a ``repr`` or a message); a
-file must not be readable by group or others; a command is split like a
-shell would (it runs without one) and must not be empty.  The file and the
-command are read only by :meth:`SecretSource.secret`, afresh on each call.
+file must not be readable by group or others; ``password_keyring: true``
+needs the ``keyring`` library (popsync[keyring]); a command is split like a
+shell would -- it runs WITHOUT a shell, so pipes, ``$VAR`` and ``~`` are not
+expanded (write ``sh -c '...'`` for those) -- and must not be empty.  The
+file, the keyring and the command are read only by
+:meth:`SecretSource.read_secret`, afresh on each call.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from popsync.credentials import (
     run_password_command,
 )
 from popsync.errors import ConfigError
+from popsync.keyring_secrets import keyring_problem, read_keyring_secret
 from popsync.options import TlsMode
 
 #: Seconds a ``password_command`` may run before it is killed.
@@ -56,6 +61,9 @@ class SecretSource(BaseModel):
 
     password: SecretStr | None = None
     password_file: Path | None = None
+    #: The secret is in the desktop keyring: service "popsync", user
+    #: :meth:`keyring_user` (an account's name).
+    password_keyring: bool = False
     password_command: str | None = Field(default=None, validate_default=True)
 
     #: A model with another credential source (an account's ``oauth2``)
@@ -93,6 +101,14 @@ class SecretSource(BaseModel):
                 raise ValueError("must not contain line breaks or NUL characters")
         return value
 
+    @field_validator("password_keyring")
+    @classmethod
+    def _keyring_installed(cls, value: bool) -> bool:
+        problem = keyring_problem() if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("password_command")
     @classmethod
     def _exactly_one_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -110,16 +126,19 @@ class SecretSource(BaseModel):
             for key in ("password", "password_file")
             if key not in info.data or info.data[key] is not None
         ]
+        if info.data.get("password_keyring", True):
+            given.append("password_keyring")
         if value is not None:
             given.append("password_command")
         if not given and cls._OTHER_SOURCE is None:
             raise KeyedValueError(
-                "missing: give one of password, password_file or password_command",
+                "missing: give one of password, password_file, password_keyring "
+                "or password_command",
                 key="password",
             )
         if len(given) > 1:
             raise KeyedValueError(
-                "give only one of password, password_file, password_command",
+                "give only one of password, password_file, password_keyring, password_command",
                 key=", ".join(given),
             )
         return value
@@ -129,27 +148,39 @@ class SecretSource(BaseModel):
         self._base_dir = context_of(info)[0]
         return self
 
+    def keyring_user(self) -> str:
+        """The keyring user name this source's secret is stored under."""
+        raise NotImplementedError  # each model that logs in names its own
+
     def read_secret(self, owner: str) -> str:
         """The secret, read afresh from its source; *owner* names it in errors.
 
-        ``password_command`` runs with ``shlex.split`` (no shell), stdin closed,
-        the config file's directory as working directory, and at most
-        :data:`PASSWORD_COMMAND_TIMEOUT` seconds.  Raises ConfigError, naming
-        *owner* and the key but never the secret, when the file is missing,
-        readable by group or others, empty or not one clean line, or when the
-        command cannot run, fails, times out, prints nothing or more than a line.
+        ``password_command`` runs with ``shlex.split`` -- no shell, so no pipes,
+        variables or ``~`` -- stdin closed, the config file's directory as
+        working directory, and at most :data:`PASSWORD_COMMAND_TIMEOUT`
+        seconds.  Raises ConfigError, naming *owner* and the key but never the
+        secret, when the file is missing, readable by group or others, empty or
+        not one clean line; when the keyring has no usable backend or nothing
+        stored; or when the command cannot run, fails, times out, prints
+        nothing or more than a line (with a hint when it looks like a shell
+        pipeline written without ``sh -c``).
         """
+        key = "password"
         try:
             if self.password is not None:
                 return self.password.get_secret_value()
             if self.password_file is not None:
+                key = "password_file"
                 return read_password_file(self.password_file)
+            if self.password_keyring:
+                key = "password_keyring"
+                return read_keyring_secret(self.keyring_user())
             if self.password_command is not None:
+                key = "password_command"
                 argv = shlex.split(self.password_command)
                 timeout = PASSWORD_COMMAND_TIMEOUT
                 return run_password_command(argv, self._base_dir, timeout)
         except ValueError as exc:
-            key = "password_file" if self.password_file is not None else "password_command"
             raise ConfigError(f"{owner}: {key}: {exc}") from None
         raise ConfigError(f"{owner}: password: no secret is configured")
 

@@ -20,6 +20,7 @@ from typing import Any, Final
 from pydantic import ConfigDict, Field, model_validator
 
 from popsync.config.secrets import SecretSource, TlsLoginRules
+from popsync.config.tls import TlsControls
 from popsync.config.values import HostName, KeyedValueError, Port, WireText
 from popsync.options import TlsMode
 
@@ -29,7 +30,7 @@ TARGET_KEYS: Final = ("maildir", "mbox", "mda", "lmtp", "imap")
 _LMTP_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>[0-9]{1,5})")
 
 
-class ImapTarget(SecretSource, TlsLoginRules):
+class ImapTarget(TlsControls, SecretSource, TlsLoginRules):
     """``imap:``: APPEND into *mailbox* on another host (a migration's new home)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,6 +51,10 @@ class ImapTarget(SecretSource, TlsLoginRules):
             implicit = data.get("tls", TlsMode.IMPLICIT) == TlsMode.IMPLICIT
             data = {**data, "port": 993 if implicit else 143}
         return data
+
+    def keyring_user(self) -> str:
+        """``password_keyring``: the secret is stored as ``imap:USER@HOST``."""
+        return f"imap:{self.username}@{self.host}"
 
     def secret(self) -> str:
         """The IMAP password, read afresh (see :meth:`SecretSource.read_secret`)."""

@@ -57,6 +57,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -77,7 +78,7 @@ from popsync.errors import (
 )
 from popsync.identity import HEADER_CAP
 from popsync.options import TlsMode
-from popsync.transport import Transport, make_ssl_context
+from popsync.transport import Transport
 
 #: Messages one commit may cover (one ledger commit for their intents).
 BATCH = 16
@@ -124,6 +125,11 @@ class ImapConfig(Protocol):
     def mailbox(self) -> str: ...
 
     def secret(self) -> str: ...
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for ``tls: implicit`` or ``starttls`` (pins, client
+        certificate and minimum version included)."""
+        ...
 
 
 class ImapAuthError(DeliveryError):
@@ -638,7 +644,7 @@ def _starttls(wire: Wire, config: ImapConfig) -> set[str]:
         raise SecurityError(f"{wire.where}: STARTTLS refused: {done.shown()}")
     if wire.buffered():  # bytes sent before the handshake would be trusted after it
         raise SecurityError(f"{wire.where}: the server sent data ahead of the TLS handshake")
-    wire.transport.start_tls(make_ssl_context(config.ca_file))
+    wire.transport.start_tls(config.ssl_context())
     return _ask_capabilities(wire)  # what was said in clear is forgotten (RFC 3501 §6.2.1)
 
 
@@ -682,7 +688,7 @@ def connect(config: ImapConfig, timeout: float) -> ImapSession:
     """
     where = f"imap target {config.host}:{config.port}"
     implicit = config.tls == TlsMode.IMPLICIT
-    context = make_ssl_context(config.ca_file) if implicit else None
+    context = config.ssl_context() if implicit else None
     try:
         transport = Transport.connect(
             config.host, config.port, timeout=timeout, ssl_context=context

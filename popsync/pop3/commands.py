@@ -273,4 +273,6 @@ class AuthResponse:
     def to_bytes(self) -> bytes:
         if self.data is None:
             return b"*\r\n"
-        return encode_sasl(self.data) + b"\r\n"
+        # Only an empty *initial* response is "=" (RFC 5034 §4); an empty
+        # answer to a challenge is an empty line (SCRAM's last step is one).
+        return base64.b64encode(self.data) + b"\r\n"

@@ -694,7 +694,7 @@ service pop3-login {{
         # The last field holds extra fields; "userdb_" marks those for the userdb.
         extra = " ".join(f"userdb_{k}={v}" for k, v in self._userdb_fields[user].items())
         line = (
-            f"{user}:{{PLAIN}}{self._users[user]}:{acct.mail_uid}:{acct.mail_gid}"
+            f"{user}:{self._password_field(user)}:{acct.mail_uid}:{acct.mail_gid}"
             f"::{home}::{extra}\n"
         )
         # Replace atomically so Dovecot never reads a half-written file.
@@ -704,6 +704,11 @@ service pop3-login {{
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(line)
         os.replace(tmp, path)
+
+    def _password_field(self, user: str) -> str:
+        """The passwd-file password of *user*, scheme first; a subclass may
+        store a hash instead (SCRAM needs one of its own schemes)."""
+        return f"{{PLAIN}}{self._users[user]}"
 
     def _own(self, path: Path | int) -> None:
         """Give *path* (or an open fd) to the mail account when we run as root."""
