@@ -10,6 +10,7 @@ installs; Debian 12's pipx 1.1 is too old.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -64,10 +65,10 @@ def test_the_wheel_holds_the_man_pages_and_completions(tmp_path: Path) -> None:
 
 def _pipx_version() -> tuple[int, ...] | None:
     try:
-        import pipx.version
-    except ImportError:
+        installed = importlib.metadata.version("pipx")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return tuple(int(part) for part in re.findall(r"\d+", pipx.version.__version__)[:2])
+    return tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
 
 
 @pytest.mark.slow
