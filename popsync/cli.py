@@ -14,6 +14,7 @@
     popsync [-c CONFIG] auth ACCOUNT         OAuth2: authorize once, store the tokens
     popsync [-c CONFIG] set-password ACCOUNT store the account's secret in the keyring
     popsync demo                             a built-in server, sample mail, a real sync
+    popsync completion bash|zsh              print a shell completion script (needs shtab)
 
 The global options (-c, -v, -q, --log-format) may come before or after the
 command.  Exit status: 0 all good; 1 at least one account's poll did not
@@ -64,6 +65,7 @@ _EXITS = {
     "demo": "0 the demo synced its sample mail; 1 it did not",
     "set-password": "0 stored; 1 no usable keyring (the line says how to get one); "
     "2 config error, unknown account, or the two entries differ",
+    "completion": "0 the script was printed; 1 shtab is not installed",
 }
 
 
@@ -234,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_setpw.add_argument("account", metavar="ACCOUNT", help="the account, as named in the config")
     p_demo = add_parser("demo", help="sync sample mail from a built-in server")
     p_demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
+    p_completion = add_parser(
+        "completion",
+        help="print the shell completion script for bash or zsh",
+        description="Print a completion script (made by shtab from this command line) "
+        'for SHELL: `eval "$(popsync completion bash)"` in ~/.bashrc, or save the zsh '
+        "one as _popsync in a directory of $fpath.  Needs shtab (`popsync[completion]`).",
+    )
+    p_completion.add_argument("shell", metavar="SHELL", choices=("bash", "zsh"), help="bash or zsh")
     return parser
 
 
@@ -247,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             from popsync.demo import run_demo
 
             return run_demo(Path(args.dir) if args.dir else None, run_command=main)
+        if args.command == "completion":
+            return _completion(args.shell)
         config = _load(args.config)
         if args.command == "check":
             return _check(config)
@@ -288,6 +300,20 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
         _problem("interrupted")
         return 130
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _completion(shell: str) -> int:
+    """Print shtab's completion script for *shell*; 1 if shtab is missing."""
+    try:
+        import shtab
+    except ImportError:
+        _problem(
+            "completion: needs shtab: pip install 'popsync[completion]' (or use the "
+            "scripts installed in share/bash-completion and share/zsh)"
+        )
+        return EXIT_POLL_FAILED
+    print(shtab.complete(build_parser(), shell=shell))
+    return EXIT_OK
 
 
 def _problem(text: str, **fields: object) -> None:

@@ -48,6 +48,15 @@ fi
 # The package installs without a running systemd (containers, CI).
 command -v systemd-analyze >/dev/null || apt_install systemd
 
+# groff renders the man pages (tests/test_manpages.py checks them with every
+# warning on); zsh parses the zsh completion (tests/test_completion.py).
+doc_packages=()
+command -v groff >/dev/null || doc_packages+=(groff-base)
+command -v zsh >/dev/null || doc_packages+=(zsh)
+if [ "${#doc_packages[@]}" -gt 0 ]; then
+    apt_install "${doc_packages[@]}"
+fi
+
 # --- 2. virtualenv -----------------------------------------------------------
 
 ensure_venv '.[test]'

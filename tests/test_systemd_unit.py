@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parent.parent / "contrib" / "popsync.service"
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "contrib" / "popsync.service"
 MAX_EXPOSURE = 3.0
 
 
@@ -81,8 +82,9 @@ def test_a_config_error_does_not_restart_forever(unit: dict[str, list[tuple[str,
 
 def test_documentation_line(unit: dict[str, list[tuple[str, str]]]) -> None:
     docs = " ".join(values(unit, "Unit", "Documentation")).split()
-    assert docs
     assert all(re.match(r"(https?|file|man|info):", uri) for uri in docs), docs
+    # The man pages the wheel installs (scripts/generate.py writes them).
+    assert {"man:popsync(1)", "man:popsync.yaml(5)"} <= set(docs)
 
 
 HARDENING = {
@@ -174,13 +176,20 @@ def runnable_unit(tmp_path: Path) -> Path:
     return copy
 
 
-def analyze(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def analyze(
+    tmp_path: Path, *args: str, manpath: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``systemd-analyze --user ARGS``, offline: a user manager needs a runtime
-    directory, given here in the scratch directory (no systemd has to run)."""
+    directory, given here in the scratch directory (no systemd has to run).
+    ``verify`` runs ``man`` for each ``Documentation=man:`` page: *manpath*
+    is where it looks (default: only the system's pages)."""
     assert ANALYZE is not None
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_PAGER": "", "LC_ALL": "C"}
+    env.pop("MANPATH", None)
+    if manpath is not None:
+        env["MANPATH"] = str(manpath)
     return subprocess.run(
         [ANALYZE, "--user", *args],
         capture_output=True,
@@ -191,12 +200,37 @@ def analyze(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def installed_man_pages(tmp_path: Path) -> Path:
+    """The repository's man pages laid out as an install puts them (share/man)."""
+    root = tmp_path / "share" / "man"
+    for page in (REPO / "man").iterdir():
+        section = root / f"man{page.suffix[1:]}"
+        section.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, section / page.name)
+    return root
+
+
 @needs_analyze
 def test_systemd_analyze_verify(tmp_path: Path, runnable_unit: Path) -> None:
-    result = analyze(tmp_path, "verify", str(runnable_unit))
+    result = analyze(tmp_path, "verify", str(runnable_unit), manpath=installed_man_pages(tmp_path))
     assert result.returncode == 0, result.stderr
     # Unknown or misspelt settings are only warnings: none may be printed.
     assert result.stderr.strip() == "", result.stderr
+
+
+@needs_analyze
+def test_systemd_analyze_verify_before_the_man_pages_are_installed(
+    tmp_path: Path, runnable_unit: Path
+) -> None:
+    """Without the pages, verify names them (and nothing else); ``--man=no``,
+    as the unit's comment says, then passes."""
+    empty = tmp_path / "no-man"
+    empty.mkdir()
+    result = analyze(tmp_path, "verify", str(runnable_unit), manpath=empty)
+    complaints = result.stderr.strip().splitlines()
+    assert complaints and all("Command 'man popsync" in line for line in complaints), complaints
+    result = analyze(tmp_path, "verify", "--man=no", str(runnable_unit), manpath=empty)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 
 @needs_analyze
