@@ -535,8 +535,7 @@ KEY_TEXT = {
     "tls_client_key": "The client certificate's private key, if not in tls_client_cert; "
     "it must not be readable by group or others.",
     "tls_min_version": "The oldest TLS version accepted: 1.2 or 1.3.",
-    "provider": "google or microsoft: fills in the endpoints and scope (keys given here "
-    "win).",
+    "provider": "google or microsoft: fills in the endpoints and scope (keys given here win).",
     "authorization_endpoint": "The provider's authorization endpoint (code flow with "
     "PKCE and a loopback redirect).",
     "token_endpoint": "The provider's token endpoint (https; http only to a loopback host).",

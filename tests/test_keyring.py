@@ -176,6 +176,7 @@ def run_on_a_terminal(args: list[str], env: dict[str, str], answers: list[str]) 
     )
     os.close(child_fd)
     shown = b""
+    answered = 0
     pending = list(answers)
     try:
         while True:
@@ -188,8 +189,13 @@ def run_on_a_terminal(args: list[str], env: dict[str, str], answers: list[str]) 
             if not chunk:
                 break
             shown += chunk
-            if pending and shown.rstrip().endswith(b":"):
+            # Answer a prompt only once it is shown in full since the last
+            # answer: the newline getpass echoes after an answer must not
+            # count as the next prompt (typed then, the answer would be
+            # echoed and then flushed by the next prompt's TCSAFLUSH).
+            if pending and shown[answered:].endswith(b": "):
                 os.write(main_fd, pending.pop(0).encode() + b"\n")
+                answered = len(shown)
         return proc.wait(timeout=30), shown.decode("utf-8", "replace")
     finally:
         os.close(main_fd)
