@@ -32,6 +32,17 @@ FIELDS = (
     "bytes",
     "remapped",
     "seconds",
+    # the steps of a session (-v) and its dialog (-vv)
+    "host",
+    "port",
+    "address",
+    "tls_version",
+    "cipher",
+    "capabilities",
+    "mechanism",
+    "count",
+    "direction",
+    "line",
 )
 
 #: syslog priorities (RFC 5424 §6.2.1) of the logging levels, for sd-daemon(3) prefixes.

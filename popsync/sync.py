@@ -186,6 +186,7 @@ def session_options(account: Account) -> SessionOptions:
         pipeline_window=account.pipeline_window,
         poll_timeout=account.poll_timeout,
         min_rate=account.min_rate,
+        account=account.name,
     )
 
 
@@ -206,6 +207,41 @@ def plan_warnings(the_plan: Plan) -> list[str]:
         for s in the_plan.skip
     )
     return out
+
+
+def plan_counts(the_plan: Plan, remapped: int) -> dict[str, int]:
+    """What a plan will do, counted: messages and octets to fetch, to skip,
+    due DELEs (each still to be confirmed), and messages remapped to known rows."""
+    return {
+        "fetch": len(the_plan.fetch),
+        "bytes": sum(f.message.size or 0 for f in the_plan.fetch),
+        "skip": len(the_plan.skip),
+        "delete": len(the_plan.delete),
+        "remap": remapped,
+    }
+
+
+def log_plan(account: str, the_plan: Plan, remapped: int) -> None:
+    """The plan's counts, one INFO line (``-v``)."""
+    counts = plan_counts(the_plan, remapped)
+    log.info(
+        "%s: plan: fetch %d (%s), skip %d, delete %d, remap %d",
+        account,
+        counts["fetch"],
+        format_size(counts["bytes"]),
+        counts["skip"],
+        counts["delete"],
+        counts["remap"],
+        extra={
+            "account": account,
+            "event": "plan",
+            "new": counts["fetch"],
+            "bytes": counts["bytes"],
+            "skipped": counts["skip"],
+            "deleted": counts["delete"],
+            "remapped": counts["remap"],
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +314,7 @@ class Poll:
             listing = self.listing(session, rows, policy)
             rows = self.remap(session, listing.messages, rows)  # 2b
             the_plan = plan(listing.messages, rows, policy, listing.waiting)  # 3
+            log_plan(self.name, the_plan, self.remapped)
             self.note(the_plan)
             reused = self.confirm_deletes(session, the_plan.delete, gate)  # 4
             fetches = self.claim((*the_plan.fetch, *reused), now)  # 5
@@ -288,6 +325,13 @@ class Poll:
             failpoints.failpoint("after_quit")
         self.ledger.mark_deleted(self.name, [*gate.accepted, *the_plan.gone], self.now())
         self.count(the_plan, deleted=len(gate.accepted))
+        log.info(
+            "%s: DELE: %d accepted, %d refused; removed by the server at QUIT",
+            self.name,
+            len(gate.accepted),
+            len(gate.refused),
+            extra={"account": self.name, "event": "dele", "deleted": len(gate.accepted)},
+        )
         for msg, text in gate.refused:
             self.warn(f"DELE {msg} refused: {text}")
         self.touch(listing.messages, rows, now)
