@@ -2,7 +2,7 @@
 
     popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground
-    popsync [-c CONFIG] check                validate the config
+    popsync [-c CONFIG] check [--online]     validate the config; --online also logs in
     popsync [-c CONFIG] status [--json] [ACCOUNT ...]
                                              per account: last poll, result, counts
     popsync [-c CONFIG] verify [--json] [--deep] [ACCOUNT ...]
@@ -10,6 +10,8 @@
     popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
     popsync [-c CONFIG] import ACCOUNT --from fetchmail|getmail|mpop FILE [--dry-run]
                                              adopt what another tool already fetched
+    popsync [-c CONFIG] serverinfo [--json] ACCOUNT
+                                             greeting, TLS, certificate, CAPA, STAT
     popsync demo                             a built-in server, sample mail, a real sync
 
 The global options (-c, -v, -q, --log-format) may come before or after the
@@ -49,7 +51,11 @@ _EXITS = {
     "sync": "0 every account polled (or another popsync is polling it right now); "
     "1 a poll failed; 2 config or usage error",
     "run": "0 stopped cleanly; 2 config or usage error",
-    "check": "0 the config is valid; 2 it is not (one line per problem)",
+    "check": "0 the config is valid (with --online: and every account logged in); "
+    "1 with --online, an account could not connect or log in; "
+    "2 the config is not valid (one line per problem)",
+    "serverinfo": "0 connected and logged in; 1 a network, TLS or login failure (what "
+    "was learnt before it is still shown); 2 config or usage error",
     "status": "0 every account's last poll succeeded (or it was never polled); "
     "1 an account's last poll failed (a permanent failure pauses it in `popsync run`); "
     "2 config or usage error",
@@ -140,7 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long polls in flight may finish after SIGTERM (default 30)",
     )
-    add_parser("check", help="validate the config file")
+    p_check = add_parser("check", help="validate the config file")
+    p_check.add_argument(
+        "--online",
+        action="store_true",
+        help="also connect, negotiate TLS and log in to each account (STAT and QUIT; "
+        "never RETR or DELE, no ledger writes)",
+    )
+    p_info = add_parser(
+        "serverinfo",
+        help="what the account's server says about itself",
+        description="Connects as the account's TLS settings say and shows the greeting, "
+        "TLS version and cipher, the certificate (subject, issuer, validity, SHA-256 "
+        "fingerprint), CAPA, SASL mechanisms, LOGIN-DELAY and EXPIRE, then logs in and "
+        "shows STAT's message count and size.  Never RETR or DELE; the ledger and the "
+        "Maildir are not touched.",
+    )
+    p_info.add_argument("account", metavar="ACCOUNT", help="the account, as named in the config")
+    p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_status = add_parser("status", help="show each account's last poll")
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
     p_status.add_argument(
@@ -200,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - one per command
     args = build_parser().parse_args(argv)
     from popsync.logs import setup_logging
 
@@ -212,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
             return run_demo(Path(args.dir) if args.dir else None, run_command=main)
         config = _load(args.config)
         if args.command == "check":
-            return _check(config)
+            return _check(config, online=args.online)
+        if args.command == "serverinfo":
+            return _serverinfo(config, args.account, as_json=args.json)
         if args.command == "sync":
             return _sync(config, args.accounts, progress=not args.no_progress)
         if args.command == "status":
@@ -281,10 +306,47 @@ def _open_ledger(config: Config) -> Ledger:
     return Ledger.open(config.ledger_url)
 
 
-def _check(config: Config) -> int:
+def _check(config: Config, *, online: bool) -> int:
+    """The config is valid (it loaded); with *online*, log in to each account in turn."""
     names = ", ".join(a.name for a in config.accounts)
     _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
-    return EXIT_OK
+    if not online:
+        return EXIT_OK
+    from popsync.serverinfo import probe
+    from popsync.textfmt import format_size
+
+    failed = False
+    for account in config.accounts:
+        info = probe(account, details=False)
+        if info.error is not None:
+            _problem(f"{account.name}: FAILED: {info.error}", account=account.name, result="error")
+            failed = True
+            continue
+        assert info.messages is not None and info.size is not None
+        _say(
+            f"{account.name}: ok ({info.messages} messages, {format_size(info.size)})",
+            account=account.name,
+            result="ok",
+            listed=info.messages,
+            bytes=info.size,
+        )
+    return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def _serverinfo(config: Config, name: str, *, as_json: bool) -> int:
+    """Print what *name*'s server says about itself; exit 1 if a step failed."""
+    from popsync.serverinfo import format_info, info_document, probe
+
+    (account,) = config.select([name])
+    info = probe(account)
+    if as_json:
+        print(json.dumps(info_document(info), indent=2))
+    else:
+        print("\n".join(format_info(info)))
+    if info.error is None:
+        return EXIT_OK
+    _problem(f"{account.name}: {info.error}", account=account.name, result="error")
+    return EXIT_USAGE if info.config_error else EXIT_POLL_FAILED
 
 
 def _sync(config: Config, names: list[str], *, progress: bool) -> int:
