@@ -1,6 +1,7 @@
 """The command line (docs/design.md §5).
 
-    popsync [-c CONFIG] sync [ACCOUNT ...]   one poll of all (or the named) accounts
+    popsync [-c CONFIG] sync [--dry-run] [ACCOUNT ...]
+                                             one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground
     popsync [-c CONFIG] check [--online]     validate the config; --online also logs in
     popsync [-c CONFIG] status [--json] [ACCOUNT ...]
@@ -135,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an account's name, as in the config (default: all accounts)",
     )
     p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_sync.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="connect, log in and list, then print what a poll would fetch, skip, delete "
+        "and remap; change nothing (no RETR, no DELE, the ledger and Maildir untouched)",
+    )
     p_run = add_parser("run", help="run the daemon in the foreground")
     p_run.add_argument(
         "--max-concurrent", type=int, default=4, metavar="N", help="polls at once (default 4)"
@@ -238,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             return _check(config, online=args.online)
         if args.command == "serverinfo":
             return _serverinfo(config, args.account, as_json=args.json)
+        if args.command == "sync" and args.dry_run:
+            return _dry_run(config, args.accounts)
         if args.command == "sync":
             return _sync(config, args.accounts, progress=not args.no_progress)
         if args.command == "status":
@@ -370,6 +379,47 @@ def _sync(config: Config, names: list[str], *, progress: bool) -> int:
     finally:
         ledger.close()
     return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def _dry_run(config: Config, names: list[str]) -> int:
+    """Print each account's plan; change nothing (see :mod:`popsync.dryrun`)."""
+    from popsync.dryrun import format_preview, preview_account
+
+    accounts = config.select(names) if names else list(config.accounts)
+    ledger = _open_existing_ledger(config)
+    try:
+        previews = [preview_account(account, ledger) for account in accounts]
+    finally:
+        if ledger is not None:
+            ledger.close()
+    for p in previews:
+        fields: dict[str, object] = {"account": p.account}
+        if p.error is not None:
+            _problem(f"{p.account}: FAILED: {p.error}", result="error", **fields)
+            continue
+        _say(
+            format_preview(p),
+            result="dry-run",
+            new=p.fetch,
+            bytes=p.bytes,
+            skipped=p.skip,
+            deleted=p.delete,
+            remapped=p.remap,
+            **fields,
+        )
+    return EXIT_POLL_FAILED if any(p.error is not None for p in previews) else EXIT_OK
+
+
+def _open_existing_ledger(config: Config) -> Ledger | None:
+    """The ledger, or None for a SQLite ledger that does not exist yet (opening
+    would create it, and a dry run creates nothing)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(config.ledger_url)
+    uri = url.query.get("uri") in ("true", "1")  # a URI filename: SQLite's to resolve
+    if url.get_backend_name() == "sqlite" and not uri and not Path(url.database or "").exists():
+        return None
+    return _open_ledger(config)
 
 
 def _verify(config: Config, names: list[str], *, as_json: bool, deep: bool) -> int:

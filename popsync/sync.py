@@ -211,12 +211,13 @@ def plan_warnings(the_plan: Plan) -> list[str]:
 
 def plan_counts(the_plan: Plan, remapped: int) -> dict[str, int]:
     """What a plan will do, counted: messages and octets to fetch, to skip,
-    due DELEs (each still to be confirmed), and messages remapped to known rows."""
+    DELEs (of mail delivered earlier, each still to be confirmed, and of mail
+    fetched now, once durable), and messages remapped to known rows."""
     return {
         "fetch": len(the_plan.fetch),
         "bytes": sum(f.message.size or 0 for f in the_plan.fetch),
         "skip": len(the_plan.skip),
-        "delete": len(the_plan.delete),
+        "delete": len(the_plan.delete) + sum(f.delete_after for f in the_plan.fetch),
         "remap": remapped,
     }
 
