@@ -263,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             from popsync.daemon import run_daemon
 
             if not args.quiet:  # a daemon's default output is one line per poll
-                setup_logging(verbosity=args.verbose + 1, fmt=args.log_format)
+                setup_logging(
+                    verbosity=args.verbose + 1, fmt=args.log_format, steps_verbosity=args.verbose
+                )
             status: int = run_daemon(
                 config,
                 config_path=_config_path(args.config),

@@ -33,7 +33,7 @@ from popsync.pop3 import Err
 from popsync.session import RetrRequest
 from popsync.textfmt import format_size
 
-log = logging.getLogger("popsync.fetch")
+steps = logging.getLogger("popsync.steps")  # -v (popsync.logs)
 
 #: Durability is grouped: one target commit and one ledger commit per batch.
 BATCH_MESSAGES = 64
@@ -255,7 +255,7 @@ class Fetcher:
         failpoints.failpoint("after_commit")
         self.outcome.fetched += len(done)
         self.outcome.bytes += sum(d.stored_size for d, _ in done)
-        log.info(
+        steps.info(
             "%s: committed a batch of %d message(s) (%s) to the %s target and the ledger",
             self.account,
             len(done),

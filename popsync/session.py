@@ -26,7 +26,7 @@ session must be over ``poll_timeout`` seconds after it connects.  Each limit
 raises TimeoutError_ naming what was slow, and the session is then abandoned
 without QUIT.
 
-What it does is logged on the ``popsync.session`` logger, each line naming
+What it does is logged on the ``popsync.steps`` logger, each line naming
 the account: each step at INFO (``-v``: connect, TLS, CAPA, STLS, the
 mechanism, UTF8, listing counts, QUIT) and the dialog at DEBUG (``-vv``:
 ``C:``/``S:`` lines as the core traces them, secrets redacted there).
@@ -111,7 +111,7 @@ from popsync.transport import Deadline, Transport, answers_tls
 #: Most challenges one AUTH exchange may send before we give up on it.
 MAX_AUTH_ROUNDS = 8
 
-log = logging.getLogger("popsync.session")
+log = logging.getLogger("popsync.steps")  # -v steps, -vv dialog (popsync.logs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,7 @@ from popsync.textfmt import format_size
 from popsync.transport import make_ssl_context
 
 log = logging.getLogger("popsync.sync")
+steps = logging.getLogger("popsync.steps")  # -v (popsync.logs)
 
 #: A body may exceed its LIST size by half as much again plus this much
 #: (servers that count a line end as one octet report less than arrives).
@@ -225,7 +226,7 @@ def plan_counts(the_plan: Plan, remapped: int) -> dict[str, int]:
 def log_plan(account: str, the_plan: Plan, remapped: int) -> None:
     """The plan's counts, one INFO line (``-v``)."""
     counts = plan_counts(the_plan, remapped)
-    log.info(
+    steps.info(
         "%s: plan: fetch %d (%s), skip %d, delete %d, remap %d",
         account,
         counts["fetch"],
@@ -326,7 +327,7 @@ class Poll:
             failpoints.failpoint("after_quit")
         self.ledger.mark_deleted(self.name, [*gate.accepted, *the_plan.gone], self.now())
         self.count(the_plan, deleted=len(gate.accepted))
-        log.info(
+        steps.info(
             "%s: DELE: %d accepted, %d refused; removed by the server at QUIT",
             self.name,
             len(gate.accepted),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -262,3 +263,23 @@ def test_vv_against_dovecot_never_shows_the_password(
         assert run.stderr.count("dove: C: <redacted SASL response>") == 2
     assert "dove: TLS TLSv1.3 " in run.stderr
     assert_no_secret(run.stderr, mailbox.user, mailbox.password)
+
+
+def test_the_daemon_logs_its_polls_but_a_sessions_steps_only_with_v() -> None:
+    # `popsync run` shows one line per poll at INFO by default (see cli.main).
+    from popsync.logs import STEPS_LOGGER, setup_logging
+
+    loggers = [logging.getLogger(n) for n in ("popsync", STEPS_LOGGER, "popsync.report")]
+    saved = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    try:
+        setup_logging(verbosity=1, steps_verbosity=0)
+        assert logging.getLogger("popsync.daemon").isEnabledFor(logging.INFO)
+        assert not logging.getLogger(STEPS_LOGGER).isEnabledFor(logging.INFO)
+        setup_logging(verbosity=2, steps_verbosity=1)
+        assert logging.getLogger(STEPS_LOGGER).isEnabledFor(logging.INFO)
+        assert not logging.getLogger(STEPS_LOGGER).isEnabledFor(logging.DEBUG)
+    finally:
+        for lg, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
