@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from popsync.config import Account
-from popsync.errors import ConfigError, PopsyncError, escape_server_text
+from popsync.errors import ConfigError, PopsyncError, SecurityError, escape_server_text
+from popsync.options import TlsMode
 from popsync.session import Session
 from popsync.sync import session_options
 from popsync.textfmt import format_size
@@ -112,6 +113,11 @@ def probe(account: Account, *, details: bool = True) -> ServerInfo:
     info = ServerInfo(account.name, account.host, account.port)
     try:
         session = Session.open(session_options(account))
+    except SecurityError as exc:
+        info.error = str(exc)
+        if details and account.tls != TlsMode.NONE:
+            info.certificate = _unverified_certificate(account)
+        return info
     except PopsyncError as exc:
         info.error = str(exc)
         return info
@@ -127,6 +133,31 @@ def probe(account: Account, *, details: bool = True) -> ServerInfo:
             info.error = str(exc)
             info.config_error = isinstance(exc, ConfigError)
     return info
+
+
+def _unverified_certificate(account: Account) -> Certificate | None:
+    """The certificate a server refused by verification presents, by a second
+    handshake that does not verify it -- so the user can compare its
+    fingerprint with the provider's -- then dropped before any credential.
+    Only the fingerprint is known: ``ssl`` parses verified certificates only."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # read-only look; nothing is sent but STLS
+    options = replace(session_options(account), ssl_context=ctx)
+    try:
+        with Session.open(options) as session:
+            tls = session.transport.tls_info()
+    except PopsyncError:
+        return None
+    if tls is None or tls.certificate_der is None:
+        return None
+    return Certificate(
+        subject="(not verified)",
+        issuer="(not verified)",
+        not_before=None,
+        not_after=None,
+        fingerprint=fingerprint(tls.certificate_der),
+    )
 
 
 def _before_login(info: ServerInfo, session: Session, *, details: bool) -> None:
@@ -153,6 +184,9 @@ def format_info(info: ServerInfo) -> list[str]:
     """The lines ``popsync serverinfo`` prints: what was learnt, in order."""
     lines = [f"account: {info.account} ({info.host}:{info.port}, address {info.address or '?'})"]
     if info.greeting is None:
+        if info.certificate is not None:  # refused by verification
+            fp = info.certificate.fingerprint
+            lines.append(f"certificate (not trusted, not verified): fingerprint {fp}")
         return lines
     lines.append(f"greeting: {info.greeting}")
     if info.tls_version is None:

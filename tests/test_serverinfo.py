@@ -128,6 +128,29 @@ def test_failed_login_still_shows_what_came_before_and_exits_1(
     untouched(tmp_path)
 
 
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_an_untrusted_certificate_still_shows_its_fingerprint(
+    tmp_path: Path,
+    server_ssl_context: ssl.SSLContext,
+    server_cert: trustme.LeafCert,
+    tls: str,
+) -> None:
+    server = POP3TestServer(
+        MailStore(generate_messages(1, 300, seed=5)),
+        tls="implicit" if tls == "implicit" else "none",
+        ssl_context=server_ssl_context,
+    )
+    with server as srv:  # no ca_file: the test CA is unknown to the system
+        config = write_config(tmp_path, [{"name": "acct", "port": srv.port, "tls": tls}])
+        run = popsync("-c", str(config), "serverinfo", "acct")
+        commands = sent_commands(srv)
+    assert run.returncode == 1
+    assert f"fingerprint {expected_fingerprint(server_cert)}" in run.stdout, run.stdout
+    (line,) = run.stderr.splitlines()
+    assert "not trusted" in line and "ca_file" in line, line
+    assert commands <= {"CAPA", "STLS"}, commands  # no credential was sent
+
+
 def test_nothing_listening_is_one_line_and_exit_1(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port that was free a moment ago
         probe.bind(("127.0.0.1", 0))
