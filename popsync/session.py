@@ -243,14 +243,7 @@ class Session:
             raise LocalProtocolError("tls: starttls needs an ssl_context")
         session = cls(transport, options)
         try:
-            session._step(
-                "connect",
-                f"connected to {transport.where} ({transport.peer or 'address unknown'})",
-                host=transport.host,
-                port=transport.port,
-                address=transport.peer,
-            )
-            session._log_tls("TLS")
+            session._log_connect()
             if on_open is not None:
                 on_open(session)
             session._expect_clear_greeting()
@@ -562,7 +555,23 @@ class Session:
             extra = {"account": self.label, "event": event, **fields}
             log.info("%s: %s", self.label, text, extra=extra)
 
+    def _log_connect(self) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        t = self.transport
+        peer = t.peer
+        self._step(
+            "connect",
+            f"connected to {t.where} ({peer or 'address unknown'})",
+            host=t.host,
+            port=t.port,
+            address=peer,
+        )
+        self._log_tls("TLS")
+
     def _log_tls(self, what: str) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         info = self.transport.tls_info()
         if info is not None:
             self._step(
