@@ -1,9 +1,9 @@
 """The command line (docs/design.md §5).
 
-    popsync [-c CONFIG] sync [--refetch] [ACCOUNT ...]
+    popsync [-c CONFIG] sync [--dry-run | --refetch] [ACCOUNT ...]
                                              one poll of all (or the named) accounts
     popsync [-c CONFIG] run                  the daemon, in the foreground
-    popsync [-c CONFIG] check                validate the config
+    popsync [-c CONFIG] check [--online]     validate the config; --online also logs in
     popsync [-c CONFIG] status [--json] [ACCOUNT ...]
                                              per account: last poll, result, counts
     popsync [-c CONFIG] verify [--json] [--deep] [ACCOUNT ...]
@@ -11,6 +11,8 @@
     popsync [-c CONFIG] db upgrade           bring the ledger's schema up to date
     popsync [-c CONFIG] import ACCOUNT --from fetchmail|getmail|mpop FILE [--dry-run]
                                              adopt what another tool already fetched
+    popsync [-c CONFIG] serverinfo [--json] ACCOUNT
+                                             greeting, TLS, certificate, CAPA, STAT
     popsync [-c CONFIG] auth ACCOUNT         OAuth2: authorize once, store the tokens
     popsync [-c CONFIG] set-password ACCOUNT store the account's secret in the keyring
     popsync demo                             a built-in server, sample mail, a real sync
@@ -55,7 +57,11 @@ _EXITS = {
     "1 a poll failed; 2 config or usage error (--refetch for an account that is not a "
     "Maildir included)",
     "run": "0 stopped cleanly; 2 config or usage error",
-    "check": "0 the config is valid; 2 it is not (one line per problem)",
+    "check": "0 the config is valid (with --online: and every account logged in); "
+    "1 with --online, an account could not connect or log in; "
+    "2 the config is not valid (one line per problem)",
+    "serverinfo": "0 connected and logged in; 1 a network, TLS or login failure (what "
+    "was learnt before it is still shown); 2 config or usage error",
     "status": "0 every account's last poll succeeded (or it was never polled); "
     "1 an account's last poll failed (a permanent failure pauses it in `popsync run`); "
     "2 config or usage error",
@@ -140,11 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="an account's name, as in the config (default: all accounts)",
     )
     p_sync.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_sync.add_argument(
+    sync_mode = p_sync.add_mutually_exclusive_group()
+    sync_mode.add_argument(
         "--refetch",
         action="store_true",
         help="also fetch again the messages delivered earlier whose Maildir file is missing "
         "or damaged, if the server still holds them unchanged (maildir targets only)",
+    )
+    sync_mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="connect, log in and list, then print what a poll would fetch, skip, delete "
+        "and remap; change nothing (no RETR, no DELE, the ledger and Maildir untouched)",
     )
     p_run = add_parser("run", help="run the daemon in the foreground")
     p_run.add_argument(
@@ -157,7 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long polls in flight may finish after SIGTERM (default 30)",
     )
-    add_parser("check", help="validate the config file")
+    p_check = add_parser("check", help="validate the config file")
+    p_check.add_argument(
+        "--online",
+        action="store_true",
+        help="also connect, negotiate TLS and log in to each account (STAT and QUIT; "
+        "never RETR or DELE, no ledger writes)",
+    )
+    p_info = add_parser(
+        "serverinfo",
+        help="what the account's server says about itself",
+        description="Connects as the account's TLS settings say and shows the greeting, "
+        "TLS version and cipher, the certificate (subject, issuer, validity, SHA-256 "
+        "fingerprint), CAPA, SASL mechanisms, LOGIN-DELAY and EXPIRE, then logs in and "
+        "shows STAT's message count and size.  Never RETR or DELE; the ledger and the "
+        "Maildir are not touched.",
+    )
+    p_info.add_argument("account", metavar="ACCOUNT", help="the account, as named in the config")
+    p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_status = add_parser("status", help="show each account's last poll")
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
     p_status.add_argument(
@@ -261,7 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             return _completion(args.shell)
         config = _load(args.config)
         if args.command == "check":
-            return _check(config)
+            return _check(config, online=args.online)
+        if args.command == "serverinfo":
+            return _serverinfo(config, args.account, as_json=args.json)
+        if args.command == "sync" and args.dry_run:
+            return _dry_run(config, args.accounts)
         if args.command == "sync":
             return _sync(config, args.accounts, progress=not args.no_progress, refetch=args.refetch)
         if args.command == "status":
@@ -282,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             from popsync.daemon import run_daemon
 
             if not args.quiet:  # a daemon's default output is one line per poll
-                setup_logging(verbosity=args.verbose + 1, fmt=args.log_format)
+                setup_logging(
+                    verbosity=args.verbose + 1, fmt=args.log_format, steps_verbosity=args.verbose
+                )
             status: int = run_daemon(
                 config,
                 config_path=_config_path(args.config),
@@ -394,7 +430,8 @@ def _new_secret(name: str) -> str:
     return secret
 
 
-def _check(config: Config) -> int:
+def _check(config: Config, *, online: bool) -> int:
+    """The config is valid (it loaded); with *online*, log in to each account in turn."""
     from popsync.daemon import require_metrics
 
     require_metrics(config)
@@ -404,7 +441,43 @@ def _check(config: Config) -> int:
         require_authlib()  # else one line: how to install the extra (exit 2)
     names = ", ".join(a.name for a in config.accounts)
     _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
-    return EXIT_OK
+    if not online:
+        return EXIT_OK
+    from popsync.serverinfo import probe
+    from popsync.textfmt import format_size
+
+    failed = False
+    for account in config.accounts:
+        info = probe(account, config.state_dir, details=False)
+        if info.error is not None:
+            _problem(f"{account.name}: FAILED: {info.error}", account=account.name, result="error")
+            failed = True
+            continue
+        assert info.messages is not None and info.size is not None
+        _say(
+            f"{account.name}: ok ({info.messages} messages, {format_size(info.size)})",
+            account=account.name,
+            result="ok",
+            listed=info.messages,
+            bytes=info.size,
+        )
+    return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def _serverinfo(config: Config, name: str, *, as_json: bool) -> int:
+    """Print what *name*'s server says about itself; exit 1 if a step failed."""
+    from popsync.serverinfo import format_info, info_document, probe
+
+    (account,) = config.select([name])
+    info = probe(account, config.state_dir)
+    if as_json:
+        print(json.dumps(info_document(info), indent=2))
+    else:
+        print("\n".join(format_info(info)))
+    if info.error is None:
+        return EXIT_OK
+    _problem(f"{account.name}: {info.error}", account=account.name, result="error")
+    return EXIT_USAGE if info.config_error else EXIT_POLL_FAILED
 
 
 def _auth(config: Config, name: str, *, wait: float) -> int:
@@ -455,6 +528,47 @@ def _sync(config: Config, names: list[str], *, progress: bool, refetch: bool = F
     finally:
         ledger.close()
     return EXIT_POLL_FAILED if failed else EXIT_OK
+
+
+def _dry_run(config: Config, names: list[str]) -> int:
+    """Print each account's plan; change nothing (see :mod:`popsync.dryrun`)."""
+    from popsync.dryrun import format_preview, preview_account
+
+    accounts = config.select(names) if names else list(config.accounts)
+    ledger = _open_existing_ledger(config)
+    try:
+        previews = [preview_account(account, ledger, config.state_dir) for account in accounts]
+    finally:
+        if ledger is not None:
+            ledger.close()
+    for p in previews:
+        fields: dict[str, object] = {"account": p.account}
+        if p.error is not None:
+            _problem(f"{p.account}: FAILED: {p.error}", result="error", **fields)
+            continue
+        _say(
+            format_preview(p),
+            result="dry-run",
+            new=p.fetch,
+            bytes=p.bytes,
+            skipped=p.skip,
+            deleted=p.delete,
+            remapped=p.remap,
+            **fields,
+        )
+    return EXIT_POLL_FAILED if any(p.error is not None for p in previews) else EXIT_OK
+
+
+def _open_existing_ledger(config: Config) -> Ledger | None:
+    """The ledger, or None for a SQLite ledger that does not exist yet (opening
+    would create it, and a dry run creates nothing)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(config.ledger_url)
+    uri = url.query.get("uri") in ("true", "1")  # a URI filename: SQLite's to resolve
+    if url.get_backend_name() == "sqlite" and not uri and not Path(url.database or "").exists():
+        return None
+    return _open_ledger(config)
 
 
 def _verify(config: Config, names: list[str], *, as_json: bool, deep: bool) -> int:

@@ -17,6 +17,7 @@ one ledger commit records them, and only then are their DELEs released.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -30,6 +31,9 @@ from popsync.ledger import Delivered, Key, Ledger
 from popsync.plan import Fetch
 from popsync.pop3 import Err
 from popsync.session import RetrRequest
+from popsync.textfmt import format_size
+
+steps = logging.getLogger("popsync.steps")  # -v (popsync.logs)
 
 #: Durability is grouped: one target commit and one ledger commit per batch.
 BATCH_MESSAGES = 64
@@ -251,6 +255,14 @@ class Fetcher:
         failpoints.failpoint("after_commit")
         self.outcome.fetched += len(done)
         self.outcome.bytes += sum(d.stored_size for d, _ in done)
+        steps.info(
+            "%s: committed a batch of %d message(s) (%s) to the %s target and the ledger",
+            self.account,
+            len(done),
+            format_size(sum(d.stored_size for d, _ in done)),
+            target.kind,
+            extra={"account": self.account, "event": "batch", "fetched": len(done)},
+        )
         for (_, d, _), r in zip(entries, results, strict=True):
             if not isinstance(r, Receipt):
                 self.refused_by_target(d, r.text, temporary=r.temporary)

@@ -34,12 +34,25 @@ FIELDS = (
     "deferred",
     "refetched",
     "seconds",
+    # the steps of a session (-v) and its dialog (-vv)
+    "host",
+    "port",
+    "address",
+    "tls_version",
+    "cipher",
+    "capabilities",
+    "mechanism",
+    "count",
+    "direction",
+    "line",
 )
 
 #: syslog priorities (RFC 5424 §6.2.1) of the logging levels, for sd-daemon(3) prefixes.
 _PRIORITY = {logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 REPORT_LOGGER = "popsync.report"
+#: The steps of a session (INFO, ``-v``) and its dialog (DEBUG, ``-vv``).
+STEPS_LOGGER = "popsync.steps"
 
 
 class JsonFormatter(logging.Formatter):
@@ -120,13 +133,22 @@ def _install(name: str, handler: logging.Handler, level: int) -> None:
     logger.propagate = False
 
 
-def setup_logging(*, verbosity: int = 0, fmt: str = "text") -> None:
+def _level(verbosity: int) -> int:
+    return {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+
+
+def setup_logging(
+    *, verbosity: int = 0, fmt: str = "text", steps_verbosity: int | None = None
+) -> None:
     """Configure the ``popsync`` logger: -1 errors only, 0 warnings, 1 info, 2 debug.
 
     The report logger (stdout) shows its lines unless *verbosity* is -1
-    (``-q``: cron mails nothing unless something went wrong).
+    (``-q``: cron mails nothing unless something went wrong).  The steps
+    logger follows *steps_verbosity* when given (the daemon logs its polls
+    at INFO by default, but a session's steps only with ``-v``).
     """
-    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    _install("popsync", _handler(sys.stderr, fmt), level)
+    _install("popsync", _handler(sys.stderr, fmt), _level(verbosity))
+    steps = logging.getLogger(STEPS_LOGGER)
+    steps.setLevel(_level(verbosity if steps_verbosity is None else steps_verbosity))
     report_level = logging.ERROR if verbosity < 0 else logging.INFO
     _install(REPORT_LOGGER, _handler(sys.stdout, fmt), report_level)

@@ -26,6 +26,11 @@ session must be over ``poll_timeout`` seconds after it connects.  Each limit
 raises TimeoutError_ naming what was slow, and the session is then abandoned
 without QUIT.
 
+What it does is logged on the ``popsync.steps`` logger, each line naming
+the account: each step at INFO (``-v``: connect, TLS, CAPA, STLS, the
+mechanism, UTF8, listing counts, QUIT) and the dialog at DEBUG (``-vv``:
+``C:``/``S:`` lines as the core traces them, secrets redacted there).
+
 Errors: TransportError / TimeoutError_ (network), SecurityError (refusals),
 RemoteProtocolError (server misbehaved), ServerError (``-ERR``, with its
 response code).  :meth:`abort` closes without QUIT, so the server never
@@ -52,6 +57,7 @@ from popsync.errors import (
     TimeoutError_,
     TlsModeMismatch,
     TransportError,
+    escape_server_text,
 )
 from popsync.options import AuthMethod, TlsMode
 from popsync.pace import ReplyClock
@@ -79,6 +85,7 @@ from popsync.pop3 import (
     Quit,
     Retr,
     ScanListing,
+    Stat,
     State,
     Stls,
     Top,
@@ -107,6 +114,7 @@ from popsync.transport import Deadline, Transport, answers_tls
 MAX_AUTH_ROUNDS = 8
 
 log = logging.getLogger("popsync.session")
+steps = logging.getLogger("popsync.steps")  # -v steps, -vv dialog (popsync.logs)
 
 #: The SCRAM methods ``auth: auto`` tries first, strongest first.
 _SCRAM = (AuthMethod.SCRAM_SHA_256, AuthMethod.SCRAM_SHA_1)
@@ -141,6 +149,8 @@ class SessionOptions:
     poll_timeout: float | None = None
     #: Bytes/s a listing or body must average once ``timeout`` has passed.
     min_rate: float = 1024.0
+    #: The account's name, for the log lines (default: HOST:PORT).
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +198,12 @@ class Session:
     def __init__(self, transport: Transport, options: SessionOptions) -> None:
         self.transport = transport
         self.options = options
-        self.conn = Connection(max_line=options.max_line)
+        self.label = options.account or transport.where
+        tracer = self._trace if steps.isEnabledFor(logging.DEBUG) else None
+        self.conn = Connection(max_line=options.max_line, tracer=tracer)
         self.capabilities = Capabilities()
+        #: The CAPA lines the current capabilities were parsed from.
+        self.capa_lines: tuple[bytes, ...] = ()
         self.greeting = b""
         self._clock = ReplyClock(options.timeout, options.min_rate)
         self._in_stream = False  # a multi-line reply's +OK is in; its lines are due
@@ -247,6 +261,7 @@ class Session:
             raise LocalProtocolError("tls: starttls needs an ssl_context")
         session = cls(transport, options)
         try:
+            session._log_connect()
             if on_open is not None:
                 on_open(session)
             session._expect_clear_greeting()
@@ -291,8 +306,16 @@ class Session:
         """CAPA (RFC 2449 §5); a server without it gets the RFC 1939 minimum."""
         reply = self._command(Capa())
         if isinstance(reply, Err):
+            self.capa_lines = ()
+            self._step("capa", "CAPA refused: assuming the RFC 1939 minimum")
             return Capabilities()
-        return parse_capabilities(reply)
+        self.capa_lines = reply
+        capabilities = parse_capabilities(reply)
+        names = " ".join(sorted(capabilities.names))
+        if capabilities.sasl:
+            names += f" (SASL {' '.join(sorted(capabilities.sasl))})"
+        self._step("capa", f"CAPA: {escape_server_text(names)}", capabilities=names)
+        return capabilities
 
     def _starttls(self, ctx: ssl.SSLContext) -> None:
         # Try STLS even if not advertised: an attacker may have stripped it
@@ -302,6 +325,7 @@ class Session:
             raise SecurityError("server refused STLS; not continuing without TLS")
         self.conn.start_tls()  # raises SecurityError if plaintext was injected
         self.transport.start_tls(ctx)
+        self._log_tls("STLS: TLS")
         self.capabilities = self._capa()  # only the post-TLS list counts
 
     # -- authentication -----------------------------------------------------------
@@ -333,10 +357,16 @@ class Session:
         if self.capabilities.has("UTF8"):
             # RFC 6856 §2: messages as stored, not a per-download wrapper.
             # A refusal changes nothing for us; the reply is read either way.
-            self._command(Utf8())
+            refused = isinstance(self._command(Utf8()), Err)
+            self._step("utf8", f"UTF8 {'refused' if refused else 'accepted'}")
         methods = self._choose_methods()
         for index, method in enumerate(methods):
             last = index + 1 == len(methods)
+            self._step(
+                "auth",
+                f"authenticating as {escape_server_text(opts.username)} with {method.upper()}",
+                mechanism=method.upper(),
+            )
             try:
                 self._login_with(method, secret)
             except ServerError as exc:
@@ -357,6 +387,7 @@ class Session:
             # RFC 2449 §6.5/6.7: the per-user values are shown only after login.
             self.capabilities = self._capa()
         self.conn.pipelining = self.capabilities.pipelining
+        self._step("login", "logged in")
 
     def _login_with(self, method: AuthMethod, secret: str) -> None:
         opts = self.options
@@ -499,6 +530,7 @@ class Session:
         self.transport.send(self.conn.send(command))
         listing = self._listing_reply(command)
         assert isinstance(listing, UidListing)
+        self._step("uidl", f"UIDL: {len(listing.entries)} message(s)", count=len(listing.entries))
         return listing.entries
 
     def scan(self, msgs: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -512,6 +544,7 @@ class Session:
             self.transport.send(self.conn.send(command))
             listing = self._listing_reply(command)
             assert isinstance(listing, ScanListing)
+            self._step("list", f"LIST: {len(listing.entries)} size(s)", count=len(listing.entries))
             return listing.entries
         window = self.options.pipeline_window if self.conn.pipelining else 1
         sizes: list[tuple[int, int]] = []
@@ -523,6 +556,7 @@ class Session:
             if out:
                 self.transport.send(bytes(out))
             if not self.conn.pending:
+                self._step("list", f"LIST n: {len(sizes)} size(s)", count=len(sizes))
                 return sizes
             event = self._next()
             if isinstance(event, Ok):
@@ -577,6 +611,7 @@ class Session:
         """
         try:
             self._expect_ok(Quit())
+            self._step("quit", "QUIT: +OK")
         finally:
             self.transport.close()
 
@@ -601,6 +636,57 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         if self.conn.state is not State.DONE:
             self.abort()
+
+    def stat(self) -> tuple[int, int]:
+        """STAT (RFC 1939 §5): the number of messages and their total size in octets.
+
+        Raises ServerError on ``-ERR``, RemoteProtocolError on a malformed reply.
+        """
+        words = self._expect_ok(Stat()).split()
+        if len(words) < 2 or not all(w.isdigit() and len(w) <= 20 for w in words[:2]):
+            raise RemoteProtocolError("malformed reply to STAT: not 'count size'")
+        count, size = int(words[0]), int(words[1])
+        self._step("stat", f"STAT: {count} message(s), {size} octets", count=count, bytes=size)
+        return count, size
+
+    # -- the log ------------------------------------------------------------------
+
+    def _step(self, event: str, text: str, **fields: object) -> None:
+        """One INFO line (``-v``) of what the session did, naming the account."""
+        if steps.isEnabledFor(logging.INFO):
+            extra = {"account": self.label, "event": event, **fields}
+            steps.info("%s: %s", self.label, text, extra=extra)
+
+    def _log_connect(self) -> None:
+        if not steps.isEnabledFor(logging.INFO):
+            return
+        t = self.transport
+        peer = t.peer
+        self._step(
+            "connect",
+            f"connected to {t.where} ({peer or 'address unknown'})",
+            host=t.host,
+            port=t.port,
+            address=peer,
+        )
+        self._log_tls("TLS")
+
+    def _log_tls(self, what: str) -> None:
+        if not steps.isEnabledFor(logging.INFO):
+            return
+        info = self.transport.tls_info()
+        if info is not None:
+            self._step(
+                "tls",
+                f"{what} {info.version} {info.cipher}",
+                tls_version=info.version,
+                cipher=info.cipher,
+            )
+
+    def _trace(self, direction: str, line: str) -> None:
+        """The core's dialog tracer: one DEBUG line (``-vv``) per line sent or received."""
+        extra = {"account": self.label, "event": "dialog", "direction": direction, "line": line}
+        steps.debug("%s: %s: %s", self.label, direction, line, extra=extra)
 
     # -- the pump ---------------------------------------------------------------
 

@@ -103,6 +103,7 @@ if TYPE_CHECKING:
     from popsync.refetch import Lost
 
 log = logging.getLogger("popsync.sync")
+steps = logging.getLogger("popsync.steps")  # -v (popsync.logs)
 
 #: A body may exceed its LIST size by half as much again plus this much
 #: (servers that count a line end as one octet report less than arrives).
@@ -201,6 +202,7 @@ def session_options(account: Account) -> SessionOptions:
         pipeline_window=account.pipeline_window,
         poll_timeout=account.poll_timeout,
         min_rate=account.min_rate,
+        account=account.name,
     )
 
 
@@ -232,6 +234,42 @@ def login_secret(account: Account, state_dir: Path, *, fresh: bool = False) -> s
     from popsync.oauth.access import access_token
 
     return access_token(account, state_dir, fresh=fresh)
+
+
+def plan_counts(the_plan: Plan, remapped: int) -> dict[str, int]:
+    """What a plan will do, counted: messages and octets to fetch, to skip,
+    DELEs (of mail delivered earlier, each still to be confirmed, and of mail
+    fetched now, once durable), and messages remapped to known rows."""
+    return {
+        "fetch": len(the_plan.fetch),
+        "bytes": sum(f.message.size or 0 for f in the_plan.fetch),
+        "skip": len(the_plan.skip),
+        "delete": len(the_plan.delete) + sum(f.delete_after for f in the_plan.fetch),
+        "remap": remapped,
+    }
+
+
+def log_plan(account: str, the_plan: Plan, remapped: int) -> None:
+    """The plan's counts, one INFO line (``-v``)."""
+    counts = plan_counts(the_plan, remapped)
+    steps.info(
+        "%s: plan: fetch %d (%s), skip %d, delete %d, remap %d",
+        account,
+        counts["fetch"],
+        format_size(counts["bytes"]),
+        counts["skip"],
+        counts["delete"],
+        counts["remap"],
+        extra={
+            "account": account,
+            "event": "plan",
+            "new": counts["fetch"],
+            "bytes": counts["bytes"],
+            "skipped": counts["skip"],
+            "deleted": counts["delete"],
+            "remapped": counts["remap"],
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +369,7 @@ class Poll:
             rows = self.remap(session, listing.messages, rows)  # 2b
             rows = self.refetch_lost(session, listing.messages, rows)  # 2c
             the_plan = plan(listing.messages, rows, policy, listing.waiting)  # 3
+            log_plan(self.name, the_plan, self.remapped)
             self.note(the_plan)
             reused = self.confirm_deletes(session, the_plan.delete, gate)  # 4
             # A message under a reused unique-id is fetched now even past
@@ -344,6 +383,13 @@ class Poll:
             failpoints.failpoint("after_quit")
         self.ledger.mark_deleted(self.name, [*gate.accepted, *the_plan.gone], self.now())
         self.count(the_plan, deleted=len(gate.accepted))
+        steps.info(
+            "%s: DELE: %d accepted, %d refused; removed by the server at QUIT",
+            self.name,
+            len(gate.accepted),
+            len(gate.refused),
+            extra={"account": self.name, "event": "dele", "deleted": len(gate.accepted)},
+        )
         for msg, text in gate.refused:
             self.warn(f"DELE {msg} refused: {text}")
         self.touch(listing.messages, rows, now)

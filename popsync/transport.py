@@ -213,6 +213,18 @@ def _untrusted(exc: ssl.SSLCertVerificationError, where: str) -> SecurityError:
     return SecurityError(f"{where}: TLS certificate not trusted ({reason}); refusing to continue")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the TLS handshake settled: protocol version, cipher suite, and
+    the server's certificate (DER; the parsed form ``ssl`` gives for a
+    verified one, empty when there is none)."""
+
+    version: str
+    cipher: str
+    certificate_der: bytes | None
+    certificate: dict[str, object]
+
+
 class Transport:
     """A connected stream to one POP3 server."""
 
@@ -277,6 +289,29 @@ class Transport:
     @property
     def is_tls(self) -> bool:
         return isinstance(self._sock, ssl.SSLSocket)
+
+    @property
+    def peer(self) -> str:
+        """The address connected to (``192.0.2.1:995``, ``[::1]:110``); "" once closed."""
+        try:
+            address = self._sock.getpeername()
+        except OSError:
+            return ""
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def tls_info(self) -> TlsInfo | None:
+        """The negotiated TLS parameters, or None on a plain connection."""
+        sock = self._sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        cipher = sock.cipher()
+        return TlsInfo(
+            version=sock.version() or "",
+            cipher=cipher[0] if cipher else "",
+            certificate_der=sock.getpeercert(binary_form=True),
+            certificate=dict(sock.getpeercert() or {}),
+        )
 
     # -- limits -----------------------------------------------------------------
 

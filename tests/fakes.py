@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from popsync.errors import TransportError
-from popsync.transport import Transport
+from popsync.transport import TlsInfo, Transport
 
 
 class FakeTransport(Transport):
@@ -51,6 +51,15 @@ class FakeTransport(Transport):
     @property
     def is_tls(self) -> bool:
         return self.tls_at is not None
+
+    @property
+    def peer(self) -> str:
+        return self.where
+
+    def tls_info(self) -> TlsInfo | None:
+        if self.tls_at is None:
+            return None
+        return TlsInfo(version="TLSv1.3", cipher="FAKE", certificate_der=None, certificate={})
 
     def ended(self) -> TransportError | None:
         return self._ended

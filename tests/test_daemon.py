@@ -861,6 +861,26 @@ def test_poll_now_asked_while_a_poll_is_finishing_is_not_dropped(
         h.stop()
 
 
+def test_the_daemon_shows_a_sessions_steps_only_with_v(
+    tmp_path: Path,
+    servers: Callable[..., POP3TestServer],
+    spawn: Callable[..., DaemonProcess],
+) -> None:
+    srv = servers(messages(1, 3))
+    quiet = spawn(write_config(tmp_path, [account("a", srv.port, interval=3600)]))
+    quiet.wait_for("a: ok: ")
+    quiet.send(signal.SIGINT)
+    assert quiet.wait() == 0
+    assert "connected to" not in quiet.output()  # one line per poll, not its steps
+    verbose = spawn(
+        write_config(tmp_path, [account("a", srv.port, interval=3600)]), global_args=("-v",)
+    )
+    verbose.wait_for("a: QUIT: +OK")
+    verbose.send(signal.SIGINT)
+    assert verbose.wait() == 0
+    assert f"a: connected to 127.0.0.1:{srv.port}" in verbose.output()
+
+
 def test_sigterm_during_a_long_retr_exits_cleanly_and_a_restart_is_exactly_once(
     tmp_path: Path,
     servers: Callable[..., POP3TestServer],

@@ -96,8 +96,7 @@ def test_popsync_1_documents_nothing_that_does_not_exist() -> None:
         o for p in [parser, *commands.values()] for a in p._actions for o in a.option_strings
     }
     described = {
-        n.replace("\\-", "-")
-        for n in re.findall(r"^\.SS \\fB([a-z\\-]+)\\fR$", page, re.MULTILINE)
+        n.replace("\\-", "-") for n in re.findall(r"^\.SS \\fB([a-z\\-]+)\\fR$", page, re.MULTILINE)
     }
     assert described == set(commands)
     shown = {o.replace("\\-", "-") for o in re.findall(r"\\fB(\\-[^\\ ]*(?:\\-[\w]+)*)\\fR", page)}

@@ -1,8 +1,10 @@
 """A valid access token for each poll, and ``popsync auth``'s storing of new ones.
 
-:func:`access_token` runs inside the poll, under the account's lock
-(:func:`popsync.sync.run_account` holds it), so two processes never refresh
-at once and a rotated refresh token cannot be lost between them:
+:func:`access_token` holds a per-account refresh lock (``oauth/ACCOUNT.lock``
+beside the token file, an ``flock``) from reading the tokens to storing the
+renewed ones, so two processes -- a poll, ``serverinfo``, ``check --online``,
+``sync --dry-run`` -- never refresh at once and a rotated refresh token
+cannot be lost between them:
 
 1. the stored access token is used while it has more than
    :data:`EXPIRY_MARGIN` seconds left;
@@ -16,15 +18,19 @@ at once and a rotated refresh token cannot be lost between them:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
 from pydantic import SecretStr
 
 from popsync.config import Account
+from popsync.errors import PopsyncError
 from popsync.oauth.client import Client, require_authlib
 from popsync.oauth.errors import NeedsAuthorization, OAuthError
 from popsync.oauth.store import TokenStore, open_store
@@ -77,7 +83,7 @@ def access_token(
     *fresh*, a new one even if the stored one has not expired (the server
     refused it).
 
-    Call with the account's lock held.
+    Safe to call from several processes at once (see the module docstring).
 
     Raises:
         NeedsAuthorization: no tokens stored, or ``invalid_grant``.
@@ -87,11 +93,35 @@ def access_token(
         PopsyncError: the token store cannot be read or written.
     """
     require_authlib()
+    with _refresh_lock(state_dir, account.name):
+        return _access_token(account, state_dir, fresh=fresh, at=now())
+
+
+@contextlib.contextmanager
+def _refresh_lock(state_dir: Path, account: str) -> Iterator[None]:
+    """Exclusive use of *account*'s tokens: held at most for one token request
+    (bounded by the account's ``timeout``)."""
+    folder = state_dir / "oauth"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(folder / f"{account}.lock", flags, 0o600)
+    except OSError as exc:
+        raise PopsyncError(
+            f"account {account!r}: cannot open {folder / account}.lock: {exc.strerror}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _access_token(account: Account, state_dir: Path, *, fresh: bool, at: float) -> str:
     store = open_store(state_dir, account.name)
     tokens = store.load()
     if tokens is None:
         raise NeedsAuthorization(account.name, "no OAuth2 token is stored yet")
-    at = now()
     fresh_enough = tokens.expires_at is not None and tokens.expires_at - EXPIRY_MARGIN > at
     if tokens.access_token is not None and fresh_enough and not fresh:
         return tokens.access_token.get_secret_value()

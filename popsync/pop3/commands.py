@@ -1,9 +1,14 @@
 """POP3 commands as frozen values, and their exact wire form.
 
-A command knows three things about itself: the bytes it becomes
+A command knows four things about itself: the bytes it becomes
 (:meth:`Command.to_bytes`), whether its reply is multi-line
-(:meth:`Command.multiline`), and whether it may run ahead of earlier
-replies when the server advertises PIPELINING (RFC 2449 §6.6).  Commands
+(:meth:`Command.multiline`), whether it may run ahead of earlier
+replies when the server advertises PIPELINING (RFC 2449 §6.6), and how it
+may be shown in a log (:meth:`Command.trace`).  A command whose arguments
+carry a secret says so where it is declared (:attr:`Command.public_args`),
+so the dialog log can never print it: ``PASS <redacted>``.  Every line a
+client sends inside an AUTH exchange is a secret (:class:`AuthResponse`),
+whatever the mechanism, so a new SASL mechanism cannot leak by accident.  Commands
 that change who we are or how we talk (USER, PASS, APOP, AUTH, STLS, QUIT)
 never run ahead: their reply decides what may be sent next.
 
@@ -18,12 +23,15 @@ import base64
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from popsync.errors import LocalProtocolError
+from popsync.errors import LocalProtocolError, escape_server_text
 
 #: RFC 2449 §4: a command line is at most 255 octets including the CRLF.
 MAX_COMMAND_LINE = 255
 
 _FORBIDDEN = (b"\r", b"\n", b"\x00")
+
+#: What a log shows in place of a secret argument.
+REDACTED = "<redacted>"
 
 
 def _check_arg(name: str, value: bytes, *, allow_space: bool = True) -> bytes:
@@ -50,9 +58,26 @@ class Command:
     name: ClassVar[str] = ""
     #: May be sent while earlier commands still await their replies.
     pipelinable: ClassVar[bool] = False
+    #: How many leading arguments a log may show; None: all of them.  The
+    #: rest carry a secret (a password, a digest, a SASL response).
+    public_args: ClassVar[int | None] = None
 
     def args(self) -> tuple[bytes, ...]:
         return ()
+
+    def trace(self) -> str:
+        """The command line as a log may show it: secret arguments replaced by
+        :data:`REDACTED`, anything unprintable escaped.  Never raises for a
+        bad argument (the log line is written before the bytes are built)."""
+        try:
+            args = self.args()
+        except LocalProtocolError:
+            return f"{self.name} <invalid argument>"
+        shown = args if self.public_args is None else args[: self.public_args]
+        words = [self.name, *(escape_server_text(a) for a in shown)]
+        if len(shown) < len(args):
+            words.append(REDACTED)
+        return " ".join(words)
 
     def multiline(self) -> bool:
         """Whether a positive reply is followed by a multi-line body."""
@@ -82,6 +107,7 @@ class Pass(Command):
     """PASS; RFC 1939 §7 allows spaces in the password (the rest of the line)."""
 
     name: ClassVar[str] = "PASS"
+    public_args: ClassVar[int | None] = 0
     password: str = field(repr=False)
 
     def args(self) -> tuple[bytes, ...]:
@@ -91,6 +117,7 @@ class Pass(Command):
 @dataclass(frozen=True, slots=True)
 class Apop(Command):
     name: ClassVar[str] = "APOP"
+    public_args: ClassVar[int | None] = 1
     user: str
     digest: str = field(repr=False)
 
@@ -243,6 +270,7 @@ class Auth(Command):
     """
 
     name: ClassVar[str] = "AUTH"
+    public_args: ClassVar[int | None] = 1  # the mechanism; never the initial response
     mechanism: str
     initial: bytes | None = field(default=None, repr=False)
 
@@ -269,6 +297,10 @@ class AuthResponse:
     """
 
     data: bytes | None = field(repr=False)  # None cancels the exchange
+
+    def trace(self) -> str:
+        """Never the response itself: it is the secret, or derived from it."""
+        return "*" if self.data is None else "<redacted SASL response>"
 
     def to_bytes(self) -> bytes:
         if self.data is None:

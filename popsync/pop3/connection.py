@@ -28,6 +28,10 @@ Invariants:
   :class:`RemoteProtocolError`; after that the connection is dead (state
   ``ERROR``) and every further call raises too.  A caller bug raises
   :class:`LocalProtocolError` naming the state.
+* A *tracer*, if set, sees the dialog line by line -- ``("C", "PASS
+  <redacted>")``, ``("S", "+OK ...")`` -- as :meth:`Command.trace` shows a
+  command (secrets never) and server lines escaped and capped; a body is
+  one ``<N octets of message body>`` line, never its content.
 * After ``+OK`` to STLS the connection waits in ``STARTTLS`` for
   :meth:`start_tls`, which refuses to go on if the server already sent
   more plaintext (the STARTTLS command-injection class, CVE-2021-39272).
@@ -37,13 +41,14 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from popsync.errors import (
     BodyLimitExceeded,
     LocalProtocolError,
     RemoteProtocolError,
     SecurityError,
+    escape_server_text,
 )
 from popsync.pop3.commands import (
     Apop,
@@ -95,6 +100,9 @@ from popsync.pop3.reader import BodyReader, take_line, take_listing_lines
 
 #: Lenient default for reply lines: RFC 1939 §3 says 512, real servers exceed it.
 DEFAULT_MAX_LINE = 64 * 1024
+
+#: Receives each line of the dialog: ``("C", text)`` sent, ``("S", text)`` received.
+Tracer = Callable[[str, str], None]
 
 
 class State(enum.Enum):
@@ -170,16 +178,19 @@ class Connection:
         *,
         max_line: int = DEFAULT_MAX_LINE,
         listing_limits: Mapping[str, ListingLimits] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """*listing_limits* replaces the bounds of the listings it names
         (``"CAPA"``, ``"UIDL"``, ``"LIST"``); the others keep
-        :data:`~popsync.pop3.listing.LISTING_LIMITS`."""
+        :data:`~popsync.pop3.listing.LISTING_LIMITS`.  *tracer* sees the
+        dialog (see the module docstring)."""
         if max_line < 512:
             raise LocalProtocolError("max_line must be at least 512 (RFC 1939 §3)")
         self.max_line = max_line
         self.listing_limits: dict[str, ListingLimits] = {**LISTING_LIMITS, **(listing_limits or {})}
         #: Set by the caller once CAPA (over the final transport) lists PIPELINING.
         self.pipelining = False
+        self.tracer = tracer
         self._state = State.GREETING
         self._buf = bytearray()
         self._eof = False
@@ -226,6 +237,8 @@ class Connection:
             )
         data = command.to_bytes()
         self._pending.append(command)
+        if self.tracer is not None:
+            self.tracer("C", command.trace())
         return data
 
     def send_auth_response(self, response: AuthResponse) -> bytes:
@@ -233,7 +246,10 @@ class Connection:
         if not self._challenged:
             raise LocalProtocolError("no AUTH challenge is waiting for a response")
         self._challenged = False
-        return response.to_bytes()
+        data = response.to_bytes()
+        if self.tracer is not None:
+            self.tracer("C", response.trace())
+        return data
 
     def start_tls(self) -> None:
         """Record that the TLS handshake is about to start (after STLS +OK).
@@ -319,6 +335,8 @@ class Connection:
 
     def _on_status(self, line: bytes) -> Event:
         """Interpret one status line: the greeting, or the reply to the oldest command."""
+        if self.tracer is not None:
+            self.tracer("S", escape_server_text(line))
         if self._state is State.GREETING:
             if line[:3].upper() == b"+OK":
                 self._advance(None, Reply.OK)
@@ -370,12 +388,17 @@ class Connection:
         raw, done = take_listing_lines(self._buf)
         if raw:
             parser.feed(raw)  # checks every line and the totals at once
+            if self.tracer is not None:
+                for line in raw.split(b"\n")[:-1]:
+                    self.tracer("S", escape_server_text(line.removesuffix(b"\r")))
         if not done:
             parser.check_unfinished(len(self._buf))
             return self._check_eof()
         command = self._pending.popleft()
         self._phase = _Phase.STATUS
         self._listing = None
+        if self.tracer is not None:
+            self.tracer("S", ".")
         return _listing_event(command, parser)
 
     def _next_body_event(self) -> Event | NeedData:
@@ -406,6 +429,9 @@ class Connection:
         self._phase = _Phase.STATUS
         self._body = None
         self._body_ended = False
+        if self.tracer is not None:
+            self.tracer("S", f"<{self._body_octets} octets of message body>")
+            self.tracer("S", ".")
         return EndOfBody(command, self._body_octets)
 
 
