@@ -337,7 +337,6 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
 
     from popsync.adopt import read_state_file, receipt, select
     from popsync.errors import escape_server_text
-    from popsync.locks import account_lock
 
     (account,) = config.select([name])
     state = read_state_file(tool, path)
@@ -345,7 +344,7 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
     ledger = _open_ledger(config)
     try:
         # The account's lock: a poll running now must not fetch what is adopted.
-        with account_lock(config.state_dir, account.name, wait=10.0):
+        with ledger.account_lock(config.state_dir, account.name, wait=10.0):
             adopted = ledger.adopt(
                 account.name,
                 chosen.mine,

@@ -8,13 +8,20 @@ project's POP3 test server and the private PostgreSQL the tests start.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from popsync.config import load_config
+from popsync.ledger import Ledger
+from popsync.locks import AccountBusy
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
@@ -61,3 +68,128 @@ def test_six_workers_starting_together_on_an_empty_database_all_succeed(
         assert sum(maildir_contents(tmp_path / "Maildir" / "acct").values()) == 3
     finally:
         postgres.drop_database(name)
+
+
+# -- the account lock ------------------------------------------------------------
+
+# A child that opens the ledger, takes an account's lock through it, says so,
+# and holds it until told to go or killed. argv: ledger_url state_dir account
+HOLDER = """
+import sys
+from pathlib import Path
+from popsync.ledger import Ledger
+with Ledger.open(sys.argv[1]) as ledger:
+    with ledger.account_lock(Path(sys.argv[2]), sys.argv[3], wait=False):
+        print("locked", flush=True)
+        sys.stdin.readline()
+"""
+
+
+def start_holder(ledger_url: str, state_dir: Path, account: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, ledger_url, str(state_dir), account],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_the_lock_excludes_other_ledgers_and_names_the_holder(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    with Ledger.open(postgres_url) as first, Ledger.open(postgres_url) as second:
+        with first.account_lock(tmp_path, "home", wait=False):
+            with (
+                pytest.raises(AccountBusy) as info,
+                second.account_lock(tmp_path, "home", wait=False),
+            ):
+                pass
+            assert (info.value.holder, info.value.host) == (os.getpid(), socket.gethostname())
+            assert str(info.value) == (
+                f"account home: process {os.getpid()} on {socket.gethostname()} "
+                "is polling it already"
+            )
+            with second.account_lock(tmp_path, "work", wait=False):  # another account: free
+                pass
+            started = time.monotonic()
+            with pytest.raises(AccountBusy), second.account_lock(tmp_path, "home", wait=0.3):
+                pass
+            assert time.monotonic() - started >= 0.3
+        with second.account_lock(tmp_path, "home", wait=False):  # released with the block
+            pass
+    # Not a lock file in sight: on PostgreSQL the lock lives in the database.
+    assert not (tmp_path / "locks").exists()
+
+
+def test_a_waiter_gets_the_lock_when_the_holder_lets_go(postgres_url: str, tmp_path: Path) -> None:
+    holder = start_holder(postgres_url, tmp_path, "home")
+    try:
+        with Ledger.open(postgres_url) as ledger:
+            got = threading.Event()
+
+            def wait_for_it() -> None:
+                with ledger.account_lock(tmp_path, "home", wait=30.0):
+                    got.set()
+
+            th = threading.Thread(target=wait_for_it)
+            th.start()
+            assert not got.wait(0.3)
+            assert holder.stdin is not None
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            assert got.wait(30)
+            th.join(30)
+    finally:
+        holder.kill()
+        holder.wait(30)
+
+
+def test_a_killed_holders_lock_is_free_at_once(postgres_url: str, tmp_path: Path) -> None:
+    holder = start_holder(postgres_url, tmp_path, "home")
+    with Ledger.open(postgres_url) as ledger:
+        with (
+            pytest.raises(AccountBusy, match=f"process {holder.pid} on "),
+            ledger.account_lock(tmp_path, "home", wait=False),
+        ):
+            pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        # The server ends the dead client's session as soon as its socket
+        # closes; a bounded wait covers a loaded machine.
+        started = time.monotonic()
+        with ledger.account_lock(tmp_path, "home", wait=5.0):
+            waited = time.monotonic() - started
+    assert waited < 5.0
+
+
+def test_sync_of_an_account_another_worker_is_polling_says_busy_and_exits_0(
+    ledger_url: str, tmp_path: Path, server: POP3TestServer
+) -> None:
+    """As with SQLite's lock file: one line, exit status 0, nothing fetched. On
+    PostgreSQL the holder has a state directory of its own, as a worker on
+    another host would: the lock is in the database."""
+    config = write_config(tmp_path, [{"name": "acct", "port": server.port}], ledger_url=ledger_url)
+    Ledger.open(ledger_url).close()  # so the holder does not race the sync to create it
+    state_dir = load_config(config).state_dir
+    if not ledger_url.startswith("sqlite"):
+        state_dir = tmp_path / "another-host"
+    holder = start_holder(ledger_url, state_dir, "acct")
+    try:
+        busy = popsync_process(config, "sync", "--no-progress")
+        out, err = busy.communicate(timeout=60)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert busy.returncode == 0, err
+    (line,) = (out + err).splitlines()
+    assert line.startswith(f"account acct: process {holder.pid} "), line
+    assert line.endswith("is polling it already: skipped, its mail is being fetched"), line
+    assert maildir_contents(tmp_path / "Maildir" / "acct") == {}
+    ok = popsync_process(config, "sync", "--no-progress")
+    ok.communicate(timeout=60)
+    assert ok.returncode == 0
+    assert sum(maildir_contents(tmp_path / "Maildir" / "acct").values()) == 3

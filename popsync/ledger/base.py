@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple, Self
 
 from sqlalchemy import (
@@ -54,6 +55,8 @@ class LedgerBase:
         self._closed = False
         # Batched write statements compiled for this engine's dialect.
         self._prepared: dict[ClauseElement, _Prepared] = {}
+        # PostgreSQL only: where account locks get their own connections.
+        self._locks: Engine | None = None
 
     # -- life cycle --------------------------------------------------------
 
@@ -87,6 +90,39 @@ class LedgerBase:
         """Close every pooled connection. Later calls raise :class:`LedgerError`."""
         self._closed = True
         self._engine.dispose()
+        if self._locks is not None:
+            self._locks.dispose()
+
+    def account_lock(
+        self, state_dir: Path, account: str, *, wait: bool | float
+    ) -> AbstractContextManager[None]:
+        """The lock that keeps two popsync processes from polling *account* at once.
+
+        On SQLite (one host) the ``flock`` of :func:`popsync.locks.account_lock`
+        in *state_dir*; on PostgreSQL (workers on several hosts) a session
+        advisory lock on a connection of its own
+        (:func:`popsync.ledger.locks.advisory_account_lock`). Both are released
+        when the block ends or the holder dies. *wait*: ``False`` fails at once
+        if the lock is held, ``True`` waits as long as it takes, a number waits
+        up to that many seconds.
+
+        Raises (on entering the block):
+            AccountBusy: the lock is held elsewhere.
+            ConfigError: *account* is not a valid account name.
+            PopsyncError: the lock file cannot be opened (SQLite), or
+                LedgerError: the database cannot be reached (PostgreSQL).
+        """
+        if self._engine.dialect.name != "postgresql":
+            from popsync.locks import account_lock
+
+            return account_lock(state_dir, account, wait=wait)
+        from popsync.ledger.locks import advisory_account_lock, lock_engine
+
+        if self._closed:
+            raise LedgerError(f"ledger {self._shown}: cannot lock {account}: the ledger is closed")
+        if self._locks is None:
+            self._locks = lock_engine(self._engine)
+        return advisory_account_lock(self._locks, account, wait=wait)
 
     def __enter__(self) -> Self:
         return self
