@@ -284,6 +284,8 @@ def _open_ledger(config: Config) -> Ledger:
 def _check(config: Config) -> int:
     names = ", ".join(a.name for a in config.accounts)
     _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
+    for warning in config.warnings():
+        logging.getLogger("popsync").warning("%s", warning)
     return EXIT_OK
 
 

@@ -193,3 +193,51 @@ def test_sync_of_an_account_another_worker_is_polling_says_busy_and_exits_0(
     ok.communicate(timeout=60)
     assert ok.returncode == 0
     assert sum(maildir_contents(tmp_path / "Maildir" / "acct").values()) == 3
+
+
+# -- check -------------------------------------------------------------------------
+
+
+def test_check_warns_about_local_targets_on_a_postgresql_ledger(tmp_path: Path) -> None:
+    accounts = [
+        {"name": "files", "port": 110},
+        {"name": "box", "port": 110, "maildir": None, "mbox": str(tmp_path / "inbox.mbox")},
+        {
+            "name": "served",
+            "port": 110,
+            "maildir": None,
+            "lmtp": "127.0.0.1:24",
+            "lmtp_recipient": "rcpt@example.org",
+        },
+    ]
+    # check does not connect: the URL is enough.
+    url = "postgresql+psycopg://popsync:hunter2@127.0.0.1:1/popsync"
+    shared = write_config(tmp_path, accounts, ledger_url=url)
+    result = subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(shared), "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{shared}: OK (3 account(s)")
+    (line,) = result.stderr.splitlines()
+    assert "accounts files (maildir), box (mbox) on a PostgreSQL ledger" in line, line
+    assert line.endswith(
+        "a Maildir local to one worker would split the mailbox; "
+        "use lmtp or imap when several workers share the ledger"
+    ), line
+    assert "served" not in line and "hunter2" not in line
+
+    local = write_config(tmp_path, accounts)  # the same accounts on a SQLite ledger
+    quiet = subprocess.run(
+        [sys.executable, "-m", "popsync", "-c", str(local), "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert (quiet.returncode, quiet.stderr) == (0, "")
