@@ -90,5 +90,5 @@ def postgres_url(postgres: PostgresCluster, request: pytest.FixtureRequest) -> I
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A ledger URL that does not exist yet, on each backend in turn."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'ledger.sqlite3'}"
+        return f"sqlite:///{tmp_path / 'state' / 'ledger.db'}"
     return str(request.getfixturevalue("postgres_url"))

@@ -216,6 +216,8 @@ class PostgresCluster:
     def new_database(self, prefix: str = "t") -> str:
         """Create a new, empty database; its name (lower case, safe to put in SQL unquoted)."""
         cleaned = re.sub(r"[^a-z0-9_]", "_", prefix.lower())[:40]
+        if not cleaned[:1].isalpha():
+            cleaned = "t_" + cleaned  # an unquoted name starts with a letter
         name = f"{cleaned}_{secrets.token_hex(4)}"
         self.execute(f"CREATE DATABASE {name}")
         return name
