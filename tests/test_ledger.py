@@ -9,6 +9,7 @@ pragmas, symlinks, locking) take ``db_path`` and run on SQLite only.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -343,6 +344,53 @@ def test_busy_database_errors_are_temporary() -> None:
     assert str(err) == "ledger /x/ledger.db: cannot record fetches: database is locked"
     broken = OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
     assert ledger_error("/x/ledger.db", "read", broken).temporary is False
+
+
+def test_an_unreachable_database_server_is_a_temporary_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens there now: the connection is refused.
+    with pytest.raises(LedgerError) as info:
+        Ledger.open(f"postgresql+psycopg://popsync:hunter2@127.0.0.1:{port}/popsync")
+    assert info.value.temporary is True
+    assert f"ledger postgresql+psycopg://popsync:***@127.0.0.1:{port}/popsync: cannot" in str(
+        info.value
+    )
+    assert "hunter2" not in str(info.value)
+
+
+def test_database_server_errors_worth_a_retry_are_temporary() -> None:
+    class ServerError(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            super().__init__(f"SQLSTATE {sqlstate}")
+            self.sqlstate = sqlstate
+
+    def temporary(sqlstate: str) -> bool:
+        exc = OperationalError("SELECT", {}, ServerError(sqlstate))
+        return ledger_error("db", "read", exc).temporary
+
+    # serialization failure, deadlock, too many connections, admin shutdown,
+    # cannot connect now, connection failure
+    assert all(map(temporary, ["40001", "40P01", "53300", "57P01", "57P03", "08006"]))
+    # unique violation, check violation, undefined table: retrying changes nothing
+    assert not any(map(temporary, ["23505", "23514", "42P01"]))
+
+
+def test_a_connection_the_server_dropped_is_replaced(
+    postgres: PostgresCluster, postgres_url: str
+) -> None:
+    """A pooled connection that died while idle (say, the server restarted) is
+    noticed on checkout and replaced: the next call succeeds."""
+    with Ledger.open(postgres_url) as led:
+        led.begin_fetch("acct", [fetch(b"u", "n")])
+        database = make_url(postgres_url).database
+        ended = postgres.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+        )
+        assert ended and all(row == (True,) for row in ended)
+        assert set(led.rows("acct")) == {(b"u", 0)}
 
 
 def test_processes_creating_one_ledger_at_once(ledger_url: str) -> None:

@@ -142,20 +142,42 @@ def describe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+#: SQLSTATE classes and codes of a database server that may well work a
+#: moment later (PostgreSQL docs, Appendix A "Error Codes"): connection
+#: exceptions, serialization failures and deadlocks, insufficient resources
+#: (too many connections), lock not available, and the server shutting down,
+#: starting up or restarting.
+_TEMPORARY_SQLSTATES: Final = ("08", "40", "53", "55P03", "57P01", "57P02", "57P03")
+
+
+def _is_temporary(exc: BaseException, orig: BaseException, detail: str) -> bool:
+    if isinstance(exc, OperationalError | sqlite3.OperationalError) and (
+        "locked" in detail or "busy" in detail
+    ):
+        return True  # SQLite: another writer held the lock past the busy timeout
+    if getattr(exc, "connection_invalidated", False):
+        return True  # the connection broke (SQLAlchemy saw a disconnect)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_TEMPORARY_SQLSTATES)
+    # psycopg raises OperationalError without a SQLSTATE when it cannot
+    # connect at all (refused, timed out, name resolution).
+    return type(orig).__module__.startswith("psycopg") and type(orig).__name__ == "OperationalError"
+
+
 def ledger_error(shown: str, what: str, exc: BaseException) -> LedgerError:
     """Turn a database exception into a :class:`LedgerError` with one clear line.
 
-    "database is locked" (another writer held the lock past the busy timeout)
-    is marked temporary: retrying later may succeed.
+    Marked temporary (retrying later may succeed): SQLite's "database is
+    locked" (another writer held the lock past the busy timeout); a database
+    server that cannot be reached, dropped the connection, is restarting or
+    has no connection to spare, and serialization failures and deadlocks.
     """
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip()
     detail = text.splitlines()[0] if text else type(orig).__name__
     err = LedgerError(f"ledger {shown}: cannot {what}: {detail}")
-    if isinstance(exc, OperationalError | sqlite3.OperationalError) and (
-        "locked" in detail or "busy" in detail
-    ):
-        err.temporary = True
+    err.temporary = _is_temporary(exc, orig, detail)
     return err
 
 
@@ -288,6 +310,10 @@ def create_ledger_engine(url: str | URL) -> Engine:
     shown = describe_url(parsed)
     try:
         with translate_errors(shown, "create a database engine"):
+            if parsed.get_backend_name() == "postgresql":
+                # A pooled connection may have died while idle (a server
+                # restart, a firewall's idle timeout): test it on checkout.
+                return create_engine(parsed, pool_pre_ping=True)
             if parsed.get_backend_name() != "sqlite":
                 return create_engine(parsed)
             engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
