@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one retur
             return _import(config, args.account, args.tool, Path(args.file), dry_run=args.dry_run)
         if args.command == "db":
             _open_ledger(config).close()
-            _say(f"ledger {config.ledger_url}: schema is up to date")
+            _say(f"ledger {config.ledger_shown}: schema is up to date")
             return EXIT_OK
         if args.command == "run":
             from popsync.daemon import run_daemon

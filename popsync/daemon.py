@@ -846,7 +846,7 @@ class Daemon:
         if new.ledger_url != self._config.ledger_url:
             log.warning(
                 "the ledger setting changed; that takes a restart, so popsync keeps %s",
-                self._config.ledger_url,
+                self._config.ledger_shown,
                 extra={"event": "reload"},
             )
         now = time.time()

@@ -241,3 +241,23 @@ def test_check_warns_about_local_targets_on_a_postgresql_ledger(tmp_path: Path) 
         check=False,
     )
     assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+def test_db_upgrade_names_the_ledger_without_its_password(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    name = postgres.new_database("db_upgrade")
+    try:
+        # The test cluster trusts loopback connections: any password will do.
+        url = postgres.url(name).replace("popsync@", "popsync:hunter2@")
+        config = write_config(tmp_path, [{"name": "acct", "port": 110}], ledger_url=url)
+        proc = popsync_process(config, "db", "upgrade")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        postgres.drop_database(name)
+    assert proc.returncode == 0, err
+    assert out.strip() == (
+        f"ledger postgresql+psycopg://popsync:***@127.0.0.1:{postgres.port}/{name}: "
+        "schema is up to date"
+    )
+    assert "hunter2" not in out + err

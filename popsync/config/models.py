@@ -269,6 +269,13 @@ class Config(BaseModel):
         return self.ledger
 
     @property
+    def ledger_shown(self) -> str:
+        """The ledger URL for messages and logs: a password in it shown as ``***``."""
+        from sqlalchemy import make_url
+
+        return make_url(self.ledger).render_as_string(hide_password=True)
+
+    @property
     def shared_ledger(self) -> bool:
         """Whether the ledger is a database server's (PostgreSQL) that workers on
         several hosts can share, rather than a file on this host."""
