@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from popsync.config import load_config
-from popsync.ledger import Ledger
+from popsync.errors import LedgerError
+from popsync.ledger import FetchIntent, Ledger
 from popsync.locks import AccountBusy
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
@@ -164,6 +165,27 @@ def test_a_killed_holders_lock_is_free_at_once(postgres_url: str, tmp_path: Path
         with ledger.account_lock(tmp_path, "home", wait=5.0):
             waited = time.monotonic() - started
     assert waited < 5.0
+
+
+def test_a_poll_whose_lock_was_lost_stops_at_its_next_write(
+    postgres: PostgresCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    """The server ended the lock's connection (a restart, a network cut) while the
+    poll went on: its next write refuses, since another worker may now poll."""
+    with Ledger.open(postgres_url) as ledger:
+        with ledger.account_lock(tmp_path, "home", wait=False):
+            ledger.begin_fetch("home", [FetchIntent(b"u1", 0, 10, "n1", 1.0)])
+            ended = postgres.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE application_name = 'popsync {os.getpid()}@{socket.gethostname()}'"
+            )
+            assert ended == [(True,)]
+            with pytest.raises(LedgerError, match="account home: its lock in the ledger") as info:
+                ledger.begin_fetch("home", [FetchIntent(b"u2", 0, 10, "n2", 1.0)])
+            assert info.value.temporary is True
+            assert set(ledger.rows("home")) == {(b"u1", 0)}  # reads still work
+        # Outside the lock (another thread, a later poll), writes are not checked.
+        ledger.begin_fetch("home", [FetchIntent(b"u2", 0, 10, "n2", 1.0)])
 
 
 def test_sync_of_an_account_another_worker_is_polling_says_busy_and_exits_0(

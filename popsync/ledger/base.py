@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from sqlalchemy import (
     URL,
@@ -26,6 +27,9 @@ from popsync.ledger.engine import (
     translate_errors,
     upgrade,
 )
+
+if TYPE_CHECKING:
+    from popsync.ledger.locks import HeldLock
 
 
 class _Prepared(NamedTuple):
@@ -55,8 +59,10 @@ class LedgerBase:
         self._closed = False
         # Batched write statements compiled for this engine's dialect.
         self._prepared: dict[ClauseElement, _Prepared] = {}
-        # PostgreSQL only: where account locks get their own connections.
+        # PostgreSQL only: where account locks get their own connections, and
+        # the lock each thread's poll holds (its writes check it is still held).
         self._locks: Engine | None = None
+        self._held = threading.local()
 
     # -- life cycle --------------------------------------------------------
 
@@ -122,7 +128,33 @@ class LedgerBase:
             raise LedgerError(f"ledger {self._shown}: cannot lock {account}: the ledger is closed")
         if self._locks is None:
             self._locks = lock_engine(self._engine)
-        return advisory_account_lock(self._locks, account, wait=wait)
+        return self._holding(advisory_account_lock(self._locks, account, wait=wait))
+
+    @contextmanager
+    def _holding(self, lock: AbstractContextManager[HeldLock]) -> Iterator[None]:
+        """Hold *lock*, and note it for this thread's writes meanwhile."""
+        with lock as held:
+            outer = getattr(self._held, "lock", None)
+            self._held.lock = held
+            try:
+                yield
+            finally:
+                self._held.lock = outer
+
+    def _check_lock(self, conn: Connection) -> None:
+        """Raise if this thread holds an account lock that the database no longer has."""
+        held: HeldLock | None = getattr(self._held, "lock", None)
+        if held is None:
+            return
+        from popsync.ledger.locks import lock_held
+
+        if not lock_held(conn, held):
+            err = LedgerError(
+                f"account {held.account}: its lock in the ledger {self._shown} was lost (the "
+                "connection holding it ended); this poll stops, another may take the account"
+            )
+            err.temporary = True
+            raise err
 
     def __enter__(self) -> Self:
         return self
@@ -138,6 +170,8 @@ class LedgerBase:
             if write:
                 conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
+                if write:
+                    self._check_lock(conn)
                 yield conn
 
     def _executemany(

@@ -22,6 +22,11 @@ host's disk excludes nobody on another. So on PostgreSQL the account lock is a
   SQLite.
 * Waiting for a bounded time polls ``pg_try_advisory_lock`` with a growing
   pause (capped at 0.1 s); ``wait=True`` blocks in ``pg_advisory_lock``.
+* A lock can be lost while its holder lives: the server restarts, or ends or
+  loses that one connection. The ledger then asks :func:`lock_held` at the
+  start of each write of the poll (one query in the same transaction), and a
+  poll whose lock is gone stops at its next write instead of going on beside
+  the worker that took the account over.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, NamedTuple
 
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.pool import NullPool
@@ -42,7 +47,7 @@ from popsync.errors import ConfigError
 from popsync.ledger.engine import advisory_key, describe_url, translate_errors
 from popsync.locks import AccountBusy
 
-__all__ = ["advisory_account_lock", "lock_engine"]
+__all__ = ["HeldLock", "advisory_account_lock", "lock_engine", "lock_held"]
 
 _POLL_FIRST: Final = 0.005
 _POLL_MAX: Final = 0.1
@@ -51,14 +56,39 @@ _POLL_MAX: Final = 0.1
 _MAX_APP_NAME: Final = 63
 _APP_NAME: Final = re.compile(r"popsync (\d+)@([A-Za-z0-9.-]+)\Z")
 
-# Who holds an advisory lock taken with one bigint key: the server stores its
-# high and low 32 bits as classid and objid, with objsubid 1.
+# The lock of one bigint key: the server shows its high and low 32 bits as
+# classid and objid, with objsubid 1.
 _HOLDER: Final = text(
     "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
     "AND l.classid::bigint = :hi AND l.objid::bigint = :lo "
     "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
+_HELD_BY: Final = text(
+    "SELECT count(*) FROM pg_locks l "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.classid::bigint = :hi AND l.objid::bigint = :lo AND l.pid = :pid "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+class HeldLock(NamedTuple):
+    """An account lock this process holds: the account, its key, the holding session."""
+
+    account: str
+    key: int
+    #: ``pg_backend_pid()`` of the lock's connection.
+    session: int
+
+
+def _halves(key: int) -> dict[str, int]:
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return {"hi": unsigned >> 32, "lo": unsigned & 0xFFFF_FFFF}
+
+
+def lock_held(conn: Connection, lock: HeldLock) -> bool:
+    """Whether *lock*'s session still holds it, asked on *conn* (any connection)."""
+    return bool(conn.execute(_HELD_BY, {**_halves(lock.key), "pid": lock.session}).scalar())
 
 
 def _application_name() -> str:
@@ -102,8 +132,7 @@ def _acquire(conn: Connection, key: int, wait: bool | float) -> bool:
 
 def _holder(conn: Connection, key: int) -> tuple[int | None, str | None]:
     """(pid, host) of the popsync session holding *key*, or Nones if not known."""
-    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
-    name = conn.execute(_HOLDER, {"hi": unsigned >> 32, "lo": unsigned & 0xFFFF_FFFF}).scalar()
+    name = conn.execute(_HOLDER, _halves(key)).scalar()
     match = _APP_NAME.match(str(name or ""))
     if match is None:
         return None, None
@@ -111,8 +140,10 @@ def _holder(conn: Connection, key: int) -> tuple[int | None, str | None]:
 
 
 @contextmanager
-def advisory_account_lock(locks: Engine, account: str, *, wait: bool | float) -> Iterator[None]:
+def advisory_account_lock(locks: Engine, account: str, *, wait: bool | float) -> Iterator[HeldLock]:
     """Hold *account*'s advisory lock, on a new connection from *locks*, during the block.
+
+    Yields the :class:`HeldLock`, for :func:`lock_held`.
 
     *locks* comes from :func:`lock_engine`. *wait* is as for
     :func:`popsync.locks.account_lock`.
@@ -133,9 +164,10 @@ def advisory_account_lock(locks: Engine, account: str, *, wait: bool | float) ->
         with translate_errors(shown, f"lock account {account}"):
             acquired = _acquire(conn, key, wait)
             holder = None if acquired else _holder(conn, key)
+            session = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
         if holder is not None:
             raise AccountBusy(account, holder[0], host=holder[1])
-        yield
+        yield HeldLock(account, key, int(session))
     finally:
         # Ends the session, and with it the lock; an explicit unlock would
         # only add a round trip (and could fail on a dead connection).
