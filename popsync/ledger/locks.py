@@ -130,6 +130,15 @@ def _acquire(conn: Connection, key: int, wait: bool | float) -> bool:
     return False
 
 
+def _backend_pid(conn: Connection) -> int:
+    """The server process of *conn*'s session: known to libpq, so no round trip."""
+    info = getattr(conn.connection.dbapi_connection, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    if isinstance(pid, int):
+        return pid
+    return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
 def _holder(conn: Connection, key: int) -> tuple[int | None, str | None]:
     """(pid, host) of the popsync session holding *key*, or Nones if not known."""
     name = conn.execute(_HOLDER, _halves(key)).scalar()
@@ -164,7 +173,7 @@ def advisory_account_lock(locks: Engine, account: str, *, wait: bool | float) ->
         with translate_errors(shown, f"lock account {account}"):
             acquired = _acquire(conn, key, wait)
             holder = None if acquired else _holder(conn, key)
-            session = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            session = _backend_pid(conn)
         if holder is not None:
             raise AccountBusy(account, holder[0], host=holder[1])
         yield HeldLock(account, key, int(session))
