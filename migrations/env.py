@@ -8,7 +8,8 @@ Two ways in:
   no logging set-up: the application owns logging.
 * a developer runs ``alembic -x url=sqlite:////path/ledger.db upgrade head``
   (or sets ``sqlalchemy.url`` in ``alembic.ini``) from the repository root; the
-  engine then comes from ``create_ledger_engine`` so the same pragmas apply.
+  engine then comes from ``create_ledger_engine`` so the same pragmas apply,
+  and the same schema lock is taken as popsync takes (``lock_schema``).
 
 ``render_as_batch`` lets later revisions ALTER tables on SQLite (copy-and-move).
 """
@@ -20,7 +21,13 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from popsync.ledger.engine import WRITE_OPTION, create_ledger_engine, parse_url, prepare_sqlite_file
+from popsync.ledger.engine import (
+    WRITE_OPTION,
+    create_ledger_engine,
+    lock_schema,
+    parse_url,
+    prepare_sqlite_file,
+)
 from popsync.ledger.models import metadata
 
 config = context.config
@@ -72,6 +79,7 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             connection.execution_options(**{WRITE_OPTION: True})
             with connection.begin():
+                lock_schema(connection)
                 _run_on(connection)
     finally:
         engine.dispose()

@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             return _set_password(config, args.account)
         if args.command == "db":
             _open_ledger(config).close()
-            _say(f"ledger {config.ledger_url}: schema is up to date")
+            _say(f"ledger {config.ledger_shown}: schema is up to date")
             return EXIT_OK
         if args.command == "run":
             from popsync.daemon import run_daemon
@@ -441,6 +441,8 @@ def _check(config: Config, *, online: bool) -> int:
         require_authlib()  # else one line: how to install the extra (exit 2)
     names = ", ".join(a.name for a in config.accounts)
     _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
+    for warning in config.warnings():
+        logging.getLogger("popsync").warning("%s", warning)
     if not online:
         return EXIT_OK
     from popsync.serverinfo import probe
@@ -598,7 +600,6 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
 
     from popsync.adopt import read_state_file, receipt, select
     from popsync.errors import escape_server_text
-    from popsync.locks import account_lock
 
     (account,) = config.select([name])
     state = read_state_file(tool, path)
@@ -606,7 +607,7 @@ def _import(config: Config, name: str, tool: str, path: Path, *, dry_run: bool) 
     ledger = _open_ledger(config)
     try:
         # The account's lock: a poll running now must not fetch what is adopted.
-        with account_lock(config.state_dir, account.name, wait=10.0):
+        with ledger.account_lock(config.state_dir, account.name, wait=10.0):
             adopted = ledger.adopt(
                 account.name,
                 chosen.mine,

@@ -934,7 +934,7 @@ class Daemon:
         if new.ledger_url != self._config.ledger_url:
             log.warning(
                 "the ledger setting changed; that takes a restart, so popsync keeps %s",
-                self._config.ledger_url,
+                self._config.ledger_shown,
                 extra={"event": "reload"},
             )
         if (new.metrics, new.metrics_allow_remote) != (

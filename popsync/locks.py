@@ -1,5 +1,9 @@
 """Per-account locks, so two popsync processes never poll one account at once.
 
+This is the lock of a SQLite ledger (one host); a PostgreSQL ledger, shared
+by hosts, locks accounts in the database instead (:mod:`popsync.ledger.locks`),
+and :meth:`popsync.ledger.Ledger.account_lock` picks the right one.
+
 A daemon and a cron ``popsync sync`` (or two daemons) sharing one config would
 otherwise fetch the same new messages twice and race each other's DELEs;
 getmail's FAQ documents exactly that failure. Each account gets an exclusive
@@ -50,11 +54,14 @@ class AccountBusy(PopsyncError):
 
     temporary = True
 
-    def __init__(self, account: str, holder: int | None) -> None:
+    def __init__(self, account: str, holder: int | None, *, host: str | None = None) -> None:
         self.account = account
         self.holder = holder
+        #: The holder's host, when the lock is shared between hosts (PostgreSQL).
+        self.host = host
         who = f"process {holder}" if holder is not None else "another popsync"
-        super().__init__(f"account {account}: {who} is polling it already")
+        where = f" on {host}" if host is not None and holder is not None else ""
+        super().__init__(f"account {account}: {who}{where} is polling it already")
 
 
 def _open_lock_file(state_dir: Path, account: str) -> int:

@@ -74,7 +74,6 @@ from popsync.ledger import (
     PollCounts,
     Skipped,
 )
-from popsync.locks import account_lock
 from popsync.options import TlsMode
 from popsync.plan import (
     CUT_OFF,
@@ -931,7 +930,7 @@ def run_account(
     poll_id: int | None = None
     try:
         with ExitStack() as stack:
-            stack.enter_context(account_lock(state_dir, account.name, wait=lock_wait))
+            stack.enter_context(ledger.account_lock(state_dir, account.name, wait=lock_wait))
             poll_id = ledger.start_poll(account.name, now())
             target = stack.enter_context(
                 open_target(account, state_dir=state_dir, warn=lambda text: warn(report, text))

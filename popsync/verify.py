@@ -42,7 +42,6 @@ from popsync.deliver.base import Held, Pending
 from popsync.errors import PopsyncError, escape_server_text
 from popsync.identity import HeaderDigest, Verdict, judge
 from popsync.ledger import Ledger, LedgerRow
-from popsync.locks import account_lock
 from popsync.plan import ServerMessage, join_listings
 from popsync.session import Session, SessionOptions
 from popsync.sync import login_secret, read_headers, session_options, stored_from, stored_of
@@ -166,7 +165,7 @@ def verify_account(
     check = AccountCheck(account.name)
     try:
         with ExitStack() as stack:
-            stack.enter_context(account_lock(state_dir, account.name, wait=False))
+            stack.enter_context(ledger.account_lock(state_dir, account.name, wait=False))
             rows = ledger.rows(account.name)
             messages, digests = _listing(account, state_dir, session_factory, deep=deep)
             target = stack.enter_context(_readable_target(account))

@@ -9,7 +9,8 @@
 #      the interop tests), dovecot-lmtpd and dovecot-imapd (the real LMTP and
 #      IMAP servers the delivery targets are tested against; dovecot-lda comes
 #      with dovecot-core), fetchmail, getmail6 and mpop (whose state files
-#      `popsync import` is tested against), python3 and python3-venv.  apt-get (after an
+#      `popsync import` is tested against), postgresql (the real PostgreSQL
+#      the ledger tests also run on), python3 and python3-venv.  apt-get (after an
 #      "apt-get update") runs directly as root, through sudo otherwise.
 #   2. The virtualenv .venv in the repository (created or reused), with
 #      `pip install -e '.[test]'`.
@@ -56,6 +57,10 @@ command -v zsh >/dev/null || doc_packages+=(zsh)
 if [ "${#doc_packages[@]}" -gt 0 ]; then
     apt_install "${doc_packages[@]}"
 fi
+# PostgreSQL's server binaries, for the ledger tests that run on a real
+# PostgreSQL (tests/servers/postgres.py starts a private cluster; the package's
+# own cluster is not used).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_install postgresql
 
 # --- 2. virtualenv -----------------------------------------------------------
 

@@ -29,8 +29,18 @@ def stored_form(data: bytes) -> bytes:
     return to_crlf(data).replace(b"\r\n", b"\n")
 
 
-def write_config(tmp: Path, accounts: list[dict[str, Any]], *, ledger: Path | None = None) -> Path:
-    """A real config file (mode 0600) with one password file per account."""
+def write_config(
+    tmp: Path,
+    accounts: list[dict[str, Any]],
+    *,
+    ledger: Path | None = None,
+    ledger_url: str | None = None,
+) -> Path:
+    """A real config file (mode 0600) with one password file per account.
+
+    The ledger is *ledger_url* if given, else the SQLite file *ledger* (default
+    ``state/ledger.db`` in *tmp*).
+    """
     out = []
     for acc in accounts:
         acc = dict(acc)  # noqa: PLW2901
@@ -52,7 +62,8 @@ def write_config(tmp: Path, accounts: list[dict[str, Any]], *, ledger: Path | No
         acc.setdefault("timeout", 10)
         out.append(acc)
     path = tmp / "config.yaml"
-    doc = {"ledger": f"sqlite:///{ledger or tmp / 'state' / 'ledger.db'}", "accounts": out}
+    url = ledger_url or f"sqlite:///{ledger or tmp / 'state' / 'ledger.db'}"
+    doc = {"ledger": url, "accounts": out}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     path.chmod(0o600)
     return path

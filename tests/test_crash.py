@@ -44,15 +44,39 @@ def assert_no_loss(store: MailStore, maildir: Path) -> None:
 CRASHES = [*POINTS, "mid_body:70", "after_link:2", "after_dir_fsync:2", "after_commit:2"]
 
 
-@pytest.mark.parametrize("failpoint", CRASHES)
-@pytest.mark.parametrize("mode", ["delete", "mirror"])
-def test_sigkill_then_rerun_exactly_once(tmp_path: Path, failpoint: str, mode: str) -> None:
+# On a PostgreSQL ledger, in delete mode: the steps on either side of each
+# ledger commit (an uncommitted transaction dies with its connection), and
+# one later batch.
+PG_CRASHES = [
+    "after_begin_fetch",
+    "after_dir_fsync",
+    "after_commit",
+    "after_dele",
+    "after_quit",
+    "after_commit:2",
+]
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "mode", "backend"),
+    [
+        *((f, m, "sqlite") for m in ("delete", "mirror") for f in CRASHES),
+        *(
+            pytest.param(f, "delete", "postgresql", marks=pytest.mark.postgresql)
+            for f in PG_CRASHES
+        ),
+    ],
+)
+def test_sigkill_then_rerun_exactly_once(
+    tmp_path: Path, failpoint: str, mode: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    ledger_url = None if backend == "sqlite" else str(request.getfixturevalue("postgres_url"))
     store = MailStore(MESSAGES)
     with POP3TestServer(store) as srv:
         account = {"name": "crashy", "port": srv.port}
         if mode == "delete":
             account["delete_after_days"] = 0
-        config = write_config(tmp_path, [account])
+        config = write_config(tmp_path, [account], ledger_url=ledger_url)
         maildir = tmp_path / "Maildir" / "crashy"
 
         crashed = run_sync(config, failpoint)

@@ -592,7 +592,10 @@ def test_a_busy_account_is_skipped_and_polled_at_its_next_time(
 
 
 def test_a_daemon_and_concurrent_syncs_never_fetch_a_message_twice(
-    tmp_path: Path, servers: Callable[..., POP3TestServer], harness: Callable[..., Harness]
+    tmp_path: Path,
+    servers: Callable[..., POP3TestServer],
+    harness: Callable[..., Harness],
+    ledger_url: str,
 ) -> None:
     retrs = RetrLog()
     # No server-side maildrop lock: only popsync's own lock keeps polls apart.
@@ -602,7 +605,7 @@ def test_a_daemon_and_concurrent_syncs_never_fetch_a_message_twice(
         on_command=retrs,
         faults=Faults(stall={"UIDL": 0.2, "RETR": 0.01}),
     )
-    cfg = write_config(tmp_path, [account("a", srv.port)])
+    cfg = write_config(tmp_path, [account("a", srv.port)], ledger_url=ledger_url)
     h = harness(cfg)
     stop = threading.Event()
 

@@ -318,15 +318,15 @@ def test_matches_are_made_only_when_unambiguous() -> None:
 # -- the ledger ---------------------------------------------------------------------------
 
 
-def delivered_ledger(tmp_path: Path, uids: Sequence[bytes]) -> Ledger:
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+def delivered_ledger(url: str, uids: Sequence[bytes]) -> Ledger:
+    ledger = Ledger.open(url)
     ledger.begin_fetch("acct", [FetchIntent(u, 0, 10, f"name-{u.decode()}", 1.0) for u in uids])
     ledger.mark_delivered("acct", [Delivered(u, 0, 10, "a" * 64, 2.0) for u in uids[:-1]])
     return ledger
 
 
-def test_ledger_remap_moves_the_row_and_keeps_it_whole(tmp_path: Path) -> None:
-    with delivered_ledger(tmp_path, [b"a", b"b", b"f"]) as ledger:
+def test_ledger_remap_moves_the_row_and_keeps_it_whole(ledger_url: str) -> None:
+    with delivered_ledger(ledger_url, [b"a", b"b", b"f"]) as ledger:
         before = ledger.rows("acct")
         ledger.remap("acct", [((b"a", 0), (b"x", 0)), ((b"b", 0), (b"y", 1))], 5.0)
         after = ledger.rows("acct")
@@ -347,9 +347,9 @@ def test_ledger_remap_moves_the_row_and_keeps_it_whole(tmp_path: Path) -> None:
     ],
 )
 def test_ledger_remap_refuses_what_would_lose_or_merge_rows(
-    tmp_path: Path, pairs: list[tuple[Key, Key]], error: str
+    ledger_url: str, pairs: list[tuple[Key, Key]], error: str
 ) -> None:
-    with delivered_ledger(tmp_path, [b"a", b"b", b"f"]) as ledger:
+    with delivered_ledger(ledger_url, [b"a", b"b", b"f"]) as ledger:
         before = ledger.rows("acct")
         with pytest.raises(LedgerError, match=error):
             ledger.remap("acct", pairs, 5.0)

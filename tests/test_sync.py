@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from popsync.cli import main as cli_main
 from popsync.config import Config
 from popsync.ledger import Ledger
-from popsync.locks import account_lock
 from popsync.sync import PollReport, run_account
 from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore
@@ -32,12 +32,14 @@ pytestmark = pytest.mark.timeout(120)
 class Env:
     """One account on one test server, with its config, ledger and Maildir."""
 
-    def __init__(self, tmp: Path, server: POP3TestServer, **account: Any) -> None:
+    def __init__(
+        self, tmp: Path, server: POP3TestServer, ledger_url: str | None = None, **account: Any
+    ) -> None:
         self.tmp = tmp
         self.server = server
         self.store = server.store
         self.account_kw = {"name": "acct", "port": server.port, **account}
-        self.config_path = write_config(tmp, [self.account_kw])
+        self.config_path = write_config(tmp, [self.account_kw], ledger_url=ledger_url)
         self.config: Config = load(self.config_path)
         self.account = self.config.accounts[0]
         self.maildir = self.account.maildir
@@ -57,7 +59,8 @@ class Env:
 
 
 @pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Any]:
+def make_env(tmp_path: Path, ledger_url: str) -> Iterator[Any]:
+    """Envs on the ledger of ``ledger_url``: each test runs on SQLite and on PostgreSQL."""
     made: list[tuple[Env, POP3TestServer]] = []
 
     def factory(
@@ -69,7 +72,7 @@ def make_env(tmp_path: Path) -> Iterator[Any]:
     ) -> Env:
         store = MailStore(messages if messages is not None else sample_messages())
         server = POP3TestServer(store, faults=faults, **(server_kw or {})).start()
-        env = Env(tmp_path, server, **account)
+        env = Env(tmp_path, server, ledger_url, **account)
         made.append((env, server))
         return env
 
@@ -280,8 +283,14 @@ def test_lost_ledger_is_not_an_empty_mailbox(make_env: Any, tmp_path: Path) -> N
     env = make_env(delete_after_days=None)
     assert env.poll().ok
     env.ledger.close()
-    for f in (tmp_path / "state").glob("ledger.db*"):
-        f.unlink()
+    if env.config.ledger_url.startswith("sqlite"):
+        for f in (tmp_path / "state").glob("ledger.db*"):
+            f.unlink()
+    else:
+        engine = create_engine(env.config.ledger_url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE messages, polls, alembic_version"))
+        engine.dispose()
     env.ledger = Ledger.open(env.config.ledger_url)
     report = env.poll()
     assert report.ok and report.counts.fetched == 0
@@ -317,7 +326,7 @@ def test_disk_full_fails_poll_and_deletes_nothing(
 
 def test_account_busy_when_locked(make_env: Any) -> None:
     env = make_env()
-    with account_lock(env.config.state_dir, "acct", wait=False):
+    with env.ledger.account_lock(env.config.state_dir, "acct", wait=False):
         report = env.poll()
     assert not report.ok and report.temporary
     assert maildir_files(env.maildir) == []

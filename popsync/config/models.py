@@ -250,6 +250,12 @@ class Account(TlsControls, SecretSource, TlsLoginRules):
         return self.read_secret(f"account {self.name!r}")
 
 
+#: Targets that are files on the host of the worker that polls.
+_LOCAL_TARGETS: Final = ("maildir", "mbox")
+#: How many accounts a warning names before "and N more".
+_MAX_NAMED: Final = 5
+
+
 class Config(BaseModel):
     """The whole file: the ledger URL, the accounts, and where ``popsync run``
     serves its Prometheus metrics.
@@ -337,6 +343,41 @@ class Config(BaseModel):
     def ledger_url(self) -> str:
         """The SQLAlchemy URL of the ledger, default filled in, sqlite path absolute."""
         return self.ledger
+
+    @property
+    def ledger_shown(self) -> str:
+        """The ledger URL for messages and logs: a password in it shown as ``***``."""
+        from sqlalchemy import make_url
+
+        return make_url(self.ledger).render_as_string(hide_password=True)
+
+    @property
+    def shared_ledger(self) -> bool:
+        """Whether the ledger is a database server's (PostgreSQL) that workers on
+        several hosts can share, rather than a file on this host."""
+        scheme = self.ledger.partition(":")[0]
+        return scheme.partition("+")[0].lower() == "postgresql"
+
+    def warnings(self) -> list[str]:
+        """Things that work but are likely a mistake, one line each (``check`` shows them).
+
+        On a PostgreSQL ledger: accounts delivering to a Maildir or an mbox file,
+        which is on the host of whichever worker polls, so several workers would
+        each hold part of the mailbox.
+        """
+        if not self.shared_ledger:
+            return []
+        local = [a for a in self.accounts if a.target in _LOCAL_TARGETS]
+        if not local:
+            return []
+        shown = ", ".join(f"{a.name} ({a.target})" for a in local[:_MAX_NAMED])
+        if len(local) > _MAX_NAMED:
+            shown += f" and {len(local) - _MAX_NAMED} more"
+        plural = "s" if len(local) > 1 else ""
+        return [
+            f"account{plural} {shown} on a PostgreSQL ledger: a Maildir local to one worker "
+            "would split the mailbox; use lmtp or imap when several workers share the ledger"
+        ]
 
     @property
     def state_dir(self) -> Path:

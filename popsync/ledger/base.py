@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, NamedTuple, Self
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from sqlalchemy import (
     URL,
@@ -25,6 +27,9 @@ from popsync.ledger.engine import (
     translate_errors,
     upgrade,
 )
+
+if TYPE_CHECKING:
+    from popsync.ledger.locks import HeldLock
 
 
 class _Prepared(NamedTuple):
@@ -54,6 +59,10 @@ class LedgerBase:
         self._closed = False
         # Batched write statements compiled for this engine's dialect.
         self._prepared: dict[ClauseElement, _Prepared] = {}
+        # PostgreSQL only: where account locks get their own connections, and
+        # the lock each thread's poll holds (its writes check it is still held).
+        self._locks: Engine | None = None
+        self._held = threading.local()
 
     # -- life cycle --------------------------------------------------------
 
@@ -87,6 +96,65 @@ class LedgerBase:
         """Close every pooled connection. Later calls raise :class:`LedgerError`."""
         self._closed = True
         self._engine.dispose()
+        if self._locks is not None:
+            self._locks.dispose()
+
+    def account_lock(
+        self, state_dir: Path, account: str, *, wait: bool | float
+    ) -> AbstractContextManager[None]:
+        """The lock that keeps two popsync processes from polling *account* at once.
+
+        On SQLite (one host) the ``flock`` of :func:`popsync.locks.account_lock`
+        in *state_dir*; on PostgreSQL (workers on several hosts) a session
+        advisory lock on a connection of its own
+        (:func:`popsync.ledger.locks.advisory_account_lock`). Both are released
+        when the block ends or the holder dies. *wait*: ``False`` fails at once
+        if the lock is held, ``True`` waits as long as it takes, a number waits
+        up to that many seconds.
+
+        Raises (on entering the block):
+            AccountBusy: the lock is held elsewhere.
+            ConfigError: *account* is not a valid account name.
+            PopsyncError: the lock file cannot be opened (SQLite), or
+                LedgerError: the database cannot be reached (PostgreSQL).
+        """
+        if self._engine.dialect.name != "postgresql":
+            from popsync.locks import account_lock
+
+            return account_lock(state_dir, account, wait=wait)
+        from popsync.ledger.locks import advisory_account_lock, lock_engine
+
+        if self._closed:
+            raise LedgerError(f"ledger {self._shown}: cannot lock {account}: the ledger is closed")
+        if self._locks is None:
+            self._locks = lock_engine(self._engine)
+        return self._holding(advisory_account_lock(self._locks, account, wait=wait))
+
+    @contextmanager
+    def _holding(self, lock: AbstractContextManager[HeldLock]) -> Iterator[None]:
+        """Hold *lock*, and note it for this thread's writes meanwhile."""
+        with lock as held:
+            outer = getattr(self._held, "lock", None)
+            self._held.lock = held
+            try:
+                yield
+            finally:
+                self._held.lock = outer
+
+    def _check_lock(self, conn: Connection) -> None:
+        """Raise if this thread holds an account lock that the database no longer has."""
+        held: HeldLock | None = getattr(self._held, "lock", None)
+        if held is None:
+            return
+        from popsync.ledger.locks import lock_held
+
+        if not lock_held(conn, held):
+            err = LedgerError(
+                f"account {held.account}: its lock in the ledger {self._shown} was lost (the "
+                "connection holding it ended); this poll stops, another may take the account"
+            )
+            err.temporary = True
+            raise err
 
     def __enter__(self) -> Self:
         return self
@@ -102,6 +170,8 @@ class LedgerBase:
             if write:
                 conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
+                if write:
+                    self._check_lock(conn)
                 yield conn
 
     def _executemany(

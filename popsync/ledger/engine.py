@@ -22,13 +22,21 @@ Contract:
   A ledger file (or ``-wal``, ``-shm``, ``-journal``) that is a symlink is
   refused: SQLite would follow it.
 * :func:`upgrade` runs ``alembic upgrade head`` programmatically inside one
-  ``BEGIN IMMEDIATE`` transaction, so two processes opening a fresh ledger at
-  once cannot both migrate it. The Alembic environment ships inside the wheel
+  transaction that excludes every other process's check or upgrade, so two
+  processes opening a fresh ledger at once cannot both migrate it: on SQLite a
+  ``BEGIN IMMEDIATE`` transaction, on PostgreSQL a transaction that first takes
+  the advisory lock :data:`SCHEMA_LOCK_KEY` (:func:`lock_schema`). PostgreSQL's
+  DDL is transactional, but two transactions creating the same table both get
+  past ``CREATE TABLE`` and one then fails on a catalogue unique index
+  (``pg_type_typname_nsp_index``): the lock makes the second wait, and see the
+  first's committed schema. The Alembic environment ships inside the wheel
   as ``popsync.migrations``; no ``alembic.ini`` is needed. A database whose
   revision this popsync does not know (written by a newer popsync) is refused.
 
-Other database URLs work through the same Core code (no SQLite-only SQL outside
-the SQLite branches here), but only SQLite is tested. In-memory SQLite is
+PostgreSQL (``postgresql+psycopg://...``, psycopg 3, the ``postgresql`` extra)
+is the other backend the tests run on; it uses the same Core code (no
+SQLite-only SQL outside the SQLite branches here). Other URLs may work but are
+not tested. In-memory SQLite is
 refused: a ledger that forgets what was fetched leads to duplicates, and a
 missing ledger must never look like an empty one.
 
@@ -38,6 +46,7 @@ naming the database) and nothing else on a database or file-system failure.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import sqlite3
@@ -68,11 +77,14 @@ from popsync.errors import LedgerError
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "SCHEMA_LOCK_KEY",
     "SCHEMA_REVISION",
     "WRITE_OPTION",
+    "advisory_key",
     "create_ledger_engine",
     "describe_url",
     "ledger_error",
+    "lock_schema",
     "migrations_dir",
     "parse_url",
     "prepare_sqlite_file",
@@ -90,6 +102,25 @@ BUSY_TIMEOUT_MS: Final = 10_000
 
 #: Execution option that makes the next transaction ``BEGIN IMMEDIATE``.
 WRITE_OPTION: Final = "popsync_write"
+
+
+def advisory_key(namespace: str, name: str) -> int:
+    """A PostgreSQL advisory lock key (signed 64-bit) for *name* within *namespace*.
+
+    The first 8 bytes of SHA-256 over ``popsync``, the namespace and the name
+    (NUL-separated), as a big-endian signed integer: stable across processes,
+    hosts and popsync versions, and 64 bits so that a million accounts are
+    unlikely to share a key (about one chance in 36 million). The prefix keeps
+    the keys apart from those of other programs using advisory locks in the
+    same database.
+    """
+    digest = hashlib.sha256(b"\0".join(s.encode() for s in ("popsync", namespace, name)))
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
+
+
+#: The PostgreSQL advisory lock that serialises schema checks and upgrades
+#: (``advisory_key("schema", "ledger")``; taken per transaction).
+SCHEMA_LOCK_KEY: Final = advisory_key("schema", "ledger")
 
 #: Files SQLite keeps beside the database, named by these suffixes.
 _COMPANIONS: Final = ("-wal", "-shm", "-journal")
@@ -111,20 +142,42 @@ def describe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+#: SQLSTATE classes and codes of a database server that may well work a
+#: moment later (PostgreSQL docs, Appendix A "Error Codes"): connection
+#: exceptions, serialization failures and deadlocks, insufficient resources
+#: (too many connections), lock not available, and the server shutting down,
+#: starting up or restarting.
+_TEMPORARY_SQLSTATES: Final = ("08", "40", "53", "55P03", "57P01", "57P02", "57P03")
+
+
+def _is_temporary(exc: BaseException, orig: BaseException, detail: str) -> bool:
+    if isinstance(exc, OperationalError | sqlite3.OperationalError) and (
+        "locked" in detail or "busy" in detail
+    ):
+        return True  # SQLite: another writer held the lock past the busy timeout
+    if getattr(exc, "connection_invalidated", False):
+        return True  # the connection broke (SQLAlchemy saw a disconnect)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_TEMPORARY_SQLSTATES)
+    # psycopg raises OperationalError without a SQLSTATE when it cannot
+    # connect at all (refused, timed out, name resolution).
+    return type(orig).__module__.startswith("psycopg") and type(orig).__name__ == "OperationalError"
+
+
 def ledger_error(shown: str, what: str, exc: BaseException) -> LedgerError:
     """Turn a database exception into a :class:`LedgerError` with one clear line.
 
-    "database is locked" (another writer held the lock past the busy timeout)
-    is marked temporary: retrying later may succeed.
+    Marked temporary (retrying later may succeed): SQLite's "database is
+    locked" (another writer held the lock past the busy timeout); a database
+    server that cannot be reached, dropped the connection, is restarting or
+    has no connection to spare, and serialization failures and deadlocks.
     """
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip()
     detail = text.splitlines()[0] if text else type(orig).__name__
     err = LedgerError(f"ledger {shown}: cannot {what}: {detail}")
-    if isinstance(exc, OperationalError | sqlite3.OperationalError) and (
-        "locked" in detail or "busy" in detail
-    ):
-        err.temporary = True
+    err.temporary = _is_temporary(exc, orig, detail)
     return err
 
 
@@ -257,6 +310,10 @@ def create_ledger_engine(url: str | URL) -> Engine:
     shown = describe_url(parsed)
     try:
         with translate_errors(shown, "create a database engine"):
+            if parsed.get_backend_name() == "postgresql":
+                # A pooled connection may have died while idle (a server
+                # restart, a firewall's idle timeout): test it on checkout.
+                return create_engine(parsed, pool_pre_ping=True)
             if parsed.get_backend_name() != "sqlite":
                 return create_engine(parsed)
             engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
@@ -344,11 +401,23 @@ def _create_fresh(conn: Connection) -> None:
     conn.execute(_version.insert().values(version_num=SCHEMA_REVISION))
 
 
+def lock_schema(conn: Connection) -> None:
+    """Inside a transaction on *conn*: wait for, then hold, the right to change the schema.
+
+    On PostgreSQL, ``pg_advisory_xact_lock(SCHEMA_LOCK_KEY)``, released when
+    the transaction ends (also when its connection dies). On SQLite nothing:
+    the caller's ``BEGIN IMMEDIATE`` already holds the write lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(SCHEMA_LOCK_KEY)})")
+
+
 def _upgrade_engine(engine: Engine) -> None:
     shown = describe_url(engine.url)
     with translate_errors(shown, "check or upgrade the schema"), engine.connect() as conn:
         conn.execution_options(**{WRITE_OPTION: True})
         with conn.begin():
+            lock_schema(conn)
             current = _current_revisions(conn)
             if not current and not inspect(conn).get_table_names():
                 _create_fresh(conn)
