@@ -329,6 +329,8 @@ class Session:
             # RFC 2449 §6.5/6.7: the per-user values are shown only after login.
             self.capabilities = self._capa()
         self.conn.pipelining = self.capabilities.pipelining
+        # One command at a time: ACK each reply at once (see Transport.quick_ack).
+        self.transport.quick_ack = not self.conn.pipelining
 
     def _choose_method(self) -> AuthMethod:
         opts = self.options
