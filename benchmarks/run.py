@@ -142,6 +142,7 @@ class RunResult:
     count: int = 0
     nbytes: int = 0
     extras: dict[str, float] = field(default_factory=dict)
+    round: int = 0  # which round of the batch (paired mode pairs runs by it)
 
 
 @dataclass
@@ -221,6 +222,14 @@ class Bench:
         self.filled: set[str] = set()
         self.ca_file = scratch / "ca.pem"
         self.server: Dovecot | None = None
+        self.modes: list[str] = ["implicit", "plain"] if args.tls == "both" else [args.tls]
+        self.tls = self.modes[0]  # the TLS mode of the datasets being run now
+        self.ran: dict[str, Dataset] = {}  # result key -> the dataset as run (--quick scales)
+        self.started = time.time()
+
+    def key(self, ds: Dataset) -> str:
+        """Where *ds*'s results go: its letter, and the TLS mode when both are run."""
+        return ds.key if len(self.modes) == 1 else f"{ds.key} {self.tls}"
 
     # ---- setup
 
@@ -255,11 +264,11 @@ class Bench:
         self.filled.add(user)
 
     def target(self, ds: Dataset, port: int) -> Target:
-        return Target("127.0.0.1", port, self.args.tls, ds.user, USER_PASSWORD, self.ca_file)
+        return Target("127.0.0.1", port, self.tls, ds.user, USER_PASSWORD, self.ca_file)
 
     def server_port(self) -> int:
         assert self.server is not None
-        return self.server.pop3s_port if self.args.tls == "implicit" else self.server.pop3_port
+        return self.server.pop3s_port if self.tls == "implicit" else self.server.pop3_port
 
     # ---- one client run
 
@@ -344,8 +353,9 @@ class Bench:
         extras: dict[str, float],
         *,
         count: int | None = None,
+        run: int = 0,
     ) -> None:
-        result = self.results[ds.key][client.name]
+        result = self.results[self.key(ds)][client.name]
         result.runs.append(
             RunResult(
                 m.wall,
@@ -356,17 +366,21 @@ class Bench:
                 v.count if count is None else count,
                 v.nbytes if count is None else 0,
                 extras,
+                run,
             )
         )
 
     # ---- datasets
 
     def run_dataset(self, ds: Dataset) -> None:
-        print(f"\n{ds.key}: {ds.title} ({ds.count} x {ds.size} B)", file=sys.stderr, flush=True)
-        self.results[ds.key] = {}
+        print(
+            f"\n{self.key(ds)}: {ds.title} ({ds.count} x {ds.size} B)", file=sys.stderr, flush=True
+        )
+        self.results[self.key(ds)] = {}
+        self.ran[self.key(ds)] = ds
         runnable = []
         for client in self.clients:
-            self.results[ds.key][client.name] = ClientResult(client.name)
+            self.results[self.key(ds)][client.name] = ClientResult(client.name)
             reason = client.missing()
             if (
                 not reason
@@ -379,7 +393,7 @@ class Bench:
                     "(poplib shows the same pattern); --full includes it"
                 )
             if reason:
-                self.results[ds.key][client.name].skipped = reason
+                self.results[self.key(ds)][client.name].skipped = reason
             else:
                 runnable.append(client)
         t0 = time.monotonic()
@@ -402,8 +416,8 @@ class Bench:
         repeated: such runs are dominated by round trips or process starts
         and vary little, and repeating them would multiply the total time.
         """
-        result = self.results[ds.key][client.name]
-        if run == 0:
+        result = self.results[self.key(ds)][client.name]
+        if run == 0 or self.args.paired:  # a pair needs both of its runs
             return True
         if self.args.full or "1 run" in result.note:
             return not result.note.startswith("1 run")
@@ -415,17 +429,53 @@ class Bench:
             return False
         return True
 
+    def rounds(self, clients: list[Client]) -> Iterator[tuple[int, list[Client]]]:
+        """The rounds of a batch: (round number, clients in the order they run).
+
+        Runs interleave clients (1: all, 2: all, ...) so drift hits all alike.
+        In paired mode, round 0 is an untimed warm-up (page cache, Dovecot's
+        caches, the CPU's clock) and the order alternates from round to round,
+        so neither side always runs right after the other.
+        """
+        if not self.args.paired:
+            for run in range(1, self.args.runs + 1):
+                yield run, clients
+            return
+        for run in range(self.args.runs + 1):
+            yield run, clients if run % 2 == 0 else clients[::-1]
+
+    def warmup(self, run: int) -> bool:
+        return self.args.paired and run == 0
+
+    def keep_run(
+        self,
+        ds: Dataset,
+        client: Client,
+        m: Measurement,
+        v: Verdict,
+        extras: dict[str, float],
+        run: int,
+        *,
+        count: int | None = None,
+    ) -> None:
+        """Record a timed run; a warm-up counts only when it failed (as a note)."""
+        if not self.warmup(run):
+            self.record(ds, client, m, v, extras, count=count, run=run)
+        elif not v.ok:
+            result = self.results[self.key(ds)][client.name]
+            result.note = "; ".join(n for n in (result.note, f"warm-up: {v.problem}") if n)
+
     def run_fetch_dataset(self, ds: Dataset, clients: list[Client], port: int) -> None:
-        # Runs interleave clients (1: all, 2: all, ...) so drift hits all alike.
-        for run in range(self.args.runs):
-            for client in clients:
-                if not self.repeat(ds, client, run):
+        for run, order in self.rounds(clients):
+            for client in order:
+                if not self.warmup(run) and not self.repeat(ds, client, run - 1):
                     continue
                 if ds.delete:
                     self.fill(ds, force=True)
-                job = self.job(ds, client, port, f"run{run + 1}")
-                m, extras = self.execute(client, job, f"{client.name} run {run + 1}")
-                self.record(ds, client, m, self.check(ds, client, job, m), extras)
+                label = "warm-up" if self.warmup(run) else f"run {run}"
+                job = self.job(ds, client, port, f"run{run}")
+                m, extras = self.execute(client, job, f"{client.name} {label}")
+                self.keep_run(ds, client, m, self.check(ds, client, job, m), extras, run)
                 if not self.args.keep:
                     shutil.rmtree(job.maildir.parent, ignore_errors=True)
 
@@ -447,7 +497,7 @@ class Bench:
                     uids = server_uidls(self.server.pop3_port, ds.user, USER_PASSWORD)
                 if client.seed(job, uids):
                     print(f"  {client.name + ' state seeded (untimed)':<28}", file=sys.stderr)
-                    self.results[ds.key][client.name].note = "UIDL state seeded, not synced"
+                    self.results[self.key(ds)][client.name].note = "UIDL state seeded, not synced"
                     jobs[client.name] = (job, Counter())
                     continue
             m, _ = self.execute(client, job, f"{client.name} initial sync (untimed)")
@@ -458,15 +508,18 @@ class Bench:
                 self.record(
                     ds, client, m, Verdict(False, 0, 0, "initial sync: " + verdict.problem), {}
                 )
-        for run in range(self.args.runs):
-            for client in clients:
-                if client.name not in jobs or not self.repeat(ds, client, run):
+        for run, order in self.rounds(clients):
+            for client in order:
+                if client.name not in jobs:
+                    continue
+                if not self.warmup(run) and not self.repeat(ds, client, run - 1):
                     continue
                 job, expected = jobs[client.name]
-                m, extras = self.execute(client, job, f"{client.name} poll {run + 1}")
+                label = "warm-up poll" if self.warmup(run) else f"poll {run}"
+                m, extras = self.execute(client, job, f"{client.name} {label}")
                 # Nothing new: the Maildir must be exactly as the sync left it.
                 verdict = self.check(ds, client, job, m, expected)
-                self.record(ds, client, m, verdict, extras, count=ds.count)
+                self.keep_run(ds, client, m, verdict, extras, run, count=ds.count)
 
 
 def _verify_fetchmail_ids(job: Job, expected: int) -> Verdict:
@@ -489,10 +542,11 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def popsync_e_over_a(bench: Bench) -> float | None:
+def popsync_e_over_a(bench: Bench, mode: str = "") -> float | None:
     """popsync's delete-mode time over its keep-mode time, when both were measured."""
-    a = bench.results.get("A", {}).get("popsync")
-    e = bench.results.get("E", {}).get("popsync")
+    suffix = f" {mode}" if mode and len(bench.modes) > 1 else ""
+    a = bench.results.get("A" + suffix, {}).get("popsync")
+    e = bench.results.get("E" + suffix, {}).get("popsync")
     a_wall = a.median("wall") if a else None
     e_wall = e.median("wall") if e else None
     return e_wall / a_wall if a_wall and e_wall else None
@@ -501,7 +555,8 @@ def popsync_e_over_a(bench: Bench) -> float | None:
 def report(bench: Bench, datasets: list[Dataset], machine: dict[str, str]) -> str:
     lines = [
         "machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
-        f"runs per cell: {bench.args.runs} (medians of verified runs); TLS: {bench.args.tls}",
+        f"runs per cell: {bench.args.runs} (medians of verified runs); "
+        f"TLS: {', '.join(bench.modes)}",
         "",
     ]
     header = (
@@ -509,32 +564,32 @@ def report(bench: Bench, datasets: list[Dataset], machine: dict[str, str]) -> st
         f"{'msgs/s':>8} {'MB/s':>7} {'poll s':>7} {'popsync/this':>12}  note"
     )
     lines += [header, "-" * len(header)]
-    for ds in datasets:
-        per = bench.results.get(ds.key, {})
+    for key, per in bench.results.items():
         ps = per.get("popsync")
         ps_wall = ps.median("wall") if ps else None
         for name, res in per.items():
             if res.skipped:
-                lines.append(f"{ds.key:<3} {name:<15} {'skipped: ' + res.skipped}")
+                lines.append(f"{key:<3} {name:<15} {'skipped: ' + res.skipped}")
                 continue
             wall = res.median("wall")
             if wall is None:
-                lines.append(f"{ds.key:<3} {name:<15} FAILED: {res.failed}")
+                lines.append(f"{key:<3} {name:<15} FAILED: {res.failed}")
                 continue
             count = res.median("count") or 0
             nbytes = res.median("nbytes") or 0
             ratio = f"{ps_wall / wall:.2f}x" if ps_wall is not None and name != "popsync" else ""
             note = "; ".join(n for n in (res.note, res.failed) if n)
             lines.append(
-                f"{ds.key:<3} {name:<15} {wall:8.2f} {_fmt(res.median('cpu')):>8} "
+                f"{key:<3} {name:<15} {wall:8.2f} {_fmt(res.median('cpu')):>8} "
                 f"{_fmt(res.median('maxrss_mb'), '.1f'):>7} "
                 f"{count / wall:8.0f} {(_fmt(nbytes / wall / 1e6, '.1f') if nbytes else '-'):>7} "
                 f"{_fmt(res.median_extra('poll_s'), '.1f'):>7} {ratio:>12}  {note}"
             )
         lines.append("")
-    e_over_a = popsync_e_over_a(bench)
-    if e_over_a is not None:
-        lines.append(f"popsync E/A (delete mode / keep mode wall time): {e_over_a:.2f}")
+    for mode in bench.modes:
+        e_over_a = popsync_e_over_a(bench, mode)
+        if e_over_a is not None:
+            lines.append(f"popsync E/A (delete mode / keep mode wall time, {mode}): {e_over_a:.2f}")
     lines += [
         "",
         "popsync/this: popsync's median wall time divided by that client's "
@@ -548,15 +603,125 @@ def report(bench: Bench, datasets: list[Dataset], machine: dict[str, str]) -> st
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- paired mode
+
+
+@dataclass(frozen=True, slots=True)
+class Pairing:
+    """popsync against one peer on one dataset: the ratio of each round's two runs."""
+
+    key: str
+    peer: str
+    ratios: list[float]
+    popsync_wall: float | None
+    peer_wall: float | None
+    popsync_rss: float | None
+    peer_rss: float | None
+    problem: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.ratios) if self.ratios else None
+
+
+def pairings(bench: Bench) -> list[Pairing]:
+    """Per dataset and peer: popsync's wall time over the peer's, round by round.
+
+    Only rounds where both runs verified form a pair; a failed or missing
+    run drops its pair (and says so), it is never replaced.
+    """
+    out = []
+    for key, per in bench.results.items():
+        ps = per.get("popsync")
+        if ps is None:
+            continue
+        mine = {r.round: r for r in ps.good()}
+        for name, res in per.items():
+            if name == "popsync":
+                continue
+            if res.skipped:
+                out.append(Pairing(key, name, [], None, None, None, None, res.skipped))
+                continue
+            theirs = {r.round: r for r in res.good()}
+            rounds = sorted(mine.keys() & theirs.keys())
+            ratios = [mine[n].wall / theirs[n].wall for n in rounds]
+            problem = "; ".join(f for f in (ps.failed, res.failed, res.note) if f)
+            out.append(
+                Pairing(
+                    key,
+                    name,
+                    ratios,
+                    ps.median("wall"),
+                    res.median("wall"),
+                    ps.median("maxrss_mb"),
+                    res.median("maxrss_mb"),
+                    problem,
+                )
+            )
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB"
+
+
+def paired_report(bench: Bench, machine: dict[str, str]) -> str:
+    """The paired results as a markdown table the README can include verbatim."""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(bench.started))
+    lines = [
+        f"Measured {when} by `python benchmarks/run.py {' '.join(bench.args.argv)}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".",
+        "",
+        f"Paired: popsync and each peer alternate in every round (one untimed "
+        f"warm-up round, then {bench.args.runs} timed rounds, the order reversed "
+        "every round); every delivery verified byte for byte. *ratio* is "
+        "popsync's wall time over the peer's in the same round (below 1: popsync "
+        "faster): the median and the min-max over the rounds. Wall times are "
+        "medians, whole process (start-up included).",
+        "",
+        "| set | TLS | peer | pairs | ratio | min-max | popsync s | peer s "
+        "| popsync RSS MB | peer RSS MB | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for p in pairings(bench):
+        letter, _, mode = p.key.partition(" ")
+        ds = bench.ran[p.key]
+        ds_title = f"{ds.count:,} x {_size(ds.size)}" + (", delete" if ds.delete else "")
+        ds_title += (
+            ", nothing new" if ds.poll else f", {ds.delay * 2000:g} ms RTT" if ds.delay else ""
+        )
+        spread = f"{min(p.ratios):.2f}-{max(p.ratios):.2f}" if p.ratios else "-"
+        median = f"**{p.median:.2f}x**" if p.median is not None else "-"
+        single = "single run" if len(p.ratios) == 1 else ""
+        note = "; ".join(n for n in (single, p.problem) if n).replace("|", "/")
+        lines.append(
+            f"| {letter}: {ds_title} | {mode or bench.modes[0]} | {p.peer} | {len(p.ratios)} "
+            f"| {median} | {spread} | {_fmt(p.popsync_wall)} | {_fmt(p.peer_wall)} "
+            f"| {_fmt(p.popsync_rss, '.1f')} | {_fmt(p.peer_rss, '.1f')} | {note} |"
+        )
+    for mode in bench.modes:
+        e_over_a = popsync_e_over_a(bench, mode)
+        if e_over_a is not None:
+            lines += [
+                "",
+                f"popsync delete mode / keep mode (E/A, medians, {mode}): {e_over_a:.2f}",
+            ]
+    return "\n".join(lines)
+
+
 def to_json(bench: Bench, datasets: list[Dataset], machine: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "machine": machine,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bench.started)),
         "runs": bench.args.runs,
-        "tls": bench.args.tls,
+        "paired": bench.args.paired,
+        "tls": bench.modes,
         "datasets": {},
     }
-    for ds in datasets:
-        per = bench.results.get(ds.key, {})
+    for key, per in bench.results.items():
+        letter = key.partition(" ")[0]
+        ds = next((d for d in datasets if d.key == letter), DATASETS[letter])
         ps = per.get("popsync")
         ps_wall = ps.median("wall") if ps else None
         entry: dict[str, Any] = {
@@ -580,8 +745,10 @@ def to_json(bench: Bench, datasets: list[Dataset], machine: dict[str, str]) -> d
                     ps_wall / wall if ps_wall and wall and name != "popsync" else None
                 ),
             }
-        out["datasets"][ds.key] = entry
-    out["popsync_e_over_a"] = popsync_e_over_a(bench)
+        out["datasets"][key] = entry
+    out["popsync_e_over_a"] = {mode: popsync_e_over_a(bench, mode) for mode in bench.modes}
+    if bench.args.paired:
+        out["pairs"] = [asdict(p) | {"median": p.median} for p in pairings(bench)]
     return out
 
 
@@ -602,7 +769,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="smoke run: small counts, 1 run")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--tls", choices=("implicit", "plain"), default="implicit")
+    p.add_argument(
+        "--tls",
+        choices=("implicit", "plain", "both"),
+        default="implicit",
+        help="pop3s (default), plain POP3, or both (every dataset twice)",
+    )
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="popsync and the peers alternate, one warm-up round, then --runs rounds "
+        "(default 5); prints a markdown table of per-round ratios",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument(
         "--scratch",
@@ -639,9 +817,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if c not in known:
             p.error(f"unknown client {c!r}")
     if args.runs is None:
-        args.runs = 1 if args.quick else 3
+        args.runs = 5 if args.paired else 1 if args.quick else 3
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    if args.paired and "popsync" not in args.clients:
+        p.error("--paired compares popsync with the others: include popsync in --clients")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -677,8 +858,10 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, scratch)
         try:
             bench.start_server()
-            for ds in datasets:
-                bench.run_dataset(ds)
+            for mode in bench.modes:
+                bench.tls = mode
+                for ds in datasets:
+                    bench.run_dataset(ds)
         except DovecotError as exc:
             print(f"run.py: Dovecot failed: {exc}", file=sys.stderr)
             return 1
@@ -688,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
     text = report(bench, datasets, machine)
     print()
     print(text)
+    if args.paired:
+        print()
+        print(paired_report(bench, machine))
     print(f"\ntotal benchmark time: {time.monotonic() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(bench, datasets, machine), indent=2) + "\n")

@@ -387,6 +387,8 @@ class Session:
             # RFC 2449 §6.5/6.7: the per-user values are shown only after login.
             self.capabilities = self._capa()
         self.conn.pipelining = self.capabilities.pipelining
+        # One command at a time: ACK each reply at once (see Transport.quick_ack).
+        self.transport.quick_ack = not self.conn.pipelining
         self._step("login", "logged in")
 
     def _login_with(self, method: AuthMethod, secret: str) -> None:
@@ -593,9 +595,14 @@ class Session:
         provides that reply.
         """
         window = self.options.pipeline_window if self.conn.pipelining else 1
+        # Refill only once half the window is answered: commands then leave
+        # in batches (one send, one segment, one wake-up of the server per
+        # half window) instead of one RETR per reply.  Without pipelining
+        # (window 1) this is the one-at-a-time exchange it always was.
+        low = window // 2
         run = _Retrieval(self.conn, iter(requests), sink)
         while True:
-            out = run.fill(window)
+            out = run.fill(window) if len(self.conn.pending) <= low else b""
             if out:
                 self.transport.send(out)
             if not self.conn.pending:

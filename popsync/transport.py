@@ -65,6 +65,11 @@ RECV_SIZE = 256 * 1024
 #: (tarpits, slow reverse DNS) lose nothing: the probe only adds an answer.
 PROBE_WAIT = 5.0
 
+#: Linux's TCP_QUICKACK (``socket`` names it only on Linux builds): ACK what
+#: arrives at once instead of delaying the ACK by up to 40 ms.  Not sticky: the
+#: kernel may fall back to delayed ACKs, so it is set again after every read.
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
 #: Certificate verification results (X509_V_ERR_*) that mean "issued by a CA
 #: the system does not know": self-signed leaf or chain, unknown issuer.
 _UNKNOWN_CA = frozenset({18, 19, 20, 21})
@@ -247,6 +252,7 @@ class Transport:
         self._lock = threading.Lock()
         self._interrupted: TransportError | None = None
         self._sock_timeout = timeout
+        self._quick_ack = False
         sock.settimeout(timeout)
 
     @classmethod
@@ -312,6 +318,33 @@ class Transport:
             certificate_der=sock.getpeercert(binary_form=True),
             certificate=dict(sock.getpeercert() or {}),
         )
+
+    @property
+    def quick_ack(self) -> bool:
+        """Whether every read re-arms an immediate ACK (Linux TCP_QUICKACK).
+
+        For servers that answer one command at a time (no PIPELINING, RFC
+        2449 §6.6): such a server often writes a reply's status line and its
+        body in two sends with Nagle's algorithm on (RFC 896), so the body
+        waits for our ACK of the status line; a delayed ACK (RFC 1122
+        §4.2.3.2) would cost up to 40 ms per message.  A pipelining session
+        keeps its commands flowing, and the ACKs ride on them.  Setting it
+        where the option does not exist (not Linux) does nothing.
+        """
+        return self._quick_ack
+
+    @quick_ack.setter
+    def quick_ack(self, on: bool) -> None:
+        self._quick_ack = on and _TCP_QUICKACK is not None
+        if self._quick_ack:
+            self._ack_now()
+
+    def _ack_now(self) -> None:
+        """Ask the kernel to ACK the next segment at once; best effort."""
+        assert _TCP_QUICKACK is not None
+        with contextlib.suppress(OSError):
+            # The plain-socket call: under TLS the option is on the same descriptor.
+            socket.socket.setsockopt(self._sock, socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
     # -- limits -----------------------------------------------------------------
 
@@ -445,6 +478,8 @@ class Transport:
         sock = self._sock
         try:
             data = sock.recv(RECV_SIZE)
+            if self._quick_ack:
+                self._ack_now()
             if not data or not isinstance(sock, ssl.SSLSocket):
                 if self._interrupted is not None:  # the "end of stream" was our shutdown
                     raise self._interrupted

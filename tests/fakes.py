@@ -42,6 +42,10 @@ class FakeTransport(Transport):
         self.tls_at: int | None = None
         self.closed = False
         self._ended: TransportError | None = None
+        self._quick_ack = False
+
+    def _ack_now(self) -> None:
+        """No socket, so no ACK to hurry (see Transport.quick_ack)."""
 
     @property
     def sent(self) -> bytes:

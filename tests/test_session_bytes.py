@@ -135,3 +135,20 @@ def test_nothing_is_sent_after_a_protocol_error() -> None:
     with pytest.raises(LocalProtocolError):
         session.quit()
     assert t.writes == [b"RETR 1\r\nRETR 2\r\nNOOP\r\n"]
+
+
+def test_pipelined_retrs_leave_in_batches_of_half_a_window() -> None:
+    # Refilling the window after every reply would send one RETR per segment
+    # (one wake-up of the server per message); half a window at a time does not.
+    bodies = b"".join(b"+OK\r\nSubject: %d\r\n.\r\n" % n for n in range(1, 9))
+    session, t = logged_in(bodies + b"+OK\r\n")
+    session.options = options(auth=AuthMethod.USER, pipeline_window=4)
+    sink = Collect()
+    session.retrieve([RetrRequest(n) for n in range(1, 9)], sink)
+    assert t.writes == [
+        b"RETR 1\r\nRETR 2\r\nRETR 3\r\nRETR 4\r\n",
+        b"RETR 5\r\nRETR 6\r\n",  # once two of the four are answered
+        b"RETR 7\r\nRETR 8\r\n",
+        b"NOOP\r\n",
+    ]
+    assert sorted(sink.got()) == list(range(1, 9))

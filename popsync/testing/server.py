@@ -97,6 +97,7 @@ class POP3TestServer:
         idle_timeout: float = 600.0,
         mbox_status: bool = False,
         utf8_wrapper: bool = False,
+        write_each: bool = False,
     ) -> None:
         """Configure the server (it listens only after :meth:`start`).
 
@@ -107,7 +108,7 @@ class POP3TestServer:
         the server's answer, None lets the server answer.  Capability switches
         also switch the command off (``user=False`` refuses USER/PASS,
         ``top=False`` refuses TOP, ``uidl=False`` refuses UIDL).  ``mbox_status``
-        and ``utf8_wrapper`` imitate real servers' habits (see
+        ``utf8_wrapper`` and ``write_each`` imitate real servers' habits (see
         :class:`~popsync.testing.server_config.ServerConfig`).
 
         Raises ValueError when the options contradict each other (implicit
@@ -137,6 +138,7 @@ class POP3TestServer:
             idle_timeout=idle_timeout,
             mbox_status=mbox_status,
             utf8_wrapper=utf8_wrapper,
+            write_each=write_each,
         )
         self.store = store if store is not None else MailStore()
         self.faults = faults if faults is not None else Faults()

@@ -50,6 +50,13 @@ class ServerConfig:
     #: UTF8 as a generated wrapper whose MIME boundary changes on every RETR
     #: and TOP (its LIST size stays that of the original).
     utf8_wrapper: bool = False
+    #: Like popa3d and other servers without PIPELINING that write each piece
+    #: of a reply as soon as it is made: every status line and every body is
+    #: its own ``send``, with Nagle's algorithm left on (RFC 896).  A small
+    #: body then waits for the client's ACK of the status line before it is
+    #: sent, which a client that delays its ACKs pays on every message.
+    #: (Nothing is queued in this mode, so the trickling faults do not apply.)
+    write_each: bool = False
 
     def __post_init__(self) -> None:
         if self.tls not in ("none", "implicit"):

@@ -8,6 +8,8 @@ Contract and invariants:
   written in large ``sendall`` calls: the queue is flushed only before the
   session would block on a read (or when it grows past :data:`FLUSH_AT`), so
   a pipelined burst of RETRs streams ready-made message bytes back to back.
+  With ``write_each`` every piece is sent at once instead (a server that
+  writes as it goes, Nagle's algorithm on).
 * Deletions happen only in the UPDATE state, entered by QUIT from
   TRANSACTION (RFC 1939 §6).  A dropped connection, an idle timeout, a stop
   of the server, a hook that closes, or any fault that hangs up never removes
@@ -209,6 +211,9 @@ class Session:
     # -- I/O --------------------------------------------------------------
 
     def _queue(self, data: bytes) -> None:
+        if self._cfg.write_each:
+            self._send_now(data)
+            return
         self._out.append(data)
         self._out_len += len(data)
         if self._out_len >= FLUSH_AT:
