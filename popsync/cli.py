@@ -282,6 +282,9 @@ def _open_ledger(config: Config) -> Ledger:
 
 
 def _check(config: Config) -> int:
+    from popsync.daemon import require_metrics
+
+    require_metrics(config)
     names = ", ".join(a.name for a in config.accounts)
     _say(f"{config.source}: OK ({len(config.accounts)} account(s): {names})")
     for warning in config.warnings():

@@ -53,6 +53,10 @@ Contract
   from the main thread (:meth:`popsync.session.Session.abort` shuts the socket
   down, waking the worker's blocked read), so a stuck worker is freed and the
   others keep their schedule.  The cut poll fails as temporary.
+* **Metrics**: with ``metrics: HOST:PORT`` in the config, :func:`run_daemon`
+  serves Prometheus metrics (:mod:`popsync.metrics`) fed by the ``on_poll``
+  hook, from before the first poll until the daemon has stopped; changing
+  the key takes a restart.
 * **Logging**: one line per poll (account, result, counts, next poll) and one
   per problem, with ``account`` and ``event`` fields for ``--log-format
   json``.  Error texts come escaped from :mod:`popsync.sync`; no secret is
@@ -75,7 +79,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Final, Literal, NoReturn
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -90,12 +94,16 @@ from popsync.session import Session, SessionOptions
 from popsync.sync import PollReport, format_summary, run_account
 from popsync.textfmt import format_duration
 
+if TYPE_CHECKING:
+    from popsync.metrics import PollMetrics
+
 __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_CONCURRENT",
     "DEFAULT_OVERRUN_GRACE",
     "EXIT_ABORTED",
     "MAX_LOGIN_DELAY",
+    "METRICS_MISSING",
     "AccountView",
     "Backoff",
     "Daemon",
@@ -106,6 +114,7 @@ __all__ = [
     "classify",
     "decide",
     "jitter_for",
+    "require_metrics",
     "run_daemon",
 ]
 
@@ -849,6 +858,15 @@ class Daemon:
                 self._config.ledger_url,
                 extra={"event": "reload"},
             )
+        if (new.metrics, new.metrics_allow_remote) != (
+            self._config.metrics,
+            self._config.metrics_allow_remote,
+        ):
+            log.warning(
+                "the metrics setting changed; that takes a restart, so popsync keeps serving "
+                "them as before",
+                extra={"event": "reload"},
+            )
         now = time.time()
         added, removed, changed, paused = [], [], [], []
         with self._lock:
@@ -945,6 +963,65 @@ def _signals(daemon: Daemon) -> Iterator[None]:
         signal.set_wakeup_fd(old_wakeup)
 
 
+#: The one line ``check`` and ``run`` print when ``metrics`` is set but the
+#: optional dependency is not installed.
+METRICS_MISSING: Final = "metrics needs popsync[metrics]: pip install 'popsync[metrics]'"
+
+
+def require_metrics(config: Config) -> None:
+    """Check that the ``metrics`` key of *config*, if set, can be served.
+
+    Raises:
+        ConfigError: ``metrics`` is set but ``prometheus_client`` (the extra
+            ``popsync[metrics]``) cannot be imported; one line naming the file.
+    """
+    if config.metrics is None:
+        return
+    try:
+        import popsync.metrics  # noqa: F401 - imported to learn whether it can be
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "prometheus_client":
+            raise
+        where = f"{config.source}: " if config.source is not None else ""
+        raise ConfigError(f"{where}{METRICS_MISSING}") from None
+
+
+def _poll_metrics(config: Config) -> PollMetrics | None:
+    """The metrics *config* asks for (None: the ``metrics`` key is not set).
+
+    Raises:
+        ConfigError: the library is missing (see :func:`require_metrics`).
+    """
+    if config.metrics is None:
+        return None
+    require_metrics(config)
+    from popsync.metrics import PollMetrics
+
+    return PollMetrics(a.name for a in config.accounts)
+
+
+@contextlib.contextmanager
+def _serving(config: Config, metrics: PollMetrics | None) -> Iterator[None]:
+    """Serve *metrics* at the configured address while the block runs.
+
+    Raises:
+        ConfigError: the address cannot be bound; one line naming the file.
+    """
+    if metrics is None or config.metrics is None:
+        yield
+        return
+    from popsync.metrics import MetricsServer
+
+    try:
+        server = MetricsServer(config.metrics, metrics.registry)
+    except ConfigError as exc:
+        where = f"{config.source}: " if config.source is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+    log.info("serving metrics at http://%s/metrics", config.metrics, extra={"event": "metrics"})
+    with server:
+        yield
+
+
 def run_daemon(
     config: Config,
     *,
@@ -956,12 +1033,24 @@ def run_daemon(
 
     Must run in the main thread (signal handlers are installed there).
     Returns 0 after a clean stop; a forced stop ends the process with
-    :data:`EXIT_ABORTED` without returning.
+    :data:`EXIT_ABORTED` without returning.  With ``metrics`` set, the
+    metrics (:mod:`popsync.metrics`) are fed by the daemon's ``on_poll`` hook
+    and served from before the first poll until the daemon has stopped.
 
     Raises:
-        ConfigError: *max_concurrent* or *grace* is out of range.
+        ConfigError: *max_concurrent* or *grace* is out of range; ``metrics``
+            is set but its library is missing or its address cannot be bound.
         LedgerError: the ledger cannot be opened.
     """
-    daemon = Daemon(config, config_path=config_path, max_concurrent=max_concurrent, grace=grace)
-    with _signals(daemon):
+    metrics = _poll_metrics(config)
+    daemon = Daemon(
+        config,
+        config_path=config_path,
+        max_concurrent=max_concurrent,
+        grace=grace,
+        on_poll=metrics.observe if metrics is not None else None,
+    )
+    if metrics is not None:
+        metrics.view = daemon.snapshot
+    with _serving(config, metrics), _signals(daemon):
         return daemon.serve()

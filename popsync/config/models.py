@@ -51,6 +51,8 @@ from popsync.config.values import (
     Interval,
     KeyedValueError,
     LineLength,
+    Listen,
+    ListenAddress,
     MessageSize,
     Port,
     Rate,
@@ -210,7 +212,15 @@ _MAX_NAMED: Final = 5
 
 
 class Config(BaseModel):
-    """The whole file: the ledger URL and the accounts."""
+    """The whole file: the ledger URL, the accounts, and where ``popsync run``
+    serves its Prometheus metrics.
+
+    ``metrics`` (``HOST:PORT``, see :func:`~popsync.config.values.parse_listen_address`)
+    must be a loopback address unless ``metrics_allow_remote: true``: the
+    metrics name every account and show when mail arrives, and the endpoint
+    has no authentication, so exposing it to the network is a choice the file
+    must state, as ``allow_plaintext`` is for a clear-text login.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -218,6 +228,8 @@ class Config(BaseModel):
     # _default_ledger, a sqlite path made absolute). "" is never kept.
     ledger: str = ""
     accounts: tuple[Account, ...]
+    metrics: Listen | None = None
+    metrics_allow_remote: bool = Field(default=False, validate_default=True)
 
     _state_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
@@ -251,6 +263,25 @@ class Config(BaseModel):
         if problems:
             where, text = problems[0]
             raise KeyedValueError(text, key="name", where=where)
+        return value
+
+    @field_validator("metrics_allow_remote")
+    @classmethod
+    def _metrics_stay_local(cls, value: bool, info: ValidationInfo) -> bool:
+        # Declared after `metrics`, so info.data holds it (absent: it failed).
+        if "metrics" not in info.data:
+            return value
+        address: ListenAddress | None = info.data["metrics"]
+        if address is None:
+            if value:
+                raise ValueError("only with metrics")
+        elif not address.loopback and not value:
+            raise KeyedValueError(
+                "is not a loopback address, so anyone who can reach it could read the "
+                "account names and their activity; use 127.0.0.1 or [::1], or set "
+                "metrics_allow_remote: true",
+                key="metrics",
+            )
         return value
 
     @model_validator(mode="after")

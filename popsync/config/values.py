@@ -12,10 +12,11 @@ become lock-file and log names, so :mod:`popsync.locks` relies on it too.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable
-from typing import Annotated, Final
+from typing import Annotated, Final, NamedTuple
 
 from pydantic import AfterValidator, BeforeValidator
 
@@ -27,6 +28,8 @@ __all__ = [
     "Interval",
     "KeyedValueError",
     "LineLength",
+    "Listen",
+    "ListenAddress",
     "MessageSize",
     "Port",
     "Rate",
@@ -39,6 +42,7 @@ __all__ = [
     "check_host",
     "check_wire_text",
     "parse_duration",
+    "parse_listen_address",
     "parse_size",
     "positive_seconds",
     "whole",
@@ -52,6 +56,8 @@ MAX_DURATION: Final = 366 * 86400
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DURATION_RE: Final = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
 _SIZE_RE: Final = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE | re.ASCII)
+_LISTEN_RE: Final = re.compile(r"(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})", re.ASCII)
+_LISTEN_FORM: Final = "must be HOST:PORT, as 127.0.0.1:9464, [::1]:9464 or localhost:9464"
 
 
 class KeyedValueError(ValueError):
@@ -197,6 +203,62 @@ def check_host(value: str) -> str:
     return value
 
 
+# --------------------------------------------------------------------------
+# Addresses to listen on
+
+
+class ListenAddress(NamedTuple):
+    """An address a server of popsync's listens on: an IP literal and a port.
+
+    ``host`` is always an IP address (``localhost`` is read as ``127.0.0.1``),
+    so binding it never asks DNS and the config says exactly which interface
+    is exposed.
+    """
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can connect (127.0.0.0/8 or ::1)."""
+        return ipaddress.ip_address(self.host.partition("%")[0]).is_loopback
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen_address(value: object) -> ListenAddress:
+    """A :class:`ListenAddress` from ``HOST:PORT``: an IPv4 address, an IPv6
+    address in brackets (``[::1]:9464``) or ``localhost``, and a port 1-65535.
+
+    A host name other than ``localhost`` is refused: resolving it could pick
+    an interface the user did not mean.  Raises ValueError with a short
+    reason (the input is never quoted).
+    """
+    if isinstance(value, ListenAddress):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(_LISTEN_FORM)
+    match = _LISTEN_RE.fullmatch(value.strip())
+    if match is None:
+        if value.count(":") > 1 and "[" not in value:
+            raise ValueError("write an IPv6 address in brackets, as [::1]:9464")
+        raise ValueError(_LISTEN_FORM)
+    bracketed, plain, port_text = match.groups()
+    port = between(1, 65535)(int(port_text))
+    if plain is not None and plain.lower() == "localhost":
+        return ListenAddress("127.0.0.1", port)
+    try:
+        address = ipaddress.ip_address(bracketed if bracketed is not None else plain)
+    except ValueError:
+        raise ValueError(
+            "the host must be an IP address or localhost (a name could resolve anywhere)"
+        ) from None
+    if bracketed is not None and address.version != 6:
+        raise ValueError("only an IPv6 address goes in brackets")
+    return ListenAddress(str(address), port)
+
+
 AccountName = Annotated[str, AfterValidator(check_account_name)]
 HostName = Annotated[str, AfterValidator(check_host)]
 WireText = Annotated[str, AfterValidator(check_wire_text)]
@@ -208,3 +270,4 @@ MessageSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(between
 LineLength = Annotated[int, BeforeValidator(parse_size), AfterValidator(between(1024))]
 Window = Annotated[int, BeforeValidator(whole), AfterValidator(between(1, 256))]
 Rate = Annotated[int, BeforeValidator(parse_size), AfterValidator(between(1))]
+Listen = Annotated[ListenAddress, BeforeValidator(parse_listen_address)]
