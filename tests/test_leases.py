@@ -1,0 +1,84 @@
+"""The lease table: each due account is claimed by exactly one worker, leases
+expire on the database's clock, and a release carries the schedule on.
+
+Runs on SQLite and on a real PostgreSQL (``ledger_url``); the claims that
+race run on PostgreSQL only, where several workers share one ledger.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from popsync.ledger import Ledger
+
+NAMES = [f"acct{i:03d}" for i in range(60)]
+
+
+def test_due_rows_are_claimed_once_and_released_with_their_schedule(ledger_url: str) -> None:
+    with Ledger.open(ledger_url) as ledger:
+        assert ledger.ensure_accounts(NAMES[:3]) == 3
+        assert ledger.ensure_accounts(NAMES[:3]) == 0  # rows kept as they are
+        first = ledger.claim("w1", 2, lease=30.0)
+        assert len(first) == 2
+        rest = ledger.claim("w2", 5, lease=30.0)
+        assert [c.name for c in rest] == sorted(set(NAMES[:3]) - {c.name for c in first})
+        assert ledger.claim("w3", 5, lease=30.0) == []  # all leased
+        name = first[0].name
+        assert ledger.renew("w1", [name, rest[0].name], lease=30.0) == {name}
+        assert ledger.release("w1", name, delay=None, failures=3, login_delay=60)
+        rows = ledger.lease_rows()
+        assert rows[name].paused and rows[name].next_poll_at is None
+        assert rows[name].owner is None and rows[name].last_owner == "w1"
+        assert rows[name].failures == 3
+        assert ledger.claim("w3", 5, lease=30.0) == []  # paused: nobody claims it
+        ledger.poll_now([name])  # SIGUSR1: due again, after the LOGIN-DELAY floor
+        assert not ledger.lease_rows()[name].paused
+        ledger.reset_accounts([name])  # a changed entry: due now, fresh schedule
+        (again,) = ledger.claim("w3", 5, lease=30.0)
+        assert (again.name, again.failures, again.login_delay) == (name, 0, None)
+        # Not over another worker's live claim...
+        assert not ledger.release("w1", name, delay=5.0, failures=0, login_delay=None)
+        ledger.forget_accounts([name])
+        assert name not in ledger.lease_rows()
+
+
+def test_an_expired_lease_is_taken_over_on_the_database_clock(ledger_url: str) -> None:
+    with Ledger.open(ledger_url) as ledger:
+        ledger.ensure_accounts(["home"])
+        (claim,) = ledger.claim("dead", 1, lease=0.3)
+        assert ledger.claim("alive", 1, lease=10.0) == []
+        until = ledger.lease_rows()["home"].lease_until
+        assert until is not None
+        while ledger.database_time() <= until:  # bounded by the lease itself
+            time.sleep(0.05)
+        (taken,) = ledger.claim("alive", 1, lease=10.0)
+        assert taken.name == claim.name
+        assert ledger.renew("dead", ["home"], lease=10.0) == set()  # the dead one lost it
+        assert ledger.lease_rows()["home"].last_owner == "alive"
+
+
+@pytest.mark.parametrize("ledger_url", ["postgresql"], indirect=True)
+def test_workers_claiming_at_once_never_share_an_account(ledger_url: str) -> None:
+    with Ledger.open(ledger_url) as setup:
+        setup.ensure_accounts(NAMES)
+    got: Counter[str] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+
+    def worker(n: int) -> None:
+        with Ledger.open(ledger_url) as ledger:
+            start.wait(30)
+            while claims := ledger.claim(f"w{n}", 3, lease=60.0):
+                with lock:
+                    got.update(c.name for c in claims)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert got == Counter(NAMES)
