@@ -211,9 +211,14 @@ _LOCAL_TARGETS: Final = ("maildir", "mbox")
 _MAX_NAMED: Final = 5
 
 
+#: Seconds a worker's lease on an account lasts unless renewed.
+DEFAULT_LEASE: Final = 10.0
+
+
 class Config(BaseModel):
-    """The whole file: the ledger URL, the accounts, and where ``popsync run``
-    serves its Prometheus metrics.
+    """The whole file: the ledger URL, the accounts, where ``popsync run``
+    serves its Prometheus metrics, and the ``lease`` (seconds) by which
+    workers sharing a PostgreSQL ledger hold the accounts they poll.
 
     ``metrics`` (``HOST:PORT``, see :func:`~popsync.config.values.parse_listen_address`)
     must be a loopback address unless ``metrics_allow_remote: true``: the
@@ -230,6 +235,10 @@ class Config(BaseModel):
     accounts: tuple[Account, ...]
     metrics: Listen | None = None
     metrics_allow_remote: bool = Field(default=False, validate_default=True)
+    # Seconds a worker's claim on an account lasts on a PostgreSQL ledger
+    # without renewal (popsync.ledger.leases): a dead worker's accounts are
+    # taken over by the others this long after it stopped renewing.
+    lease: Timeout = DEFAULT_LEASE
 
     _state_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
