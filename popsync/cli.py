@@ -39,6 +39,7 @@ from popsync.errors import ConfigError, PopsyncError
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.ledger import Ledger, PollRecord
+    from popsync.ledger.leases import LeaseRow
     from popsync.sync import PollReport
 
 EXIT_OK = 0
@@ -454,15 +455,19 @@ def _status(config: Config, names: list[str], *, as_json: bool) -> int:
     try:
         polls = ledger.last_polls()
         known = {name: ledger.counts(name) for name in chosen}
+        # Workers sharing a PostgreSQL ledger: who polled each account last,
+        # and when it is due (the daemon on SQLite keeps that in the polls).
+        leases = ledger.lease_rows() if config.shared_ledger else {}
     finally:
         ledger.close()
     if as_json:
-        entries = [_status_entry(n, polls.get(n), known[n]) for n in chosen]
+        entries = [_status_entry(n, polls.get(n), known[n], leases.get(n)) for n in chosen]
         print(json.dumps({"accounts": entries}, indent=2))
     else:
         now = time.time()
         for name in chosen:
-            _say(_status_line(name, polls.get(name), known[name], now), account=name)
+            line = _status_line(name, polls.get(name), known[name], now, leases.get(name))
+            _say(line, account=name)
     failed = any((poll := polls.get(n)) is not None and poll.result == "error" for n in chosen)
     return EXIT_POLL_FAILED if failed else EXIT_OK
 
@@ -476,8 +481,12 @@ def iso_time(when: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> dict[str, object]:
+def _status_entry(
+    name: str, poll: PollRecord | None, known: dict[str, int], lease: LeaseRow | None
+) -> dict[str, object]:
     entry: dict[str, object] = {"account": name, "ledger": known, "last_poll": None}
+    # The worker (HOST:PID:RANDOM) that claimed the account last; null on SQLite.
+    entry["last_owner"] = lease.last_owner if lease is not None else None
     if poll is not None:
         entry["last_poll"] = {
             "started_at": iso_time(poll.started_at),
@@ -486,18 +495,28 @@ def _status_entry(name: str, poll: PollRecord | None, known: dict[str, int]) -> 
             "error": poll.error,
             "temporary": poll.temporary,
             "counts": dataclasses.asdict(poll.counts),
-            "next_poll_at": iso_time(poll.next_poll_at),
+            "next_poll_at": iso_time(_next_poll(poll, lease)),
         }
     return entry
 
 
-def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now: float) -> str:
+def _next_poll(poll: PollRecord, lease: LeaseRow | None) -> float | None:
+    """When the account is due: its lease row's time with shared workers, else the poll's."""
+    return lease.next_poll_at if lease is not None else poll.next_poll_at
+
+
+def _status_line(
+    name: str, poll: PollRecord | None, known: dict[str, int], now: float, lease: LeaseRow | None
+) -> str:
     from popsync.textfmt import format_duration
 
     ledger_text = ", ".join(f"{n} {state}" for state, n in sorted(known.items()) if n) or "empty"
     if poll is None:
         return f"{name}: never polled; ledger: {ledger_text}"
-    line = f"{name}: last poll {format_duration(now - poll.started_at)} ago: {poll.result}"
+    line = f"{name}: last poll {format_duration(now - poll.started_at)} ago"
+    if lease is not None and lease.last_owner:
+        line += f" by worker {lease.last_owner}"
+    line += f": {poll.result}"
     if poll.error:
         line += f" ({poll.error})"
     if poll.result == "error" and poll.temporary is False:
@@ -507,8 +526,9 @@ def _status_line(name: str, poll: PollRecord | None, known: dict[str, int], now:
     line += f"; fetched {poll.counts.fetched}, deleted {poll.counts.deleted}"
     if poll.counts.remapped:
         line += f", remapped {poll.counts.remapped} (renumbered by the server, not fetched again)"
-    if poll.next_poll_at is not None:
-        line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
+    next_at = _next_poll(poll, lease)
+    if next_at is not None:
+        line += f"; next poll in {format_duration(next_at - now)}"
     return f"{line}; ledger: {ledger_text}"
 
 

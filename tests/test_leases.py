@@ -7,13 +7,18 @@ race run on PostgreSQL only, where several workers share one ledger.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from popsync.ledger import Ledger
+from popsync.ledger import Ledger, PollCounts
+from tests.helpers import write_config
 
 NAMES = [f"acct{i:03d}" for i in range(60)]
 
@@ -82,3 +87,50 @@ def test_workers_claiming_at_once_never_share_an_account(ledger_url: str) -> Non
     for th in threads:
         th.join(60)
     assert got == Counter(NAMES)
+
+
+def test_status_names_the_worker_that_polled_each_account_last(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        [{"name": "home", "port": 110}, {"name": "work", "port": 110}],
+        ledger_url=postgres_url,
+    )
+    with Ledger.open(postgres_url) as ledger:
+        ledger.ensure_accounts(["home", "work"])
+        claims = ledger.claim("hostA:41:abc", 1, lease=30.0)
+        assert [c.name for c in claims] == ["home"]
+        poll = ledger.start_poll("home", time.time())
+        ledger.finish_poll(
+            poll,
+            finished_at=time.time(),
+            result="ok",
+            error=None,
+            temporary=None,
+            counts=PollCounts(),
+            next_poll_at=None,
+        )
+        ledger.release("hostA:41:abc", "home", delay=300.0, failures=0, login_delay=None)
+
+    def status(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "popsync", "-c", str(config), "status", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout + result.stderr
+
+    home, work = status().splitlines()
+    assert home.startswith("home: last poll ") and " ago by worker hostA:41:abc: ok;" in home
+    assert "; next poll in 4 min" in home or "; next poll in 5 min" in home, home
+    assert work.startswith("work: never polled")
+    entries = json.loads(status("--json"))["accounts"]
+    assert [(e["account"], e["last_owner"]) for e in entries] == [
+        ("home", "hostA:41:abc"),
+        ("work", None),
+    ]
+    assert entries[0]["last_poll"]["next_poll_at"] is not None
