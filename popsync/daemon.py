@@ -57,6 +57,23 @@ Contract
   serves Prometheus metrics (:mod:`popsync.metrics`) fed by the ``on_poll``
   hook, from before the first poll until the daemon has stopped; changing
   the key takes a restart.
+* **Lease mode** (a PostgreSQL ledger, which workers on several hosts may
+  share): no job per account.  One claim loop (:mod:`popsync.claimer`)
+  claims due accounts from the ledger's lease table
+  (:mod:`popsync.ledger.leases`) for the free slots of a pool of
+  ``max_concurrent`` threads, renews their leases while they are polled,
+  and each poll ends by writing :func:`decide`'s outcome (next due time with
+  jitter, failures, LOGIN-DELAY floor, pause) into the account's row, where
+  whichever worker claims it next continues from it.  A pause is therefore
+  respected by every worker.  Signals act on the shared rows: SIGUSR1 makes
+  every account due now (paused ones too), whichever worker claims it;
+  SIGHUP adds rows for added accounts (due at once), deletes the rows of
+  removed ones and makes changed ones due at once with a fresh schedule --
+  every worker should be sent SIGHUP after the shared file changes, since
+  each polls with the entries it has loaded.  An account this worker's
+  config does not list is given back unpolled.  On SQLite the daemon works
+  as described above: one host, where the lock file already keeps processes
+  apart, and APScheduler's jobs need no database round trip when idle.
 * **Logging**: one line per poll (account, result, counts, next poll) and one
   per problem, with ``account`` and ``event`` fields for ``--log-format
   json``.  Error texts come escaped from :mod:`popsync.sync`; no secret is
