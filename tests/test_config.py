@@ -28,6 +28,7 @@ from popsync.config import (
     parse_size,
     resolve_config_path,
 )
+from popsync.config.loading import MAX_CONFIG_BYTES
 from popsync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -457,8 +458,8 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 
 def test_oversized_file(tmp_path: Path) -> None:
-    path = config_file(tmp_path, GOOD + "#" * (1 << 20) + "\n")
-    assert "larger than 1 MiB" in load_error(path)
+    path = config_file(tmp_path, GOOD + "#" * MAX_CONFIG_BYTES + "\n")
+    assert f"larger than {MAX_CONFIG_BYTES >> 20} MiB" in load_error(path)
 
 
 # --------------------------------------------------------------------------
