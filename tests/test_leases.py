@@ -8,6 +8,7 @@ race run on PostgreSQL only, where several workers share one ledger.
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -16,9 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
+from popsync.claimer import Claimer
 from popsync.ledger import Ledger, PollCounts
-from tests.helpers import write_config
+from popsync.ledger.leases import Claim
+from popsync.ledger.models import accounts
+from tests.helpers import wait_until, write_config
 
 NAMES = [f"acct{i:03d}" for i in range(60)]
 
@@ -134,3 +139,36 @@ def test_status_names_the_worker_that_polled_each_account_last(
         ("work", None),
     ]
     assert entries[0]["last_poll"]["next_poll_at"] is not None
+
+
+@pytest.mark.parametrize("ledger_url", ["postgresql"], indirect=True)
+def test_the_claimer_renews_its_leases_and_reports_one_taken_over(ledger_url: str) -> None:
+    with Ledger.open(ledger_url) as ledger:
+        ledger.ensure_accounts(["home", "work"])
+        started: queue.Queue[str] = queue.Queue()
+        lost: queue.Queue[set[str]] = queue.Queue()
+
+        def start(claim: Claim) -> bool:
+            started.put(claim.name)
+            return True
+
+        claimer = Claimer(ledger, owner="me:1:a", lease=0.6, slots=4, start=start, on_lost=lost.put)
+        claimer.start()
+        try:
+            assert {started.get(timeout=10), started.get(timeout=10)} == {"home", "work"}
+            first = ledger.lease_rows()["home"].lease_until
+            assert first is not None
+            # Renewed past the first lease, while the polls "run": nobody else gets them.
+            wait_until(
+                lambda: (ledger.lease_rows()["home"].lease_until or 0) > first + 0.6, timeout=10
+            )
+            assert ledger.claim("other:2:b", 4, lease=10.0) == []
+            # A worker that stalled past its lease finds the account taken over.
+            with ledger.engine.begin() as conn:
+                conn.execute(update(accounts).where(accounts.c.name == "work").values(owner="x"))
+            assert lost.get(timeout=10) == {"work"}
+            claimer.done("home")
+            claimer.done("work")
+        finally:
+            claimer.stop()
+        assert lost.empty()
