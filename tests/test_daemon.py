@@ -910,6 +910,7 @@ def test_sigterm_before_any_poll_finishes_is_a_clean_exit(
 # Lease mode: workers sharing a PostgreSQL ledger
 
 
+@pytest.mark.slow
 def test_on_a_shared_ledger_a_pause_holds_for_every_worker_and_reloads_update_the_rows(
     tmp_path: Path,
     servers: Callable[..., POP3TestServer],
