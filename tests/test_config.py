@@ -821,3 +821,11 @@ def test_stat_helper_sanity(tmp_path: Path) -> None:
     # The permission tests rely on chmod taking effect on this file system.
     path = write(tmp_path / "f", "x", mode=0o640)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_lease_is_seconds_of_at_least_one(tmp_path: Path) -> None:
+    assert load_config(config_file(tmp_path, GOOD)).lease == 10.0
+    assert load_config(config_file(tmp_path, "lease: 30s\n" + GOOD)).lease == 30.0
+    error = load_error(config_file(tmp_path, "lease: 0.5\n" + GOOD))
+    assert "lease" in error and "must be at least 1 s" in error, error
+    assert len(error.splitlines()) == 1

@@ -213,6 +213,8 @@ _MAX_NAMED: Final = 5
 
 #: Seconds a worker's lease on an account lasts unless renewed.
 DEFAULT_LEASE: Final = 10.0
+#: The shortest lease accepted.
+MIN_LEASE: Final = 1.0
 
 
 class Config(BaseModel):
@@ -272,6 +274,15 @@ class Config(BaseModel):
         if problems:
             where, text = problems[0]
             raise KeyedValueError(text, key="name", where=where)
+        return value
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_long_enough(cls, value: float) -> float:
+        # Renewed every third of it, and claims look every second: shorter
+        # would make a worker's claim loop a busy loop.
+        if value < MIN_LEASE:
+            raise ValueError(f"must be at least {MIN_LEASE:.10g} s")
         return value
 
     @field_validator("metrics_allow_remote")
