@@ -45,6 +45,7 @@ from popsync.errors import ConfigError, PopsyncError
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.ledger import Ledger, PollRecord
+    from popsync.ledger.leases import LeaseRow
     from popsync.retention import Retention
     from popsync.sync import PollReport
 
@@ -727,15 +728,21 @@ def _status(config: Config, names: list[str], *, as_json: bool) -> int:
         polls = ledger.last_polls()
         known = {name: ledger.counts(name) for name in chosen}
         kept = {a.name: retention(ledger, a.name, a.delete_after_days) for a in accounts}
+        # Workers sharing a PostgreSQL ledger: who polled each account last,
+        # and when it is due (the daemon on SQLite keeps that in the polls).
+        leases = ledger.lease_rows() if config.shared_ledger else {}
     finally:
         ledger.close()
     if as_json:
-        entries = [_status_entry(n, polls.get(n), known[n], kept[n]) for n in chosen]
+        entries = [_status_entry(n, polls.get(n), known[n], kept[n], leases.get(n)) for n in chosen]
         print(json.dumps({"accounts": entries}, indent=2))
     else:
         now = time.time()
         for name in chosen:
-            _say(_status_line(name, polls.get(name), known[name], kept[name], now), account=name)
+            line = _status_line(
+                name, polls.get(name), known[name], kept[name], now, leases.get(name)
+            )
+            _say(line, account=name)
     failed = any((poll := polls.get(n)) is not None and poll.result == "error" for n in chosen)
     return EXIT_POLL_FAILED if failed else EXIT_OK
 
@@ -750,7 +757,11 @@ def iso_time(when: float | None) -> str | None:
 
 
 def _status_entry(
-    name: str, poll: PollRecord | None, known: dict[str, int], kept: Retention
+    name: str,
+    poll: PollRecord | None,
+    known: dict[str, int],
+    kept: Retention,
+    lease: LeaseRow | None,
 ) -> dict[str, object]:
     entry: dict[str, object] = {
         "account": name,
@@ -763,6 +774,8 @@ def _status_entry(
         },
         "last_poll": None,
     }
+    # The worker (HOST:PID:RANDOM) that claimed the account last; null on SQLite.
+    entry["last_owner"] = lease.last_owner if lease is not None else None
     if poll is not None:
         entry["last_poll"] = {
             "started_at": iso_time(poll.started_at),
@@ -771,20 +784,33 @@ def _status_entry(
             "error": poll.error,
             "temporary": poll.temporary,
             "counts": dataclasses.asdict(poll.counts),
-            "next_poll_at": iso_time(poll.next_poll_at),
+            "next_poll_at": iso_time(_next_poll(poll, lease)),
         }
     return entry
 
 
+def _next_poll(poll: PollRecord, lease: LeaseRow | None) -> float | None:
+    """When the account is due: its lease row's time with shared workers, else the poll's."""
+    return lease.next_poll_at if lease is not None else poll.next_poll_at
+
+
 def _status_line(
-    name: str, poll: PollRecord | None, known: dict[str, int], kept: Retention, now: float
+    name: str,
+    poll: PollRecord | None,
+    known: dict[str, int],
+    kept: Retention,
+    now: float,
+    lease: LeaseRow | None,
 ) -> str:
     from popsync.textfmt import format_duration
 
     ledger_text = ", ".join(f"{n} {state}" for state, n in sorted(known.items()) if n) or "empty"
     if poll is None:
         return f"{name}: never polled; {kept.text(now)}; ledger: {ledger_text}"
-    line = f"{name}: last poll {format_duration(now - poll.started_at)} ago: {poll.result}"
+    line = f"{name}: last poll {format_duration(now - poll.started_at)} ago"
+    if lease is not None and lease.last_owner:
+        line += f" by worker {lease.last_owner}"
+    line += f": {poll.result}"
     if poll.error:
         line += f" ({poll.error})"
     if poll.result == "error" and poll.temporary is False:
@@ -796,8 +822,9 @@ def _status_line(
         line += f", remapped {poll.counts.remapped} (renumbered by the server, not fetched again)"
     if poll.counts.deferred:
         line += f", deferred {poll.counts.deferred} (fetch_limit: fetched by the next polls)"
-    if poll.next_poll_at is not None:
-        line += f"; next poll in {format_duration(poll.next_poll_at - now)}"
+    next_at = _next_poll(poll, lease)
+    if next_at is not None:
+        line += f"; next poll in {format_duration(next_at - now)}"
     return f"{line}; {kept.text(now)}; ledger: {ledger_text}"
 
 

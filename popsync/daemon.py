@@ -63,6 +63,23 @@ Contract
   serves Prometheus metrics (:mod:`popsync.metrics`) fed by the ``on_poll``
   hook, from before the first poll until the daemon has stopped; changing
   the key takes a restart.
+* **Lease mode** (a PostgreSQL ledger, which workers on several hosts may
+  share): no job per account.  One claim loop (:mod:`popsync.claimer`)
+  claims due accounts from the ledger's lease table
+  (:mod:`popsync.ledger.leases`) for the free slots of a pool of
+  ``max_concurrent`` threads, renews their leases while they are polled,
+  and each poll ends by writing :func:`decide`'s outcome (next due time with
+  jitter, failures, LOGIN-DELAY floor, pause) into the account's row, where
+  whichever worker claims it next continues from it.  A pause is therefore
+  respected by every worker.  Signals act on the shared rows: SIGUSR1 makes
+  every account due now (paused ones too), whichever worker claims it;
+  SIGHUP adds rows for added accounts (due at once), deletes the rows of
+  removed ones and makes changed ones due at once with a fresh schedule --
+  every worker should be sent SIGHUP after the shared file changes, since
+  each polls with the entries it has loaded.  An account this worker's
+  config does not list is given back unpolled.  On SQLite the daemon works
+  as described above: one host, where the lock file already keeps processes
+  apart, and APScheduler's jobs need no database round trip when idle.
 * **Logging**: one line per poll (account, result, counts, next poll) and one
   per problem, with ``account`` and ``event`` fields for ``--log-format
   json``.  Error texts come escaped from :mod:`popsync.sync`; no secret is
@@ -75,12 +92,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import select
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor as PollPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,9 +111,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from popsync.claimer import Claimer, worker_id
 from popsync.config import Account, Config, load_config
 from popsync.errors import ConfigError, PopsyncError, ServerError, TimeoutError_
 from popsync.ledger import Ledger
+from popsync.ledger.leases import Claim
 from popsync.locks import AccountBusy
 from popsync.oauth.errors import NeedsAuthorization
 from popsync.session import Session, SessionOptions
@@ -426,6 +447,14 @@ class Daemon:
         self._state_dir = config.state_dir
         self._ledger: Ledger | None = None
         self._scheduler: BackgroundScheduler | None = None
+        # Lease mode (a PostgreSQL ledger): a claim loop and a pool instead
+        # of one scheduler job per account.
+        self._lease_mode = config.shared_ledger
+        self._worker_id = worker_id()
+        self._claimer: Claimer | None = None
+        self._pool: PollPool | None = None
+        #: Accounts whose lease this worker lost mid-poll: those polls stop.
+        self._lost: set[str] = set()
         self._lock = threading.Lock()
         self._states: dict[str, _AccountState] = {}
         # Polls between their start and their last log line, by account: the
@@ -521,6 +550,9 @@ class Daemon:
 
     def _start(self) -> None:
         self._ledger = Ledger.open(self._config.ledger_url)
+        if self._lease_mode:
+            self._start_leasing(self._ledger)
+            return
         scheduler_log = logging.getLogger("popsync.daemon.scheduler")
         if scheduler_log.level == logging.NOTSET:
             # APScheduler narrates every job at INFO; only its problems matter here.
@@ -552,7 +584,71 @@ class Daemon:
         )
         self.started.set()
 
+    def _start_leasing(self, ledger: Ledger) -> None:
+        """Lease mode: rows for the configured accounts, the pool, the claim loop."""
+        now = time.time()
+        with self._lock:
+            for account in self._config.accounts:
+                self._add(account, first_at=now)
+        ledger.ensure_accounts(a.name for a in self._config.accounts)
+        self._pool = PollPool(self._max_concurrent, thread_name_prefix="popsync-poll")
+        self._claimer = Claimer(
+            ledger,
+            owner=self._worker_id,
+            lease=self._config.lease,
+            slots=self._max_concurrent,
+            start=self._start_claimed,
+            on_lost=self._leases_lost,
+        )
+        self._claimer.start()
+        log.info(
+            "daemon started as worker %s: %d account(s) shared through the ledger's leases "
+            "(%s s), up to %d poll(s) at once",
+            self._worker_id,
+            len(self._config.accounts),
+            format(self._config.lease, ".10g"),
+            self._max_concurrent,
+            extra={"event": "started"},
+        )
+        self.started.set()
+
+    def _start_claimed(self, claim: Claim) -> bool:
+        """Queue the poll of a claimed account (the claimer's thread); False: give it back."""
+        with self._lock:
+            state = self._states.get(claim.name)
+            if self._stopping or state is None or self._in_flight[claim.name]:
+                return False
+            # Continue the schedule every worker shares from the row.
+            state.schedule = dataclasses.replace(
+                state.schedule,
+                failures=claim.failures,
+                login_delay=claim.login_delay,
+                paused=False,
+            )
+            self._lost.discard(claim.name)
+        assert self._pool is not None
+        try:
+            self._pool.submit(self._poll_job, claim.name)
+        except RuntimeError:  # the pool is shut down: stopping
+            return False
+        return True
+
+    def _leases_lost(self, names: set[str]) -> None:
+        with self._lock:
+            self._lost |= names
+        for name in sorted(names):
+            log.warning(
+                "%s: this worker's lease ran out and another worker may poll it now; "
+                "stopping this poll after the messages in flight",
+                name,
+                extra={"account": name, "event": "lease"},
+            )
+
     def _close(self) -> None:
+        if self._claimer is not None:
+            self._claimer.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         if self._ledger is not None:
@@ -566,9 +662,11 @@ class Daemon:
         with self._lock:
             self._stopping = True
             busy = sorted(+self._active)
-        assert self._scheduler is not None
         # Queued polls still reach _poll_job, which now returns at once.
-        self._scheduler.shutdown(wait=False)
+        if self._claimer is not None:
+            self._claimer.stop()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
         if busy:
             log.info(
                 "stopping: waiting up to %s for the poll(s) of %s to finish "
@@ -615,12 +713,15 @@ class Daemon:
     # -- jobs ----------------------------------------------------------------
 
     def _add(self, account: Account, *, first_at: float) -> None:
-        """Create the state and the job of *account* (caller holds the lock)."""
-        assert self._scheduler is not None
+        """Create the state and (but in lease mode) the job of *account* (caller
+        holds the lock)."""
         self._generation += 1
         state = _AccountState(account, Schedule(account.interval), self._generation)
         state.next_poll_at = first_at
         self._states[account.name] = state
+        if self._lease_mode:
+            return
+        assert self._scheduler is not None
         self._scheduler.add_job(
             self._poll_job,
             _trigger(account.interval),
@@ -633,22 +734,11 @@ class Daemon:
 
     def _poll_job(self, name: str) -> None:
         """One scheduled poll of account *name* (runs in a pool thread)."""
-        with self._lock:
-            state = self._states.get(name)
-            if self._stopping or state is None:
-                return
-            if self._in_flight[name]:
-                # An earlier poll of this name (before a reload) still runs.
-                state.poll_again = True
-                return
-            self._in_flight[name] += 1
-            self._active[name] += 1
-            self._pause_job(name)
-            state.last_started = time.time()
-            state.next_poll_at = None
-            generation, account = state.generation, state.account
-            watch = _Overrun(account, time.monotonic() + account.poll_timeout + self._overrun_grace)
-            self._overruns.add(watch)
+        started = self._begin_poll(name)
+        if started is None:
+            self._unpolled(name)
+            return
+        generation, account, watch = started
         self._wake()  # the main loop now has this poll's overrun to watch for
         report: PollReport | None = None
         try:
@@ -659,7 +749,7 @@ class Daemon:
                 self._state_dir,
                 lock_wait=False,
                 session_factory=lambda opts: self._open_session(opts, watch.attach),
-                should_stop=lambda: self._stopping,
+                should_stop=lambda: self._stopping or name in self._lost,
             )
         except Exception as exc:  # a bug, not a fault: keep the daemon (and the others) alive
             log.exception(
@@ -726,6 +816,42 @@ class Daemon:
                 extra={"account": name, "event": "resume"},
             )
 
+    def _begin_poll(self, name: str) -> tuple[int, Account, _Overrun] | None:
+        """Mark *name* in flight: (generation, entry, watchdog), or None if it must
+        not be polled now (stopping, removed, or an earlier poll still runs)."""
+        with self._lock:
+            state = self._states.get(name)
+            if self._stopping or state is None:
+                return None
+            if self._in_flight[name]:
+                # An earlier poll of this name (before a reload) still runs.
+                state.poll_again = True
+                return None
+            self._in_flight[name] += 1
+            self._active[name] += 1
+            self._pause_job(name)
+            state.last_started = time.time()
+            state.next_poll_at = None
+            account = state.account
+            watch = _Overrun(account, time.monotonic() + account.poll_timeout + self._overrun_grace)
+            self._overruns.add(watch)
+            return state.generation, account, watch
+
+    def _unpolled(self, name: str) -> None:
+        """A claimed account's poll did not run (stopping, removed): give it back now."""
+        if self._claimer is None or self._ledger is None:
+            return
+        try:
+            self._ledger.give_back(self._worker_id, [name], 0.0)
+        except PopsyncError as exc:
+            log.warning(
+                "%s: could not give back its lease (others take it when it runs out): %s",
+                name,
+                exc,
+                extra={"account": name, "event": "lease"},
+            )
+        self._claimer.done(name)
+
     def _until_overrun(self) -> float | None:
         """Seconds until the next poll overruns (None: no poll to watch)."""
         with self._lock:
@@ -753,15 +879,21 @@ class Daemon:
         next_at: float | None = None
         warn_delay: int | None = None
         paused, failures, interval = False, 0, 0
+        login_delay: int | None = None
         with self._lock:
             self._in_flight[name] -= 1
             state = self._states.get(name)
-            if not self._stopping and state is not None:
+            # In lease mode the outcome is written into the shared row even
+            # when stopping, so another worker continues from it.
+            if (not self._stopping or self._lease_mode) and state is not None:
                 next_at, delay, warn_delay = self._plan_next(state, generation, outcome)
                 paused, failures = state.schedule.paused, state.schedule.failures
                 interval = state.account.interval
                 if paused and isinstance(report.exception, NeedsAuthorization):
                     self._wait_for_tokens(name)
+                login_delay = state.schedule.login_delay
+        if self._lease_mode:
+            self._release(name, next_at, paused=paused, failures=failures, floor=login_delay)
         self._log_poll(name, report, outcome, next_at, failures, paused)
         if warn_delay is not None:
             log.warning(
@@ -773,7 +905,9 @@ class Daemon:
                 format_duration(interval),
                 extra={"account": name, "event": "login-delay"},
             )
-        if outcome.kind != "busy":  # a busy poll left no row of its own to annotate
+        if outcome.kind != "busy" and not self._lease_mode:
+            # (a busy poll left no row of its own to annotate; in lease mode
+            # the account's row holds the time)
             self._record_next(name, next_at)
         if self._on_poll is not None:
             self._on_poll(PollEvent(name, report, outcome, delay, next_at, failures, paused))
@@ -783,6 +917,22 @@ class Daemon:
     ) -> tuple[float | None, float | None, int | None]:
         """Apply :func:`decide` and reschedule: (next poll time, delay, LOGIN-DELAY to
         warn about). Caller holds the lock."""
+        delay, asked, warn_delay = self._decide_next(state, generation, outcome)
+        if delay is None:
+            self._pause_job(state.account.name)
+            state.next_poll_at = None
+            return None, None, warn_delay
+        if self._lease_mode:
+            return self._lease_next(state, delay, asked=asked), delay, warn_delay
+        if asked:
+            return self._reschedule_at(state, time.time()), 0.0, warn_delay
+        return self._reschedule_after(state, delay), delay, warn_delay
+
+    def _decide_next(
+        self, state: _AccountState, generation: int, outcome: Outcome
+    ) -> tuple[float | None, bool, int | None]:
+        """Apply :func:`decide`: (delay, None when paused; whether to poll again at
+        once; the LOGIN-DELAY to warn about). Caller holds the lock."""
         warn_delay: int | None = None
         if state.generation == generation:
             decision = decide(state.schedule, outcome, self._backoff)
@@ -800,13 +950,22 @@ class Daemon:
             # The entry changed while this poll ran: poll under the new entry now.
             delay, asked = 0.0, True
         state.poll_again = False
-        if delay is None:
-            self._pause_job(state.account.name)
-            state.next_poll_at = None
-            return None, None, warn_delay
+        return delay, asked, warn_delay
+
+    def _lease_next(self, state: _AccountState, delay: float, *, asked: bool) -> float:
+        """Lease mode: when the account is due again (epoch seconds), with jitter,
+        or at once when *asked* (never sooner than LOGIN-DELAY allows); the
+        release writes it into the row (caller holds the lock)."""
+        now = time.time()
         if asked:
-            return self._reschedule_at(state, time.time()), 0.0, warn_delay
-        return self._reschedule_after(state, delay), delay, warn_delay
+            floor = state.schedule.login_delay
+            at = now
+            if floor and state.last_started is not None:
+                at = max(at, state.last_started + floor)
+        else:
+            at = now + delay + random.uniform(0.0, jitter_for(delay))  # noqa: S311 - spreading, not secrecy
+        state.next_poll_at = at
+        return at
 
     def _reschedule_after(self, state: _AccountState, delay: float) -> float | None:
         """Next poll *delay* (+ jitter) seconds from now; returns its time (lock held)."""
@@ -835,9 +994,34 @@ class Daemon:
         return at
 
     def _pause_job(self, name: str) -> None:
-        assert self._scheduler is not None
+        if self._scheduler is None:  # lease mode: no jobs
+            return
         with contextlib.suppress(JobLookupError):
             self._scheduler.pause_job(_job_id(name))
+
+    def _release(
+        self, name: str, next_at: float | None, *, paused: bool, failures: int, floor: int | None
+    ) -> None:
+        """Lease mode: write the poll's outcome into *name*'s row and free its slot."""
+        assert self._ledger is not None and self._claimer is not None
+        try:
+            if next_at is None and not paused:  # removed from the config meanwhile
+                self._ledger.give_back(self._worker_id, [name], 0.0)
+            else:
+                delay = None if next_at is None else max(next_at - time.time(), 0.0)
+                self._ledger.release(
+                    self._worker_id, name, delay=delay, failures=failures, login_delay=floor
+                )
+        except PopsyncError as exc:
+            log.warning(
+                "%s: could not record the next poll (other workers take the account when "
+                "this worker's lease runs out): %s",
+                name,
+                exc,
+                extra={"account": name, "event": "lease"},
+            )
+        finally:
+            self._claimer.done(name)
 
     def _record_next(self, name: str, next_at: float | None) -> None:
         if self._ledger is None:
@@ -903,6 +1087,9 @@ class Daemon:
     # -- SIGUSR1 ----------------------------------------------------------------
 
     def _poll_all_now(self) -> None:
+        if self._lease_mode:
+            self._lease_poll_all_now()
+            return
         now = time.time()
         with self._lock:
             for name, state in self._states.items():
@@ -917,6 +1104,28 @@ class Daemon:
                     )
                 self._reschedule_at(state, now)
         log.info("polling every account now (SIGUSR1)", extra={"event": "poll-now"})
+
+    def _lease_poll_all_now(self) -> None:
+        """SIGUSR1 in lease mode: every row due now, paused ones too, for whichever
+        worker claims them first; this worker's polls in progress poll once more."""
+        with self._lock:
+            names = list(self._states)
+            for name in names:
+                if self._in_flight[name]:
+                    self._states[name].poll_again = True
+        self._ledger_call("make every account due now", lambda ledger: ledger.poll_now(names))
+        log.info(
+            "polling every account now, on whichever worker claims it (SIGUSR1)",
+            extra={"event": "poll-now"},
+        )
+
+    def _ledger_call(self, what: str, call: Callable[[Ledger], object]) -> None:
+        """Run *call* on the ledger; a failure is one warning line."""
+        assert self._ledger is not None
+        try:
+            call(self._ledger)
+        except PopsyncError as exc:
+            log.warning("could not %s: %s", what, exc, extra={"event": "ledger"})
 
     # -- SIGHUP -------------------------------------------------------------------
 
@@ -952,9 +1161,9 @@ class Daemon:
             wanted = {account.name: account for account in new.accounts}
             for name in [n for n in self._states if n not in wanted]:
                 del self._states[name]
-                assert self._scheduler is not None
-                with contextlib.suppress(JobLookupError):
-                    self._scheduler.remove_job(_job_id(name))
+                if self._scheduler is not None:
+                    with contextlib.suppress(JobLookupError):
+                        self._scheduler.remove_job(_job_id(name))
                 removed.append(name)
             for name, account in wanted.items():
                 state = self._states.get(name)
@@ -967,6 +1176,15 @@ class Daemon:
                 elif state.schedule.paused:
                     paused.append(name)
         self._config = new
+        if self._lease_mode:
+            reset = [n for n in changed if not self._in_flight[n]]
+
+            def update_rows(ledger: Ledger) -> None:
+                ledger.forget_accounts(removed)
+                ledger.ensure_accounts(added)
+                ledger.reset_accounts(reset)
+
+            self._ledger_call("update the lease table", update_rows)
         log.info(
             "config reloaded: %d account(s); added: %s; removed: %s; changed: %s",
             len(wanted),
@@ -1000,7 +1218,8 @@ class Daemon:
         if self._in_flight[account.name]:
             state.poll_again = True  # _finish polls it under the new entry
             return
-        assert self._scheduler is not None
+        if self._scheduler is None:  # lease mode: the reload resets its row
+            return
         with contextlib.suppress(JobLookupError):
             self._scheduler.reschedule_job(
                 _job_id(account.name), trigger=_trigger(account.interval)

@@ -28,6 +28,7 @@ from popsync.config import (
     parse_size,
     resolve_config_path,
 )
+from popsync.config.loading import MAX_CONFIG_BYTES
 from popsync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -459,8 +460,8 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 
 def test_oversized_file(tmp_path: Path) -> None:
-    path = config_file(tmp_path, GOOD + "#" * (1 << 20) + "\n")
-    assert "larger than 1 MiB" in load_error(path)
+    path = config_file(tmp_path, GOOD + "#" * MAX_CONFIG_BYTES + "\n")
+    assert f"larger than {MAX_CONFIG_BYTES >> 20} MiB" in load_error(path)
 
 
 # --------------------------------------------------------------------------
@@ -822,3 +823,11 @@ def test_stat_helper_sanity(tmp_path: Path) -> None:
     # The permission tests rely on chmod taking effect on this file system.
     path = write(tmp_path / "f", "x", mode=0o640)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_lease_is_seconds_of_at_least_one(tmp_path: Path) -> None:
+    assert load_config(config_file(tmp_path, GOOD)).lease == 10.0
+    assert load_config(config_file(tmp_path, "lease: 30s\n" + GOOD)).lease == 30.0
+    error = load_error(config_file(tmp_path, "lease: 0.5\n" + GOOD))
+    assert "lease" in error and "must be at least 1 s" in error, error
+    assert len(error.splitlines()) == 1

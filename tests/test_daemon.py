@@ -964,3 +964,65 @@ def test_sigterm_before_any_poll_finishes_is_a_clean_exit(
     d.send(signal.SIGTERM)
     assert d.wait() == 0, d.output()
     assert os.path.exists(load_config(cfg).ledger_url.removeprefix("sqlite:///"))
+
+
+# --------------------------------------------------------------------------
+# Lease mode: workers sharing a PostgreSQL ledger
+
+
+@pytest.mark.slow
+def test_on_a_shared_ledger_a_pause_holds_for_every_worker_and_reloads_update_the_rows(
+    tmp_path: Path,
+    servers: Callable[..., POP3TestServer],
+    harness: Callable[..., Harness],
+    postgres_url: str,
+) -> None:
+    good = servers(messages(1, 1))
+    bad = servers(messages(2, 2), faults=AUTH_FAULT)
+    added = servers(messages(1, 3))
+    entries = [account("good", good.port), account("bad", bad.port)]
+    cfg = write_config(tmp_path, entries, ledger_url=postgres_url)
+    workers = [harness(cfg), harness(cfg)]  # two workers (in one process: each its own id)
+
+    def polls(name: str) -> list[PollEvent]:
+        return [e for h in workers for e in h.polls(name)]
+
+    def wait_polls(name: str, n: int) -> list[PollEvent]:
+        def enough() -> list[PollEvent] | None:
+            got = polls(name)
+            return got if len(got) >= n else None
+
+        return wait_until(enough, timeout=20)
+
+    first = wait_polls("bad", 1)[0]
+    assert first.paused
+    n_good = len(wait_polls("good", 1))
+    wait_polls("good", n_good + 3)  # three more intervals, on either worker
+    assert len(bad.sessions) == 1, "a paused account must not be retried by any worker"
+    with Ledger.open(postgres_url) as ledger:
+        row = ledger.lease_rows()["bad"]
+        assert row.paused and row.next_poll_at is None and row.owner is None
+
+    # SIGUSR1 to one worker: one more try, on whichever worker claims it.
+    workers[1].daemon.request_poll_now()
+    assert wait_polls("bad", 2)[1].paused
+    assert len(bad.sessions) == 2
+
+    # The file changes: bad's entry changed, good removed, another added.
+    bad.faults = Faults()
+    entries = [account("bad", bad.port, timeout=9), account("added", added.port)]
+    write_config(tmp_path, entries, ledger_url=postgres_url)
+    for h in workers:
+        h.daemon.request_reload()
+    resumed = wait_until(lambda: [e for e in polls("bad") if e.report.ok], timeout=20)[0]
+    assert resumed.report.counts.fetched == 2 and not resumed.paused
+    assert wait_polls("added", 1)[0].report.counts.fetched == 1
+    with Ledger.open(postgres_url) as ledger:
+        assert set(ledger.lease_rows()) == {"bad", "added"}
+    sessions = len(good.sessions)
+    wait_polls("added", len(polls("added")) + 2)
+    assert len(good.sessions) == sessions, "a removed account was polled"
+    assert len(bad.sessions) >= 3  # polled on schedule again, never two sessions at once
+    assert good.overlaps() == bad.overlaps() == added.overlaps() == []
+    for h in workers:
+        h.stop()

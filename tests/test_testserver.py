@@ -1168,3 +1168,37 @@ def test_mail_store_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert len(store) == 4000 and len(set(store.uids())) == 4000
+
+
+# -- many users, and overlapping sessions ------------------------------------------
+
+
+def test_many_users_each_see_their_own_maildrop_and_overlaps_are_recorded() -> None:
+    boxes = {"ann": MailStore([b"Subject: a\r\n\r\nfor ann\r\n"]), "bob": MailStore()}
+    with POP3TestServer(mailboxes=boxes) as srv:
+        ann = poplib.POP3(srv.host, srv.port, timeout=10)
+        ann.user("ann")
+        ann.pass_("pass")
+        assert ann.stat()[0] == 1
+        bob = poplib.POP3(srv.host, srv.port, timeout=10)
+        bob.user("bob")
+        bob.pass_("pass")
+        assert bob.stat()[0] == 0  # another user at the same time: no overlap
+        again = poplib.POP3(srv.host, srv.port, timeout=10)
+        again.user("ann")
+        with pytest.raises(poplib.error_proto, match="IN-USE"):
+            again.pass_("pass")  # ann is logged in already
+        nobody = poplib.POP3(srv.host, srv.port, timeout=10)
+        nobody.user("user")  # the single-user name is not a user here
+        with pytest.raises(poplib.error_proto, match="AUTH"):
+            nobody.pass_("pass")
+        for client in (ann, bob, again, nobody):
+            client.quit()
+        srv.wait_for_sessions(4)
+        assert [(r.number, r.user) for r in srv.overlaps()] == [(3, "ann")]
+        later = poplib.POP3(srv.host, srv.port, timeout=10)  # after ann's QUIT: no overlap
+        later.user("ann")
+        later.pass_("pass")
+        later.quit()
+        srv.wait_for_sessions(5)
+        assert len(srv.overlaps()) == 1

@@ -33,8 +33,10 @@ from popsync.errors import ConfigError, escape_server_text
 
 __all__ = ["MAX_CONFIG_BYTES", "load_config"]
 
-#: A config file larger than this is surely not a config file.
-MAX_CONFIG_BYTES: Final = 1 << 20
+#: A config file larger than this is surely not a config file.  16 MiB holds
+#: about 100,000 accounts of ~150 bytes: the workers sharing a PostgreSQL
+#: ledger serve thousands of accounts from one file.
+MAX_CONFIG_BYTES: Final = 16 << 20
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

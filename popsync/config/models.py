@@ -256,9 +256,16 @@ _LOCAL_TARGETS: Final = ("maildir", "mbox")
 _MAX_NAMED: Final = 5
 
 
+#: Seconds a worker's lease on an account lasts unless renewed.
+DEFAULT_LEASE: Final = 10.0
+#: The shortest lease accepted.
+MIN_LEASE: Final = 1.0
+
+
 class Config(BaseModel):
-    """The whole file: the ledger URL, the accounts, and where ``popsync run``
-    serves its Prometheus metrics.
+    """The whole file: the ledger URL, the accounts, where ``popsync run``
+    serves its Prometheus metrics, and the ``lease`` (seconds) by which
+    workers sharing a PostgreSQL ledger hold the accounts they poll.
 
     ``metrics`` (``HOST:PORT``, see :func:`~popsync.config.values.parse_listen_address`)
     must be a loopback address unless ``metrics_allow_remote: true``: the
@@ -275,6 +282,10 @@ class Config(BaseModel):
     accounts: tuple[Account, ...]
     metrics: Listen | None = None
     metrics_allow_remote: bool = Field(default=False, validate_default=True)
+    # Seconds a worker's claim on an account lasts on a PostgreSQL ledger
+    # without renewal (popsync.ledger.leases): a dead worker's accounts are
+    # taken over by the others this long after it stopped renewing.
+    lease: Timeout = DEFAULT_LEASE
 
     _state_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
@@ -308,6 +319,15 @@ class Config(BaseModel):
         if problems:
             where, text = problems[0]
             raise KeyedValueError(text, key="name", where=where)
+        return value
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_long_enough(cls, value: float) -> float:
+        # Renewed every third of it, and claims look every second: shorter
+        # would make a worker's claim loop a busy loop.
+        if value < MIN_LEASE:
+            raise ValueError(f"must be at least {MIN_LEASE:.10g} s")
         return value
 
     @field_validator("metrics_allow_remote")

@@ -95,7 +95,7 @@ __all__ = [
 #: The newest schema revision this popsync knows (the head of
 #: ``migrations/versions``; a test keeps the two equal). Opening a ledger that
 #: is already there skips importing Alembic, which keeps start-up fast.
-SCHEMA_REVISION: Final = "0006"
+SCHEMA_REVISION: Final = "0007"
 
 #: How long a connection waits for another writer before giving up.
 BUSY_TIMEOUT_MS: Final = 10_000
@@ -334,15 +334,16 @@ def migrations_dir() -> Path:
     """
     from importlib.resources import files
 
+    # Running from a source checkout (PYTHONPATH=. or the repository as the
+    # working directory): its migrations/ sits beside the popsync/ package and
+    # belongs to this code, even if another copy of popsync is installed (an
+    # editable install elsewhere would otherwise lend its older migrations).
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if (checkout / "env.py").is_file() and (checkout / "versions").is_dir():
+        return checkout
     try:
         root = files("popsync.migrations")
     except ModuleNotFoundError as exc:
-        # Not installed: running from a source checkout (PYTHONPATH=. or the
-        # repository as the working directory), where migrations/ sits beside
-        # the popsync/ package.
-        checkout = Path(__file__).resolve().parents[2] / "migrations"
-        if (checkout / "env.py").is_file() and (checkout / "versions").is_dir():
-            return checkout
         raise LedgerError(f"popsync's schema migrations are not installed: {exc}") from exc
     if not isinstance(root, Path) or not (root / "env.py").is_file():
         raise LedgerError(

@@ -42,6 +42,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "POLL_RESULTS",
     "MessageState",
     "PollResult",
+    "accounts",
     "messages",
     "metadata",
     "polls",
@@ -159,4 +161,22 @@ polls = Table(
     Column("deferred", Integer, nullable=False, default=0, server_default=text("0")),
     Index(None, "account", "started_at"),
     CheckConstraint(_in_list("result", POLL_RESULTS), name="result"),
+)
+
+#: One configured account's turn (migration 0006, see popsync.ledger.leases):
+#: when it is due and which worker holds its lease.  Times are epoch seconds
+#: on the *database's* clock.
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    # NULL while paused (a permanent failure): no worker claims it.
+    Column("next_poll_at", Double, index=True),
+    Column("owner", String(255)),
+    Column("lease_until", Double),
+    Column("last_owner", String(255)),
+    Column("last_poll_at", Double),
+    Column("failures", Integer, nullable=False, server_default=text("0")),
+    Column("login_delay", Integer),
+    Column("paused", Boolean, nullable=False, server_default=false()),
 )

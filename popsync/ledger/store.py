@@ -30,6 +30,7 @@ Hot paths use SQLAlchemy Core with executemany; :meth:`Ledger.rows` loads
 
 from __future__ import annotations
 
+from popsync.ledger.leases import Claim, LeaseBook, LeaseRow
 from popsync.ledger.messages import (
     SEEN_REFRESH,
     Delivered,
@@ -43,9 +44,11 @@ from popsync.ledger.polls import PollCounts, PollLog, PollRecord
 
 __all__ = [
     "SEEN_REFRESH",
+    "Claim",
     "Delivered",
     "FetchIntent",
     "Key",
+    "LeaseRow",
     "Ledger",
     "LedgerRow",
     "PollCounts",
@@ -54,10 +57,11 @@ __all__ = [
 ]
 
 
-class Ledger(MessageStore, PollLog):
+class Ledger(MessageStore, PollLog, LeaseBook):
     """The ledger of all accounts in one database: the message state machine
-    (:class:`~popsync.ledger.messages.MessageStore`) and the poll log
-    (:class:`~popsync.ledger.polls.PollLog`) over one engine.
+    (:class:`~popsync.ledger.messages.MessageStore`), the poll log
+    (:class:`~popsync.ledger.polls.PollLog`) and the account leases workers
+    take turns by (:class:`~popsync.ledger.leases.LeaseBook`) over one engine.
 
     Create it with :meth:`open`; the constructor takes an engine that is
     already at the newest schema (as :meth:`open` leaves it).

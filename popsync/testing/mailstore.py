@@ -137,6 +137,8 @@ class MailStore:
         self._messages: list[StoredMessage] = []
         self._seq = 0
         self._holder: object | None = None
+        # Sessions logged in to this maildrop now, locked or not.
+        self._inside: set[int] = set()
         self.add_many(messages)
 
     def _new_uid(self, data: bytes) -> bytes:
@@ -223,6 +225,22 @@ class MailStore:
         with self._lock:
             if self._holder is owner:
                 self._holder = None
+
+    def enter(self, owner: object) -> int:
+        """Count *owner* as logged in; returns how many others were logged in already.
+
+        Independent of the lock: it is how a test sees two sessions of one
+        maildrop overlap, even when the server does not lock.
+        """
+        with self._lock:
+            others = len(self._inside - {id(owner)})
+            self._inside.add(id(owner))
+            return others
+
+    def leave(self, owner: object) -> None:
+        """*owner* is no longer logged in (idempotent)."""
+        with self._lock:
+            self._inside.discard(id(owner))
 
     @property
     def locked(self) -> bool:

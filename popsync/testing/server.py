@@ -36,6 +36,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Literal, Self
 
@@ -98,6 +99,7 @@ class POP3TestServer:
         mbox_status: bool = False,
         utf8_wrapper: bool = False,
         write_each: bool = False,
+        mailboxes: Mapping[str, MailStore] | None = None,
     ) -> None:
         """Configure the server (it listens only after :meth:`start`).
 
@@ -109,7 +111,10 @@ class POP3TestServer:
         also switch the command off (``user=False`` refuses USER/PASS,
         ``top=False`` refuses TOP, ``uidl=False`` refuses UIDL).  ``mbox_status``
         ``utf8_wrapper`` and ``write_each`` imitate real servers' habits (see
-        :class:`~popsync.testing.server_config.ServerConfig`).
+        :class:`~popsync.testing.server_config.ServerConfig`).  ``mailboxes``
+        serves many users: each key is a username (all share ``password``)
+        and its value that user's maildrop; ``store`` and ``username`` are
+        then unused.
 
         Raises ValueError when the options contradict each other (implicit
         TLS or STLS without a context, an unknown ``tls``).
@@ -141,6 +146,7 @@ class POP3TestServer:
             write_each=write_each,
         )
         self.store = store if store is not None else MailStore()
+        self.mailboxes = dict(mailboxes) if mailboxes is not None else None
         self.faults = faults if faults is not None else Faults()
         self.on_command = on_command
         self._bind_host = host
@@ -238,6 +244,12 @@ class POP3TestServer:
         with self._cond:
             return list(self._records)
 
+    def overlaps(self) -> list[SessionRecord]:
+        """Sessions that logged in while another session of the same maildrop was
+        logged in (see :attr:`SessionRecord.overlapped`)."""
+        with self._cond:
+            return [r for r in self._records if r.overlapped]
+
     def wait_for_sessions(self, n: int, timeout: float = 5.0) -> list[SessionRecord]:
         """Wait until at least *n* sessions have finished; return the first *n* finished.
 
@@ -287,6 +299,7 @@ class POP3TestServer:
                 store=self.store,
                 stopping=self._stopping,
                 on_finished=self._mark_finished,
+                mailboxes=self.mailboxes,
             )
             self._live[record.number] = session
             thread = threading.Thread(

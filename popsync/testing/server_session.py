@@ -40,7 +40,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore, to_wire, top_of, with_unstuffed_dot
@@ -115,6 +115,7 @@ class Session:
         store: MailStore,
         stopping: threading.Event,
         on_finished: Callable[[SessionRecord], None] | None = None,
+        mailboxes: Mapping[str, MailStore] | None = None,
     ) -> None:
         self._sock = sock
         self._on_finished = on_finished
@@ -124,6 +125,7 @@ class Session:
         self._faults = faults
         self._hook = hook
         self._store = store
+        self._mailboxes = mailboxes
         self._stopping = stopping
         self.record = record
         self.state = SessionState(number=record.number, record=record)
@@ -154,6 +156,7 @@ class Session:
             logger.exception("test POP3 session %d failed", self.record.number)
         finally:
             self._store.unlock(self)
+            self._store.leave(self)
             # The record is final now; tell the server before lingering on close.
             if self._on_finished is not None:
                 self._on_finished(self.record)
@@ -422,7 +425,7 @@ class Session:
         name = parts[0].decode("utf-8", "surrogateescape")
         secret = self.state.banner + self._cfg.password.encode("utf-8")
         expected = hashlib.md5(secret, usedforsecurity=False).hexdigest().encode("ascii")
-        if name != self._cfg.username or not hmac.compare_digest(parts[1].lower(), expected):
+        if not self._known(name) or not hmac.compare_digest(parts[1].lower(), expected):
             raise _Refusal(b"invalid credentials", b"AUTH")
         self._login(name)
 
@@ -459,11 +462,21 @@ class Session:
 
     def _check_credentials(self, name: str, password: bytes) -> None:
         good = hmac.compare_digest(password, self._cfg.password.encode("utf-8"))
-        if name != self._cfg.username or not good:
+        if not self._known(name) or not good:
             raise _Refusal(b"invalid credentials", b"AUTH")
+
+    def _known(self, name: str) -> bool:
+        """Whether *name* is a user: the one username, or a key of the mailboxes."""
+        if self._mailboxes is not None:
+            return name in self._mailboxes
+        return name == self._cfg.username
 
     def _login(self, name: str) -> None:
         # RFC 1939 §4: lock, then number the messages 1..n from a snapshot.
+        if self._mailboxes is not None:
+            self._store = self._mailboxes[name]
+        self.record.user = name
+        self.record.overlapped = self._store.enter(self) > 0
         if self._cfg.exclusive_lock and not self._store.try_lock(self):
             raise _Refusal(b"maildrop locked", b"IN-USE")
         state = self.state
@@ -693,6 +706,7 @@ class Session:
             raise _Hangup(abrupt=False)
         removed = self._update()
         self._store.unlock(self)
+        self._store.leave(self)
         if self._faults.drop_quit_reply:
             self._flush()
             raise _Hangup(abrupt=True)

@@ -46,6 +46,9 @@ class SessionRecord:
         credentials_in_clear: PASS, APOP or AUTH credentials arrived without TLS.
         finished: the session is over and this record is final (the socket may
             still be closing).
+        user: the name the session logged in as, or None.
+        overlapped: when it logged in, another session of the same maildrop
+            was logged in (whether or not the server then refused it).
         error: an unexpected exception that ended the session (a server or hook
             bug), or None.
     """
@@ -59,6 +62,8 @@ class SessionRecord:
     credentials_in_clear: bool = False
     finished: bool = False
     error: BaseException | None = None
+    user: str | None = None
+    overlapped: bool = False
 
     def sent_in_clear(self, prefix: bytes) -> bool:
         """Whether any received line starting with *prefix* arrived without TLS.
