@@ -809,7 +809,22 @@ class Daemon:
                 if state is None or not state.schedule.paused or self._stopping:
                     continue
                 state.schedule = dataclasses.replace(state.schedule, paused=False, failures=0)
-                self._reschedule_at(state, time.time())
+                if not self._lease_mode:
+                    self._reschedule_at(state, time.time())
+            if self._lease_mode and self._ledger is not None:
+                # The pause lives in the shared row: un-pause it there, for
+                # whichever worker claims the account next.
+                try:
+                    self._ledger.reset_accounts([name])
+                except PopsyncError as exc:
+                    log.warning(
+                        "%s: new OAuth2 tokens stored, but the ledger could not resume it "
+                        "(%s); SIGUSR1 resumes it",
+                        name,
+                        exc,
+                        extra={"account": name, "event": "paused"},
+                    )
+                    continue
             log.info(
                 "%s: new OAuth2 tokens stored; resuming",
                 name,

@@ -99,9 +99,10 @@ def mailbox(oauth_dovecot: OAuthDovecot, server: OAuthServer) -> Mailbox:
 
 
 def write_config(
-    tmp: Path, server: OAuthServer, box: Mailbox | None, **over: Any
+    tmp: Path, server: OAuthServer, box: Mailbox | None, ledger: str | None = None, **over: Any
 ) -> tuple[Path, str]:
-    """A config with one oauth2 account ``work``; (its path, the account name)."""
+    """A config with one oauth2 account ``work``; (its path, the account name).
+    *ledger*: a ledger URL (default: SQLite in ``tmp/state``)."""
     oauth2 = {
         "token_endpoint": f"{server.url}/token",
         "device_authorization_endpoint": f"{server.url}/device",
@@ -123,7 +124,7 @@ def write_config(
         **over,
     }
     path = tmp / "config.yaml"
-    doc = {"ledger": f"sqlite:///{tmp / 'state' / 'ledger.db'}", "accounts": [account]}
+    doc = {"ledger": ledger or f"sqlite:///{tmp / 'state' / 'ledger.db'}", "accounts": [account]}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     path.chmod(0o600)
     return path, "work"
@@ -434,11 +435,19 @@ def test_token_endpoint_errors_are_temporary(tmp_path: Path, server: OAuthServer
 
 @pytest.mark.slow
 def test_daemon_pauses_without_token_and_resumes_once_authorized(
-    tmp_path: Path, server: OAuthServer, mailbox: Mailbox
+    tmp_path: Path,
+    server: OAuthServer,
+    mailbox: Mailbox,
+    ledger_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """On SQLite the daemon's own schedule resumes; on PostgreSQL (lease mode)
+    the pause lives in the shared row, and that row is resumed."""
     from tests.test_daemon import Harness
 
-    path, name = write_config(tmp_path, server, mailbox)
+    # The in-process daemon and `popsync auth` must share one state directory.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    path, name = write_config(tmp_path, server, mailbox, ledger=ledger_url)
     daemon = Harness(path, token_watch=0.05).start()
     try:
         paused = daemon.wait_event(name, lambda e: e.paused)
