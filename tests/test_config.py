@@ -831,3 +831,16 @@ def test_lease_is_seconds_of_at_least_one(tmp_path: Path) -> None:
     error = load_error(config_file(tmp_path, "lease: 0.5\n" + GOOD))
     assert "lease" in error and "must be at least 1 s" in error, error
     assert len(error.splitlines()) == 1
+
+
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML built without libyaml")
+def test_libyaml_parses_and_still_refuses_duplicate_keys() -> None:
+    """The fast parser (libyaml) is the one used, and it keeps the duplicate-key
+    rule; its syntax errors are worded by the pure-Python parser instead."""
+    from popsync.config import loading
+
+    assert loading._FastLoader is not None
+    text = "accounts:\n  - name: a\n    password: x\n    password: y\n"
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'password'"):
+        yaml.load(text, Loader=loading._FastLoader)
+    assert yaml.load("a: [1, 2]\n", Loader=loading._FastLoader) == {"a": [1, 2]}

@@ -39,9 +39,9 @@ __all__ = ["MAX_CONFIG_BYTES", "load_config"]
 MAX_CONFIG_BYTES: Final = 16 << 20
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one,
-    which would hide, say, a second ``password``)."""
+class _UniqueKeys(yaml.constructor.SafeConstructor):
+    """Refuses duplicate keys (PyYAML silently keeps the last one, which would
+    hide, say, a second ``password``)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
@@ -59,6 +59,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class _UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
+    """The pure-Python SafeLoader with :class:`_UniqueKeys`: its error texts and
+    positions are the ones popsync shows."""
+
+
+#: libyaml's parser, when PyYAML was built with it: about 3 times faster and
+#: half the memory on a config of 10,000 accounts.  It words some syntax
+#: errors differently, so a document it refuses is parsed again by
+#: :class:`_UniqueKeyLoader`, whose message is the one shown.
+_FastLoader: type | None = None
+if yaml.__with_libyaml__:
+
+    class _CUniqueKeyLoader(_UniqueKeys, yaml.CSafeLoader):
+        """libyaml's SafeLoader with :class:`_UniqueKeys`."""
+
+    _FastLoader = _CUniqueKeyLoader
 
 
 def _trust_problem(path: Path, st: os.stat_result) -> str | None:
@@ -124,6 +142,11 @@ def _parse_yaml(path: Path, text: str) -> object:
     Only PyYAML's ``problem`` and position are shown, never its snippet of the
     offending line: that line may hold a password.
     """
+    if _FastLoader is not None:
+        try:
+            return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError:
+            pass  # parsed again below, for the message popsync words
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
