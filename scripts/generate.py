@@ -516,6 +516,10 @@ KEY_TEXT = {
     "ImapTarget.port": "The IMAP server's TCP port.",
     "ImapTarget.username": "The IMAP login name.",
     "ImapTarget.mailbox": "The mailbox to APPEND to.",
+    "lease": "With a PostgreSQL ledger, workers (popsync run on any hosts) share the "
+    "accounts: each due account is claimed by one worker for this long, renewed every "
+    "third of it while the poll runs; a dead worker's accounts are taken over once it "
+    "runs out.",
     "metrics": "Serve Prometheus metrics from popsync run at HOST:PORT (an IP address "
     "or localhost; IPv6 in brackets), e.g. 127.0.0.1:9464. Needs popsync[metrics].",
     "metrics_allow_remote": "Must be true for a metrics address that is not loopback: "
