@@ -8,10 +8,8 @@ thread pool instead:
 
 * :meth:`reserve` creates ``tmp/<name>`` ahead of time, as the RETR for it
   is sent, so the file is ready when the body starts to arrive;
-* the body streams into the file through one writer thread that hashes and
-  writes each chunk while the caller receives the next
-  (:meth:`TmpMessage.write_behind`; a few chunks at most, never the whole
-  message);
+* the body still streams into the file on the caller's thread (never held
+  whole in memory);
 * :meth:`finish` flushes, fsyncs and closes in the background, several at
   once, which lets the file system group their journal commits;
 * :meth:`complete` waits until every finished file is durable.
@@ -55,8 +53,6 @@ class DeliveryPipeline:
     def __init__(self, maildir: Maildir, *, workers: int = WORKERS) -> None:
         self._maildir = maildir
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="popsync-io")
-        # One thread, so each message's chunks are hashed and written in order.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="popsync-write")
         self._reserved: dict[str, Future[TmpMessage]] = {}
         self._finishing: list[tuple[TmpMessage, Future[None]]] = []
 
@@ -66,14 +62,14 @@ class DeliveryPipeline:
             self._reserved[name] = self._pool.submit(self._maildir.open_tmp, name)
 
     def open(self, name: str) -> TmpMessage:
-        """The tmp file for *name*, reserved earlier or created now, writing behind.
+        """The tmp file for *name*, reserved earlier or created now.
 
         Raises DeliveryError as :meth:`Maildir.open_tmp` does.
         """
         future = self._reserved.pop(name, None)
-        tmp = self._maildir.open_tmp(name) if future is None else future.result()
-        tmp.write_behind(self._writer)
-        return tmp
+        if future is None:
+            return self._maildir.open_tmp(name)
+        return future.result()
 
     def finish(self, tmp: TmpMessage) -> None:
         """Flush, fsync and close *tmp* in the background; see :meth:`complete`."""
@@ -115,7 +111,6 @@ class DeliveryPipeline:
             tmp.abort()
         self._finishing.clear()
         self._pool.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
 
     def __enter__(self) -> DeliveryPipeline:
         return self

@@ -24,14 +24,6 @@ because close() may report a deferred write error (NFS) but never flushes.
   (``linkat`` with ``AT_SYMLINK_FOLLOW`` on ``/proc/self/fd/N`` links the
   inode itself, see linkat(2) and proc(5)), so a swap of ``tmp/<name>``
   after the check links nothing else either.
-* **Writing behind.** After :meth:`TmpMessage.write_behind`, hashing and
-  writing happen on a worker thread (:class:`~.behind.WriteBehind`), a few
-  chunks behind the caller. A failed write then surfaces as the same
-  ``DeliveryError`` on the next :meth:`~TmpMessage.write` or at
-  :meth:`~TmpMessage.finish`, and the file is discarded on the thread that
-  sees it. :meth:`~TmpMessage.finish`, :meth:`~TmpMessage.abort` and
-  :attr:`~TmpMessage.sha256_hex` wait for the worker first, so the fsync
-  covers every byte and no write ever reaches a closed descriptor.
 """
 
 from __future__ import annotations
@@ -43,13 +35,11 @@ import hashlib
 import os
 import stat
 import weakref
-from concurrent.futures import Executor
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
-from popsync.deliver.maildir.behind import WriteBehind
 from popsync.deliver.maildir.errors import os_error
 from popsync.deliver.maildir.files import close_quietly, same_file
 from popsync.errors import DeliveryError
@@ -114,7 +104,6 @@ class TmpMessage:
         self._sha = hashlib.sha256()
         self._size = 0
         self._state = _State.OPEN
-        self._behind: WriteBehind | None = None
 
     @property
     def owner(self) -> TmpOwner:
@@ -133,9 +122,7 @@ class TmpMessage:
 
     @property
     def sha256_hex(self) -> str:
-        """SHA-256 (hex) of the bytes written so far (waits for a worker first)."""
-        if self._behind is not None:
-            self._behind.wait()
+        """SHA-256 (hex) of the bytes written so far."""
         return self._sha.hexdigest()
 
     @property
@@ -143,42 +130,19 @@ class TmpMessage:
         """True between a successful :meth:`finish` and delivery or abort."""
         return self._state is _State.FINISHED
 
-    def write_behind(self, executor: Executor) -> None:
-        """Hash and write later chunks on *executor*, which must have one thread.
-
-        Call before the first :meth:`write`. Raises ValueError if not open.
-        """
-        self._require(_State.OPEN)
-        self._behind = WriteBehind(executor, self._absorb)
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append *data*; small writes are gathered, large ones go straight to the fd.
 
         Raises DeliveryError (the tmp file is then already removed) on any
-        OSError -- with :meth:`write_behind`, an OSError of an earlier chunk;
-        ValueError if the message is no longer open.
+        OSError; ValueError if the message is no longer open.
         """
         self._require(_State.OPEN)
         view = memoryview(data).cast("B")
         count = view.nbytes
         if not count:
             return
-        self._size += count
-        behind = self._behind
-        try:
-            if behind is None:
-                self._absorb(view)
-            else:  # the worker may still read it: hand over an immutable copy
-                behind.submit(data if isinstance(data, bytes) else view.tobytes())
-        except DeliveryError:
-            self.abort()
-            raise
-
-    def _absorb(self, data: bytes | memoryview) -> None:
-        """Hash and write (or gather) *data*; raises DeliveryError, removing nothing."""
-        view = memoryview(data).cast("B")
-        count = view.nbytes
         self._sha.update(view)
+        self._size += count
         if self._buf and len(self._buf) + count > _WRITE_BUFFER:
             self._flush()
         if count >= _WRITE_BUFFER:
@@ -196,13 +160,7 @@ class TmpMessage:
         to be linked; ValueError if not open.
         """
         self._require(_State.OPEN)
-        try:
-            if self._behind is not None:
-                self._behind.drain()
-            self._flush()
-        except DeliveryError:
-            self.abort()
-            raise
+        self._flush()
         fd, self._fd = self._fd, -1
         try:
             if fsync:
@@ -283,8 +241,6 @@ class TmpMessage:
         """Close and remove the tmp file. Idempotent; a no-op once delivered; never raises."""
         if self._state in (_State.DELIVERED, _State.DISCARDED):
             return
-        if self._behind is not None:
-            self._behind.wait()  # no worker may write to the descriptor closed here
         self._state = _State.DISCARDED
         self._buf = bytearray()
         if self._fd >= 0:
@@ -315,7 +271,8 @@ class TmpMessage:
                 if written <= 0:
                     raise OSError(errno.EIO, "write() made no progress")
                 view = view[written:]
-        except OSError as exc:  # the caller discards the file, on its own thread
+        except OSError as exc:
+            self.abort()
             raise os_error("write", self.path, exc) from exc
 
     def __enter__(self) -> Self:
