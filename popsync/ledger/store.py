@@ -37,6 +37,7 @@ from popsync.ledger.messages import (
     Key,
     LedgerRow,
     MessageStore,
+    PollRow,
     Skipped,
 )
 from popsync.ledger.polls import PollCounts, PollLog, PollRecord
@@ -50,6 +51,7 @@ __all__ = [
     "LedgerRow",
     "PollCounts",
     "PollRecord",
+    "PollRow",
     "Skipped",
 ]
 
