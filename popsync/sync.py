@@ -407,7 +407,9 @@ class Poll:
     def load(self) -> dict[Key, PollRow]:
         """The account's rows as the poll compares them: slim, whole only
         where still open (:meth:`Ledger.poll_rows`)."""
-        return self.ledger.poll_rows(self.name, self.now())
+        # A policy that never deletes never asks when mail was delivered.
+        deletes = self.account.delete_after_days is not None
+        return self.ledger.poll_rows(self.name, self.now(), delivery_times=deletes)
 
     def recover(self, rows: dict[Key, PollRow]) -> dict[Key, PollRow]:
         """Record as delivered the ``fetching`` rows whose copy the target holds."""

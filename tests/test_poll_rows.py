@@ -163,15 +163,31 @@ def test_slim_rows_fit_in_a_small_footprint(tmp_path: Path, n: int) -> None:
         ledger.mark_delivered("acct", [done(uid) for uid in uids])
 
         slim, slim_held = held_bytes(lambda: ledger.poll_rows("acct", NOW))
+        keep, keep_held = held_bytes(lambda: ledger.poll_rows("acct", NOW, delivery_times=False))
         whole, whole_held = held_bytes(lambda: ledger.rows("acct"))
     finally:
         ledger.close()
-    assert isinstance(slim, dict) and isinstance(whole, dict)
-    assert len(slim) == len(whole) == n
+    assert isinstance(slim, dict) and isinstance(keep, dict) and isinstance(whole, dict)
+    assert len(slim) == len(keep) == len(whole) == n
     assert all(isinstance(row, PollRow) for row in slim.values())
     per_row = slim_held / n
     assert per_row < 400, f"{per_row:.0f} bytes per slim row"
     assert slim_held * 3 < whole_held, (slim_held, whole_held)
+    # Without delivery times, settled rows share a few row objects.
+    assert len({id(row) for row in keep.values()}) <= 4
+    assert keep_held / n < 250, f"{keep_held / n:.0f} bytes per row without delivery times"
+
+
+def test_without_delivery_times_rows_differ_only_in_delivered_at(ledger: Ledger) -> None:
+    ledger.begin_fetch("acct", [intent(b"open"), intent(b"got"), intent(b"old", now=NOW - 9e6)])
+    ledger.mark_delivered("acct", [done(b"got"), done(b"old")])
+    ledger.adopt("acct", [b"adopted"], target="maildir", receipt="imported", now=NOW)
+
+    full = ledger.poll_rows("acct", NOW)
+    keep = ledger.poll_rows("acct", NOW, delivery_times=False)
+
+    assert {key: row._replace(delivered_at=None) for key, row in full.items()} == keep
+    assert full[(b"got", 0)].delivered_at == NOW + 1
 
 
 @pytest.mark.parametrize("state", ["fetching", "skipped"])
