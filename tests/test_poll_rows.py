@@ -8,11 +8,13 @@ Tests that take ``ledger`` run on a SQLite file and on the private PostgreSQL
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from popsync.ledger import (
     SEEN_REFRESH,
@@ -25,6 +27,11 @@ from popsync.ledger import (
     Skipped,
 )
 from popsync.plan import CUT_OFF, Policy, ServerMessage, plan
+from popsync.sync import run_account
+from popsync.testing.mailstore import MailStore
+from popsync.testing.samples import sample_messages
+from popsync.testing.server import POP3TestServer
+from tests.helpers import load, write_config
 
 SHA = "a" * 64
 STABLE = "b" * 64
@@ -195,3 +202,34 @@ def test_the_plan_refuses_an_open_row_without_its_detail(state: str) -> None:
     row = PollRow(state, None, True, False, None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="without its detail"):
         plan([ServerMessage(1, b"a", 0, 10)], {(b"a", 0): row}, Policy(now=NOW))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("delete_after_days", [None, 30])
+def test_a_poll_refreshes_only_rows_last_seen_over_a_day_ago(
+    tmp_path: Path, ledger_url: str, delete_after_days: int | None
+) -> None:
+    store = MailStore(sample_messages()[:3])
+    uids = store.uids()
+    with POP3TestServer(store) as server:
+        account = {"name": "acct", "port": server.port, "delete_after_days": delete_after_days}
+        config = load(write_config(tmp_path, [account], ledger_url=ledger_url))
+        with Ledger.open(config.ledger_url) as ledger:
+            assert run_account(config.accounts[0], ledger, config.state_dir).ok
+            old = time.time() - 2 * SEEN_REFRESH
+            with ledger.engine.begin() as conn:
+                conn.execute(
+                    text("UPDATE messages SET last_seen = :old WHERE uid = :uid"),
+                    {"old": old, "uid": uids[0]},
+                )
+            before = {key: row.last_seen for key, row in ledger.rows("acct").items()}
+            start = time.time()
+
+            report = run_account(config.accounts[0], ledger, config.state_dir)
+
+            assert report.ok and report.counts.fetched == 0
+            after = {key: row.last_seen for key, row in ledger.rows("acct").items()}
+    assert after[(uids[0], 0)] >= start
+    assert {k: v for k, v in after.items() if k[0] != uids[0]} == {
+        k: v for k, v in before.items() if k[0] != uids[0]
+    }
