@@ -92,7 +92,7 @@ def _plan(account: Account, session: Session, rows: dict[Key, LedgerRow]) -> tup
         scan = session.scan(wanted) if len(wanted) <= SCAN_ONE_BY_ONE else session.scan()
         messages, waiting = join_listings(uidl, scan)
     remapped = 0
-    candidates = remap_candidates(messages, rows)
+    candidates = remap_candidates(messages, rows, rows.values())
     if candidates:
         by_msg = {m.msg: m for m in messages}
         tops = read_headers(session, [by_msg[msg] for msg in sorted(candidates)])

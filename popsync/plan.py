@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from popsync.ledger import Key, LedgerRow
+from popsync.ledger import Key, LedgerRow, MessageState
 
 DAY = 86400.0
 
@@ -66,6 +66,33 @@ class ServerMessage(NamedTuple):
     uid: bytes
     occurrence: int
     size: int | None  # None if LIST did not mention it
+
+
+class KnownRow(Protocol):
+    """What the plan reads of a known message's row.
+
+    The poll hands it slim :class:`popsync.ledger.PollRow` rows (every
+    message of a large mailbox is compared on every poll); a whole
+    :class:`popsync.ledger.LedgerRow` serves too.  ``detail`` must be the
+    whole row at least while ``state`` is ``fetching`` or ``skipped``.
+    """
+
+    @property
+    def state(self) -> MessageState: ...
+    @property
+    def delivered_at(self) -> float | None: ...
+    @property
+    def named(self) -> bool: ...
+    @property
+    def detail(self) -> LedgerRow | None: ...
+
+
+def _open(row: KnownRow) -> LedgerRow:
+    """The whole row of a ``fetching`` or ``skipped`` row (see :class:`KnownRow`)."""
+    detail = row.detail
+    if detail is None:
+        raise ValueError(f"a {row.state} row came without its detail")
+    return detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +115,18 @@ class Fetch:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """A DELE that is due, once the message is confirmed to be the one stored."""
+    """A DELE that is due, once the message is confirmed to be the one stored.
+
+    ``row`` is what the plan saw; the executor reads the whole row (digests,
+    name) by the message's key before it confirms.
+    """
 
     message: ServerMessage
-    row: LedgerRow
+    row: KnownRow
+
+    @property
+    def key(self) -> Key:
+        return (self.message.uid, self.message.occurrence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,17 +180,17 @@ def join_listings(
     return messages, waiting
 
 
-def _due(row: LedgerRow, policy: Policy) -> bool:
+def _due(row: KnownRow, policy: Policy) -> bool:
     days = policy.delete_after_days
     # A row adopted by `popsync import` has no copy (no name) to confirm a
     # DELE against: it is never due, so it costs no LIST or TOP either.
-    if days is None or row.delivered_at is None or row.maildir_name is None:
+    if days is None or row.delivered_at is None or not row.named:
         return False
     return row.delivered_at + days * DAY <= policy.now
 
 
 def needs_size(
-    messages: Sequence[ServerMessage], rows: Mapping[Key, LedgerRow], policy: Policy
+    messages: Sequence[ServerMessage], rows: Mapping[Key, KnownRow], policy: Policy
 ) -> list[int]:
     """Message numbers whose LIST size :func:`plan` will use.
 
@@ -175,7 +210,7 @@ def needs_size(
 
 def plan(
     messages: Sequence[ServerMessage],
-    rows: Mapping[Key, LedgerRow],
+    rows: Mapping[Key, KnownRow],
     policy: Policy,
     waiting: Sequence[int] = (),
 ) -> Plan:
@@ -204,23 +239,24 @@ def plan(
             if deleting and uid not in ambiguous and size is not None and _due(row, policy):
                 delete.append(Delete(message, row))
             continue
+        detail = _open(row) if row is not None else None
         if limit is not None and size is not None and size > limit:
             skip.append(Skip(message, f"larger than max_message_size ({limit} bytes)"))
             continue
-        if _still_cut_off(row, size):
+        if _still_cut_off(detail, size):
             continue
         item = Fetch(
             message,
-            existing_name=row.maildir_name if row is not None else None,
+            existing_name=detail.maildir_name if detail is not None else None,
             delete_after=policy.delete_after_days == 0 and uid not in ambiguous,
         )
-        (retry if row is not None and row.attempts else fetch).append(item)
+        (retry if detail is not None and detail.attempts else fetch).append(item)
     gone = tuple(
         key
         for key, row in rows.items()
         if deleting and row.state == "delivered" and key not in listed_keys and _due(row, policy)
     )
-    ordered = [*fetch, *sorted(retry, key=lambda f: (rows[_key(f)].attempts, f.message.msg))]
+    ordered = [*fetch, *sorted(retry, key=lambda f: (_open(rows[_key(f)]).attempts, f.message.msg))]
     cap = policy.fetch_limit
     deferred = 0 if cap is None else max(0, len(ordered) - cap)
     return Plan(
@@ -261,18 +297,28 @@ class Remap:
     row: LedgerRow
 
 
+def unknown_sizes(messages: Sequence[ServerMessage], rows: Container[Key]) -> set[int]:
+    """The LIST sizes of the listed messages the ledger does not know: the
+    sizes :meth:`popsync.ledger.Ledger.remap_rows` reads rows of (empty, the
+    usual poll, when every listed message is known)."""
+    # Unknown messages are always sized (see needs_size): test the size first.
+    return {m.size for m in messages if m.size is not None and (m.uid, m.occurrence) not in rows}
+
+
 def remap_candidates(
-    messages: Sequence[ServerMessage], rows: Mapping[Key, LedgerRow]
+    messages: Sequence[ServerMessage], rows: Container[Key], delivered: Iterable[LedgerRow]
 ) -> dict[int, list[LedgerRow]]:
     """Which listed messages might be known rows under a new unique-id.
 
     A server that renumbers (a migrated backend, a changed Dovecot
     ``pop3_uidl_format``) lists known mail under unknown unique-ids, while
-    the ledger's unique-ids for it vanish.  A candidate is an unknown,
-    sized message whose unique-id is listed once, paired with the
-    ``delivered`` rows of the same LIST size whose key is no longer listed
-    and whose header digest was recorded.  Returns message number -> those
-    rows; empty -- so the poll sends nothing more -- unless both unknown
+    the ledger's unique-ids for it vanish.  A candidate is an unknown (not
+    in *rows*), sized message whose unique-id is listed once, paired with
+    the ``delivered`` rows of the same LIST size whose key is no longer
+    listed and whose header digest was recorded, taken from *delivered*
+    (every such row of the sizes :func:`unknown_sizes` names must be among
+    them; any other row is ignored).  Returns message number -> those rows;
+    empty -- so the poll sends nothing more -- unless both unknown
     unique-ids and vanished rows of a matching size exist.
     """
     # Unknown messages are always sized (see needs_size): test the size first.
@@ -281,8 +327,8 @@ def remap_candidates(
         return {}  # the usual poll: every listed message is known
     listed = {(uid, occurrence) for _, uid, occurrence, _ in messages}
     vanished: dict[int, list[LedgerRow]] = {}
-    for key, row in rows.items():
-        if row.state == "delivered" and row.stable_sha256 is not None and key not in listed:
+    for row in delivered:
+        if row.state == "delivered" and row.stable_sha256 is not None and row.key not in listed:
             vanished.setdefault(row.server_size, []).append(row)
     if not vanished:
         return {}

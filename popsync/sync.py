@@ -66,12 +66,12 @@ from popsync.errors import (
 from popsync.fetch import DeleGate, Fetcher, FetchOutcome, HeaderReader
 from popsync.identity import HeaderDigest, Stored, Verdict, digest_headers, judge
 from popsync.ledger import (
-    SEEN_REFRESH,
     FetchIntent,
     Key,
     Ledger,
     LedgerRow,
     PollCounts,
+    PollRow,
     Skipped,
 )
 from popsync.options import TlsMode
@@ -87,6 +87,7 @@ from popsync.plan import (
     needs_size,
     plan,
     remap_candidates,
+    unknown_sizes,
 )
 from popsync.reconcile import (
     as_delivered,
@@ -354,7 +355,7 @@ class Poll:
     def session(
         self, open_session: Callable[[SessionOptions], Session], secret: str, *, again: bool
     ) -> None:
-        rows = self.recover(self.ledger.rows(self.name))  # 1
+        rows = self.recover(self.load())  # 1
         gate = DeleGate()
         with self.connect(open_session, secret, again=again) as session:  # 2
             now = self.now()
@@ -403,18 +404,26 @@ class Poll:
 
     # -- 1. recovery -------------------------------------------------------------
 
-    def recover(self, rows: dict[Key, LedgerRow]) -> dict[Key, LedgerRow]:
+    def load(self) -> dict[Key, PollRow]:
+        """The account's rows as the poll compares them: slim, whole only
+        where still open (:meth:`Ledger.poll_rows`)."""
+        # A policy that never deletes never asks when mail was delivered.
+        deletes = self.account.delete_after_days is not None
+        return self.ledger.poll_rows(self.name, self.now(), delivery_times=deletes)
+
+    def recover(self, rows: dict[Key, PollRow]) -> dict[Key, PollRow]:
         """Record as delivered the ``fetching`` rows whose copy the target holds."""
-        names = pending_names(rows)
+        opened = {key: row.detail for key, row in rows.items() if row.detail is not None}
+        names = pending_names(opened)
         if not names:
             return rows
         kind = self.target.kind
-        found = recovered(names, self.target.recover(pending(rows, names)), kind)
+        found = recovered(names, self.target.recover(pending(opened, names)), kind)
         if not found:
             return rows
         self.ledger.mark_delivered(self.name, found)
         log.info("%s: recovered %d message(s) delivered before a crash", self.name, len(found))
-        return self.ledger.rows(self.name)
+        return self.load()
 
     # -- 2. session and listing -----------------------------------------------------
 
@@ -451,7 +460,7 @@ class Poll:
                 "retrieves, so mail cannot be left on this server (RFC 2449 §6.7)"
             )
 
-    def listing(self, session: Session, rows: dict[Key, LedgerRow], policy: Policy) -> Listing:
+    def listing(self, session: Session, rows: dict[Key, PollRow], policy: Policy) -> Listing:
         """UIDL, and sizes only where the plan uses them: nothing for a poll
         with nothing to do, ``LIST n`` for a few, the whole LIST for many."""
         uidl = session.uidl()
@@ -469,8 +478,8 @@ class Poll:
     # -- 2b. unique-ids that changed ---------------------------------------------------
 
     def remap(
-        self, session: Session, messages: list[ServerMessage], rows: dict[Key, LedgerRow]
-    ) -> dict[Key, LedgerRow]:
+        self, session: Session, messages: list[ServerMessage], rows: dict[Key, PollRow]
+    ) -> dict[Key, PollRow]:
         """Recognise known mail that the server now lists under new unique-ids.
 
         Only when the listing holds unknown unique-ids *and* delivered rows
@@ -479,9 +488,13 @@ class Poll:
         whose stable header digest matches exactly one such row takes that
         row over (:meth:`Ledger.remap`) and is not fetched.  A server that
         refuses TOP, or any ambiguity, leaves the message to be fetched.
+        Whole rows are read only of the sizes of unknown messages.
         """
         trusted = [m for m in messages if m.uid not in self.top_cut_off]
-        candidates = remap_candidates(trusted, rows)
+        sizes = unknown_sizes(trusted, rows)
+        if not sizes:
+            return rows
+        candidates = remap_candidates(trusted, rows, self.ledger.remap_rows(self.name, sizes))
         if not candidates:
             return rows
         by_msg = {m.msg: m for m in messages}
@@ -517,13 +530,13 @@ class Poll:
             shown,
             more,
         )
-        return self.ledger.rows(self.name)
+        return self.load()
 
     # -- 2c. lost copies (--refetch) ---------------------------------------------------
 
     def refetch_lost(
-        self, session: Session, messages: list[ServerMessage], rows: dict[Key, LedgerRow]
-    ) -> dict[Key, LedgerRow]:
+        self, session: Session, messages: list[ServerMessage], rows: dict[Key, PollRow]
+    ) -> dict[Key, PollRow]:
         """Reopen the delivered rows whose copy is missing or damaged and whose
         message the server still lists as the one stored, so the plan fetches
         them again (the order and the crash cases: :mod:`popsync.refetch`)."""
@@ -537,7 +550,10 @@ class Poll:
         from popsync import refetch
         from popsync.verify import Finder
 
-        lost = refetch.lost_copies(rows, Finder(self.target.kind, self.target.recover))
+        # --refetch checks every delivered copy: whole rows, this once.
+        whole = self.ledger.rows(self.name)
+        lost = refetch.lost_copies(whole, Finder(self.target.kind, self.target.recover))
+        del whole
         listed, gone = refetch.on_server(lost, messages)
         # A message whose TOP ran past its size (an earlier session of this
         # poll) cannot be compared: not refetched.
@@ -560,7 +576,7 @@ class Poll:
         self.refetch_pending = False
         self.reopened = [key for key, _, _ in reopen]
         self.tell_lost(confirmed, gone, refused)
-        return self.ledger.rows(self.name) if reopen else rows
+        return self.load() if reopen else rows
 
     def lost_headers(
         self, session: Session, messages: list[ServerMessage]
@@ -604,7 +620,7 @@ class Poll:
         """How many rows reopened by this poll are delivered again."""
         if not self.reopened:
             return 0
-        rows = self.ledger.rows(self.name)
+        rows = self.ledger.rows_by_key(self.name, self.reopened)
         return sum(
             1 for key in self.reopened if (row := rows.get(key)) and row.state == "delivered"
         )
@@ -638,15 +654,19 @@ class Poll:
         """
         if not deletes:
             return []
-        tops = read_headers(session, [d.message for d in deletes])
+        # The plan saw slim rows: the judgement needs the whole ones.  A row
+        # not found (none is: the account is locked) is simply not deleted.
+        whole = self.ledger.rows_by_key(self.name, [d.key for d in deletes])
+        due = [(d, whole[d.key]) for d in deletes if d.key in whole]
+        tops = read_headers(session, [d.message for d, _ in due])
         reused: list[Fetch] = []
         withheld: list[tuple[Key, str | None]] = []
         # Rows of an older popsync recorded less: measure their copies, at once.
-        older = [d.row.maildir_name for d in deletes if stored_of(d.row) is None]
+        older = [row.maildir_name for _, row in due if stored_of(row) is None]
         asks = [Pending(name, None) for name in older if name is not None]
         held = {h.asked: h for h in self.target.recover(asks)}
-        for item in deletes:
-            row, msg = item.row, item.message.msg
+        for item, row in due:
+            msg = item.message.msg
             assert item.message.size is not None  # plan() only offers sized messages
             stored = stored_of(row) or stored_from(row, held.get(row.maildir_name or ""))
             verdict = judge(stored, item.message.size, tops.get(msg))
@@ -659,7 +679,7 @@ class Poll:
                     f"unique-id {escape_server_text(row.uid)} now names another message "
                     f"({verdict.reason}); the server reused it: fetching it as a new message"
                 )
-                reused.append(self.refetch(item))
+                reused.append(self.refetch(item, row))
             elif row.withheld != verdict.reason:
                 self.warn(
                     f"message {msg} (unique-id {escape_server_text(row.uid)}) "
@@ -670,10 +690,10 @@ class Poll:
         self.ledger.retire(self.name, [(f.message.uid, f.message.occurrence) for f in reused])
         return reused
 
-    def refetch(self, item: Delete) -> Fetch:
-        """A plan item for the new message under a reused unique-id, with a name
-        of its own (the hash name of uid and occurrence is the retired copy's)."""
-        row = item.row
+    def refetch(self, item: Delete, row: LedgerRow) -> Fetch:
+        """A plan item for the new message under a reused unique-id (*row* is
+        its whole row), with a name of its own (the hash name of uid and
+        occurrence is the retired copy's)."""
         fresh = message_name(
             self.name, row.uid + b" after %d" % row.id, row.occurrence, int(self.now())
         )
@@ -820,12 +840,14 @@ class Poll:
 
     # -- 7. after QUIT -----------------------------------------------------------------
 
-    def touch(self, messages: list[ServerMessage], rows: dict[Key, LedgerRow], now: float) -> None:
-        stale_before = now - SEEN_REFRESH
+    def touch(self, messages: list[ServerMessage], rows: dict[Key, PollRow], now: float) -> None:
+        """Refresh ``last_seen`` of the listed rows last seen over
+        :data:`popsync.ledger.SEEN_REFRESH` ago (judged as the rows were read): a poll of a mailbox
+        seen within a day writes nothing."""
         stale = [
             (uid, occurrence)
             for _, uid, occurrence, _ in messages
-            if (row := rows.get((uid, occurrence))) is not None and row.last_seen < stale_before
+            if (row := rows.get((uid, occurrence))) is not None and row.stale
         ]
         if stale:
             self.ledger.touch_seen(self.name, stale, now)

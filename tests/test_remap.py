@@ -286,11 +286,16 @@ def listed(*items: tuple[int, bytes, int]) -> Sequence[ServerMessage]:
 def test_candidates_need_unknown_uids_and_vanished_rows_of_that_size() -> None:
     rows = rows_of(row(b"a", 100, "d1", 1), row(b"b", 200, "d2", 2))
     # Nothing unknown: no candidate, whatever vanished.
-    assert remap_candidates(listed((1, b"a", 100)), rows) == {}
+    assert remap_candidates(listed((1, b"a", 100)), rows, rows.values()) == {}
     # Unknown, but nothing vanished.
-    assert remap_candidates(listed((1, b"a", 100), (2, b"b", 200), (3, b"x", 100)), rows) == {}
+    assert (
+        remap_candidates(
+            listed((1, b"a", 100), (2, b"b", 200), (3, b"x", 100)), rows, rows.values()
+        )
+        == {}
+    )
     # Unknown and vanished: paired by size only.
-    found = remap_candidates(listed((1, b"x", 100), (2, b"y", 300)), rows)
+    found = remap_candidates(listed((1, b"x", 100), (2, b"y", 300)), rows, rows.values())
     assert {msg: [r.uid for r in rs] for msg, rs in found.items()} == {1: [b"a"]}
 
 
@@ -300,7 +305,7 @@ def test_candidates_leave_out_rows_not_delivered_or_without_a_digest() -> None:
         row(b"b", 100, None, 2),
         row(b"c", 100, "d3", 3, state="fetching"),
     )
-    assert remap_candidates(listed((1, b"x", 100)), rows) == {}
+    assert remap_candidates(listed((1, b"x", 100)), rows, rows.values()) == {}
 
 
 def test_matches_are_made_only_when_unambiguous() -> None:

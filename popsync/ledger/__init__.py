@@ -5,6 +5,7 @@ Public API (see :mod:`popsync.ledger.store` for the contract, and
 
     ledger = Ledger.open("sqlite:////var/lib/popsync/ledger.db")
     rows = ledger.rows("home")                  # {(uid, occurrence): LedgerRow}
+    slim = ledger.poll_rows("home", now)        # {(uid, occurrence): PollRow}
     ledger.begin_fetch("home", [FetchIntent(...)])
     ledger.mark_delivered("home", [Delivered(...)])
     ledger.mark_deleted("home", [(uid, occurrence)], at=now)
@@ -33,6 +34,7 @@ from popsync.ledger.store import (
     LedgerRow,
     PollCounts,
     PollRecord,
+    PollRow,
     Skipped,
 )
 
@@ -51,6 +53,7 @@ __all__ = [
     "PollCounts",
     "PollRecord",
     "PollResult",
+    "PollRow",
     "Skipped",
     "create_ledger_engine",
     "upgrade",

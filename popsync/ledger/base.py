@@ -14,6 +14,7 @@ from sqlalchemy import (
     Engine,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -30,6 +31,10 @@ from popsync.ledger.engine import (
 
 if TYPE_CHECKING:
     from popsync.ledger.locks import HeldLock
+
+
+# Rows fetched from the driver at a time by LedgerBase._select_raw.
+_RAW_BATCH = 4096
 
 
 class _Prepared(NamedTuple):
@@ -173,6 +178,33 @@ class LedgerBase:
                 if write:
                     self._check_lock(conn)
                 yield conn
+
+    def _select_raw(
+        self, conn: Connection, stmt: ClauseElement, params: dict[str, Any]
+    ) -> Iterator[tuple[Any, ...]]:
+        """The rows of a plain SELECT (no expanding parameters) as the
+        driver's own tuples, without SQLAlchemy's per-row result objects:
+        for the few hot reads whose columns need no type processing (bytes,
+        int, float, str and booleans come from both drivers as they are)."""
+        prepared = self._prepared.get(stmt)
+        if prepared is None:
+            prepared = self._prepared[stmt] = _prepare(stmt, conn.dialect)
+        sql, order = prepared
+        # Driver errors are wrapped as SQLAlchemy's would be, so the caller's
+        # transaction turns them into a LedgerError like any other.
+        dbapi_error = conn.dialect.loaded_dbapi.Error
+        cursor = conn.connection.cursor()
+        try:
+            if order is None:
+                cursor.execute(sql, params)
+            else:
+                cursor.execute(sql, tuple(params[name] for name in order))
+            while batch := cursor.fetchmany(_RAW_BATCH):
+                yield from batch
+        except dbapi_error as exc:
+            raise DBAPIError.instance(sql, None, exc, dbapi_error) from exc
+        finally:
+            cursor.close()
 
     def _executemany(
         self, conn: Connection, stmt: ClauseElement, params: list[dict[str, Any]]

@@ -14,10 +14,11 @@ fetch -- and its crash recovery -- delivers it once more.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -90,6 +91,48 @@ class LedgerRow(NamedTuple):
     def key(self) -> Key:
         return (self.uid, self.occurrence)
 
+    @property
+    def named(self) -> bool:
+        """The row has a name at its target (a row adopted by ``popsync import`` has none)."""
+        return self.maildir_name is not None
+
+    @property
+    def detail(self) -> LedgerRow:
+        """The whole row: itself (so a full row serves wherever a :class:`PollRow` does)."""
+        return self
+
+
+class PollRow(NamedTuple):
+    """What one poll needs of *every* known message: the slim row of :meth:`MessageStore.poll_rows`.
+
+    A poll of a large mailbox where nothing is new compares every listed
+    message with its row; holding 24 columns for each cost ~1.3 KB per
+    message.  This is the part the plan reads for a settled (``delivered``
+    or ``deleted``) row -- its state, whether and when it was delivered to a
+    copy -- and ``detail``, the whole row, only for rows still open
+    (``fetching`` or ``skipped``: few, and the plan needs their name, size,
+    skip reason and failed attempts).  Anything else of a settled row (a due
+    DELE's digests, a renumbered row's header digest) is read by key when it
+    is needed (:meth:`MessageStore.rows_by_key`, :meth:`MessageStore.remap_rows`).
+    """
+
+    state: MessageState
+    #: None if not asked for (see :meth:`MessageStore.poll_rows`).
+    delivered_at: float | None
+    #: The row has a name at its target (see :attr:`LedgerRow.named`).
+    named: bool
+    #: ``last_seen`` was older than :data:`SEEN_REFRESH` when the row was read.
+    stale: bool
+    #: The whole row if ``state`` is ``fetching`` or ``skipped``, else None.
+    detail: LedgerRow | None
+
+
+#: The states whose rows :meth:`MessageStore.poll_rows` loads whole.
+OPEN_STATES: Final = ("fetching", "skipped")
+
+# One object per state for every slim row (the driver builds a new string per row).
+_STATE_OBJECTS: Final[dict[str, MessageState]] = {s: s for s in MESSAGE_STATES}
+
 
 _ROW_COLUMNS: Final = tuple(_messages.c[name] for name in LedgerRow._fields)
 
@@ -146,7 +189,10 @@ class _Prior(NamedTuple):
     sha256: str | None
 
 
-def _chunks(items: Sequence[bytes], size: int) -> Iterator[Sequence[bytes]]:
+_T = TypeVar("_T")
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -294,6 +340,21 @@ _PRIOR_ALL: Final = select(*_PRIOR_COLUMNS).where(_m.account == bindparam("accou
 _SCAN_ABOVE: Final = 5 * _IN_CHUNK
 
 
+# The rows a poll compares every listed message with (see PollRow), and the
+# whole rows of those still open.
+_POLL_SLIM: Final = select(
+    _m.uid,
+    _m.occurrence,
+    _m.state,
+    _m.delivered_at,
+    _m.maildir_name.is_not(None),
+    _m.last_seen < bindparam("cutoff"),
+).where(_m.account == bindparam("account"))
+_POLL_OPEN: Final = select(*_ROW_COLUMNS).where(
+    _m.account == bindparam("account"), _m.state.in_(OPEN_STATES)
+)
+
+
 class MessageStore(LedgerBase):
     """The ``messages`` table: one row per server message (occurrence) seen."""
 
@@ -309,6 +370,98 @@ class MessageStore(LedgerBase):
             # Positional construction: columns are selected in field order.
             make = LedgerRow._make
             return {(r[2], r[3]): make(r) for r in result}
+
+    def poll_rows(
+        self, account: str, now: float, *, delivery_times: bool = True
+    ) -> dict[Key, PollRow]:
+        """Every message row of *account* as a slim :class:`PollRow`, keyed by
+        ``(uid, occurrence)``: one query for all rows (a few narrow columns)
+        and one for the whole rows of the open ones, in one read
+        transaction.  ``stale`` is judged against *now*.
+
+        Without *delivery_times* (for a policy that never deletes, which
+        never asks when a message was delivered) every ``delivered_at`` is
+        None, so the rows of settled messages are a handful of shared
+        objects: about 150 bytes per known message, the key included, and
+        about 250 with them, against ~1.3 KB for :meth:`rows`.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        params = {"account": account, "cutoff": now - SEEN_REFRESH}
+        states = _STATE_OBJECTS
+        make = PollRow._make
+        shared: dict[PollRow, PollRow] = {}
+        share = shared.setdefault
+        with self._transaction(f"read the messages of account {account}", write=False) as conn:
+            rows = self._select_raw(conn, _POLL_SLIM, params)
+            # The rows hold no reference cycles: the cyclic collector's
+            # passes over a heap growing by 50,000 tuples are pure cost.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                if delivery_times:
+                    out = {
+                        (uid, occ): make((states[state], at, named, stale, None))
+                        for uid, occ, state, at, named, stale in rows
+                    }
+                else:
+                    out = {
+                        (uid, occ): share(r := make((states[state], None, named, stale, None)), r)
+                        for uid, occ, state, _, named, stale in rows
+                    }
+            finally:
+                if collecting:
+                    gc.enable()
+            for full in map(LedgerRow._make, conn.execute(_POLL_OPEN, params)):
+                out[full.key] = out[full.key]._replace(detail=full)
+        return out
+
+    def rows_by_key(self, account: str, keys: Iterable[Key]) -> dict[Key, LedgerRow]:
+        """The whole rows of *account* among *keys* (missing keys are left
+        out), read by unique-id in bounded batches.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        wanted = set(keys)
+        if not wanted:
+            return {}
+        uids = sorted({uid for uid, _ in wanted})
+        stmt = select(*_ROW_COLUMNS).where(
+            _m.account == account, _m.uid.in_(bindparam("uids", expanding=True))
+        )
+        out: dict[Key, LedgerRow] = {}
+        with self._transaction(f"read the messages of account {account}", write=False) as conn:
+            for chunk in _chunks(uids, _IN_CHUNK):
+                for row in map(LedgerRow._make, conn.execute(stmt, {"uids": list(chunk)})):
+                    if row.key in wanted:
+                        out[row.key] = row
+        return out
+
+    def remap_rows(self, account: str, sizes: Iterable[int]) -> list[LedgerRow]:
+        """The ``delivered`` rows of *account* with a stable header digest and
+        one of these server sizes: the rows a renumbered message may be
+        (:func:`popsync.plan.remap_candidates`), read in bounded batches.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        wanted = sorted(set(sizes))
+        if not wanted:
+            return []
+        stmt = select(*_ROW_COLUMNS).where(
+            _m.account == account,
+            _m.state == "delivered",
+            _m.stable_sha256.is_not(None),
+            _m.server_size.in_(bindparam("sizes", expanding=True)),
+        )
+        with self._transaction(f"read the messages of account {account}", write=False) as conn:
+            return [
+                LedgerRow._make(row)
+                for chunk in _chunks(wanted, _IN_CHUNK)
+                for row in conn.execute(stmt, {"sizes": list(chunk)})
+            ]
 
     def counts(self, account: str) -> dict[str, int]:
         """Number of rows of *account* per state (every state present, 0 if

@@ -38,6 +38,7 @@ from popsync.ledger.messages import (
     Key,
     LedgerRow,
     MessageStore,
+    PollRow,
     Skipped,
 )
 from popsync.ledger.polls import PollCounts, PollLog, PollRecord
@@ -53,6 +54,7 @@ __all__ = [
     "LedgerRow",
     "PollCounts",
     "PollRecord",
+    "PollRow",
     "Skipped",
 ]
 
