@@ -245,11 +245,18 @@ def shared_phase(args: argparse.Namespace, cluster: object, scratch: Path) -> di
             )
             victim_pid = holders.most_common(1)[0][0] if holders else str(procs[0][0].pid)
             victim = pids[victim_pid]
-            held = [n for n, r in rows.items() if r.owner and r.owner.split(":")[1] == victim_pid]
             cpu_before_kill = cpu_seconds(victim.pid)
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             killed_at = ledger.database_time()
+            # The accounts it really held when it died: read after the kill (a
+            # poll that finished between a snapshot and the kill released its
+            # account, which is then simply due an interval later).
+            held = [
+                n
+                for n, r in ledger.lease_rows().items()
+                if r.owner and r.owner.split(":")[1] == victim_pid
+            ]
             takeover: dict[str, float] = {}
 
             def all_taken() -> bool:
