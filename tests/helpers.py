@@ -215,3 +215,17 @@ def peak_kib():
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak
 """
+
+
+def popsync(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``popsync`` command (this checkout's) and capture its output;
+    never as if under systemd (no ``$JOURNAL_STREAM`` priorities)."""
+    return subprocess.run(
+        [sys.executable, "-m", "popsync", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
+        check=False,
+    )

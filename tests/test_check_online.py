@@ -6,9 +6,6 @@ recorded.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,23 +13,9 @@ import pytest
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
-from tests.helpers import write_config
+from tests.helpers import popsync, write_config
 
 pytestmark = pytest.mark.timeout(60)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def popsync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "popsync", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
-        check=False,
-    )
 
 
 def test_online_check_logs_in_to_each_account_and_changes_nothing(tmp_path: Path) -> None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,23 +18,9 @@ from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
-from tests.helpers import write_config
+from tests.helpers import popsync, write_config
 
 pytestmark = pytest.mark.timeout(60)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def popsync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "popsync", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
-        check=False,
-    )
 
 
 def commands_of(server: POP3TestServer) -> list[bytes]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,25 +21,12 @@ from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from tests.dovecot_fixtures import require_dovecot
-from tests.helpers import write_config
+from tests.helpers import popsync, write_config
 from tests.servers.dovecot import Mailbox
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Zq7-not-in-logs-Pw"
-
-
-def popsync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "popsync", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
-        check=False,
-    )
 
 
 def secret_forms(user: str, secret: str) -> list[str]:
