@@ -35,7 +35,7 @@ from pydantic import (
 
 from popsync.config.paths import resolve_path
 from popsync.config.secrets import PASSWORD_COMMAND_TIMEOUT, context_of
-from popsync.config.values import KeyedValueError
+from popsync.config.values import KeyedValueError, check_command_words
 from popsync.credentials import (
     LINE_BREAKERS,
     mode_problem,
@@ -152,14 +152,7 @@ class OAuth2Settings(BaseModel):
     @field_validator("client_secret_command")
     @classmethod
     def _secret_command_words(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                argv = shlex.split(value)
-            except ValueError as exc:
-                raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
-            if not argv:
-                raise ValueError("must not be empty")
-        return value
+        return check_command_words(value)
 
     @field_validator("tenant")
     @classmethod

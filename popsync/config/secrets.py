@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from popsync.config.paths import resolve_path
-from popsync.config.values import KeyedValueError
+from popsync.config.values import KeyedValueError, check_command_words
 from popsync.credentials import (
     LINE_BREAKERS,
     mode_problem,
@@ -112,13 +112,7 @@ class SecretSource(BaseModel):
     @field_validator("password_command")
     @classmethod
     def _exactly_one_secret(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            try:
-                argv = shlex.split(value)
-            except ValueError as exc:  # "No closing quotation", "No escaped character"
-                raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
-            if not argv:
-                raise ValueError("must not be empty")
+        check_command_words(value)
         # A secret key that failed its own validation is absent from info.data;
         # it was given all the same, so count it (and let its own error speak).
         given = [

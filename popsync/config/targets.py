@@ -13,7 +13,6 @@ Two targets, or none, is a config error naming the account and the keys.
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,7 +20,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from popsync.config.secrets import SecretSource, TlsLoginRules
 from popsync.config.tls import TlsControls
-from popsync.config.values import HostName, KeyedValueError, Port, WireText
+from popsync.config.values import HostName, KeyedValueError, Port, WireText, check_command_words
 from popsync.options import TlsMode
 
 #: The target keys of an account, in the order they are named in errors.
@@ -63,14 +62,7 @@ class ImapTarget(TlsControls, SecretSource, TlsLoginRules):
 
 def check_mda(value: str | None) -> str | None:
     """``mda``: a command line that splits into words (it runs without a shell)."""
-    if value is not None:
-        try:
-            argv = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
-        if not argv:
-            raise ValueError("must not be empty")
-    return value
+    return check_command_words(value)
 
 
 def check_lmtp(value: str | None) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import shlex
 from collections.abc import Callable
 from typing import Annotated, Final, NamedTuple
 
@@ -185,6 +186,20 @@ def account_name_problem(name: str) -> str | None:
     if name.startswith("."):
         return "must not start with '.'"
     return None
+
+
+def check_command_words(value: str | None) -> str | None:
+    """A command line popsync runs without a shell (``mda``,
+    ``password_command``, ``client_secret_command``): it must split into words
+    (``shlex``) and not be empty."""
+    if value is not None:
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:  # "No closing quotation", "No escaped character"
+            raise ValueError(f"cannot be split into words: {str(exc).lower()}") from None
+        if not argv:
+            raise ValueError("must not be empty")
+    return value
 
 
 def check_account_name(value: str) -> str:
