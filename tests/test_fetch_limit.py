@@ -17,13 +17,14 @@ import pytest
 from popsync.cli import main as cli_main
 from popsync.errors import ConfigError
 from popsync.ledger import Ledger, LedgerRow
-from popsync.plan import DAY, Policy, ServerMessage, join_listings, plan
+from popsync.plan import Policy, ServerMessage, join_listings, plan
 from popsync.sync import format_summary, run_account
 from popsync.testing.faults import Faults
 from popsync.testing.mailstore import MailStore
 from popsync.testing.samples import generate_messages
 from popsync.testing.server import POP3TestServer
 from tests.helpers import load, maildir_contents, stored_form, write_config
+from tests.test_plan import row as plan_row
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,31 +34,13 @@ NOW = 1_700_000_000.0
 def row(
     uid: bytes, state: str, *, attempts: int = 0, delivered_days_ago: float | None = None
 ) -> LedgerRow:
-    delivered = None if delivered_days_ago is None else NOW - delivered_days_ago * DAY
-    return LedgerRow(
-        id=hash(uid) & 0xFFFF,
-        account="a",
-        uid=uid,
-        occurrence=0,
-        state=state,  # type: ignore[arg-type]
-        server_size=100,
-        stored_size=100 if delivered else None,
-        sha256="0" * 64 if delivered else None,
-        maildir_name=f"1.P{uid.hex():0<32}.host",
-        first_seen=NOW - 10 * DAY,
-        delivered_at=delivered,
-        deleted_at=None,
-        last_seen=NOW - DAY,
-        skip_reason=None,
-        header_sha256=None,
-        wire_size=None,
-        stable_sha256=None,
-        mutable_octets=None,
-        mutable_lines=None,
+    """A ledger row as the planner tests make it, with a file name of its own."""
+    return plan_row(
+        uid,
+        state,
         attempts=attempts,
-        withheld=None,
-        target="maildir",
-        receipt=None,
+        delivered_days_ago=delivered_days_ago,
+        name=f"1.P{uid.hex():0<32}.host",
     )
 
 
