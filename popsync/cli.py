@@ -653,24 +653,11 @@ def _tell(report: PollReport) -> bool:
     if not report.ok:
         _problem(format_report(report).removeprefix("popsync: "), result="error", **fields)
         return False
-    counts = dataclasses.asdict(report.counts)
-    fields.update({key: counts[key] for key in _COUNT_FIELDS if key in counts})
+    fields.update(dataclasses.asdict(report.counts))  # JSON logs keep those in logs.FIELDS
     if report.refetched is not None:
         fields["refetched"] = report.refetched
     _say(format_report(report), result="ok", seconds=round(report.seconds, 3), **fields)
     return True
-
-
-_COUNT_FIELDS = (
-    "listed",
-    "new",
-    "fetched",
-    "deleted",
-    "skipped",
-    "bytes",
-    "remapped",
-    "deferred",
-)
 
 
 def format_report(report: PollReport) -> str:
