@@ -64,8 +64,8 @@ class AccountBusy(PopsyncError):
         super().__init__(f"account {account}: {who}{where} is polling it already")
 
 
-def _open_lock_file(state_dir: Path, account: str) -> int:
-    locks = state_dir / "locks"
+def _open_lock_file(state_dir: Path, account: str, folder: str) -> int:
+    locks = state_dir / folder
     locks.mkdir(mode=0o700, parents=True, exist_ok=True)
     dir_fd = os.open(locks, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -111,11 +111,15 @@ def _acquire(fd: int, wait: bool | float) -> bool:
 
 
 @contextmanager
-def account_lock(state_dir: Path, account: str, *, wait: bool | float) -> Iterator[None]:
+def account_lock(
+    state_dir: Path, account: str, *, wait: bool | float, folder: str = "locks"
+) -> Iterator[None]:
     """Hold the exclusive lock of *account* for the duration of the ``with`` block.
 
     *wait*: ``False`` fails at once if the lock is held; ``True`` waits as long
-    as it takes; a number waits up to that many seconds.
+    as it takes; a number waits up to that many seconds.  *folder*: the
+    directory under *state_dir* that holds the lock file; another folder is
+    another lock of the same account (``oauth`` guards its token store).
 
     Raises:
         AccountBusy: the lock is held elsewhere (after waiting, if asked to).
@@ -129,10 +133,10 @@ def account_lock(state_dir: Path, account: str, *, wait: bool | float) -> Iterat
     if problem is not None:
         raise ConfigError(f"account name {account!r} cannot name a lock file: it {problem}")
     try:
-        fd = _open_lock_file(state_dir, account)
+        fd = _open_lock_file(state_dir, account, folder)
     except OSError as exc:
         raise PopsyncError(
-            f"account {account}: cannot open its lock file in {state_dir / 'locks'}: "
+            f"account {account}: cannot open its lock file in {state_dir / folder}: "
             f"{exc.strerror or exc}"
         ) from exc
     try:

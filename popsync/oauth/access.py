@@ -18,19 +18,16 @@ cannot be lost between them:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from pydantic import SecretStr
 
 from popsync.config import Account
-from popsync.errors import PopsyncError
+from popsync.locks import account_lock
 from popsync.oauth.client import Client, require_authlib
 from popsync.oauth.errors import NeedsAuthorization, OAuthError
 from popsync.oauth.store import TokenStore, open_store
@@ -93,28 +90,10 @@ def access_token(
         PopsyncError: the token store cannot be read or written.
     """
     require_authlib()
-    with _refresh_lock(state_dir, account.name):
+    # Exclusive use of the account's tokens, held at most for one token
+    # request (bounded by the account's ``timeout``).
+    with account_lock(state_dir, account.name, wait=True, folder="oauth"):
         return _access_token(account, state_dir, fresh=fresh, at=now())
-
-
-@contextlib.contextmanager
-def _refresh_lock(state_dir: Path, account: str) -> Iterator[None]:
-    """Exclusive use of *account*'s tokens: held at most for one token request
-    (bounded by the account's ``timeout``)."""
-    folder = state_dir / "oauth"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(folder / f"{account}.lock", flags, 0o600)
-    except OSError as exc:
-        raise PopsyncError(
-            f"account {account!r}: cannot open {folder / account}.lock: {exc.strerror}"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _access_token(account: Account, state_dir: Path, *, fresh: bool, at: float) -> str:
