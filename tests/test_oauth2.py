@@ -407,6 +407,40 @@ def test_invalid_grant_needs_attention_and_sync_exits_1(
     assert_no_secrets(server, done.stdout, done.stderr)
 
 
+def test_concurrent_refreshes_use_the_refresh_token_once(
+    tmp_path: Path, server: OAuthServer
+) -> None:
+    """A poll, serverinfo and a dry run may want a token at the same moment:
+    one refreshes, the others find the new token stored (a rotated refresh
+    token used twice would be refused, and the account need re-authorizing)."""
+    from popsync.oauth.access import access_token
+
+    path, name = write_config(tmp_path, server, None)
+    device_auth(tmp_path, server, name)
+    expire_stored_access_token(tmp_path)
+    config = load_config(path)
+    account = config.accounts[0]
+    start = threading.Barrier(4)
+    got: list[str] = []
+    failed: list[BaseException] = []
+
+    def want() -> None:
+        start.wait(10)
+        try:
+            got.append(access_token(account, config.state_dir))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=want) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failed == []
+    assert len(got) == 4 and len(set(got)) == 1
+    assert server.grants.get("refresh_token") == 1
+
+
 def test_no_token_stored_needs_attention(tmp_path: Path, server: OAuthServer) -> None:
     write_config(tmp_path, server, None)
     done = popsync(tmp_path, "sync", "--no-progress")
