@@ -140,6 +140,18 @@ def account(name: str, port: int, **kw: Any) -> dict[str, Any]:
 # The daemon, scraped
 
 
+def start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``popsync run`` on *cfg* in the background, its stderr into *log*."""
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "popsync", "-c", str(cfg), "run"],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
 def test_a_scrape_shows_what_the_daemon_fetched_deleted_and_paused(
     tmp_path: Path, servers: Callable[..., POP3TestServer]
 ) -> None:
@@ -156,14 +168,7 @@ def test_a_scrape_shows_what_the_daemon_fetched_deleted_and_paused(
     )
     started = time.time()
     log = tmp_path / "daemon.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "popsync", "-c", str(cfg), "run"],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+    proc = start_daemon(cfg, log)
     try:
         url = f"http://127.0.0.1:{port}/metrics"
 
@@ -227,14 +232,7 @@ def test_a_reload_keeps_the_endpoint_and_an_added_account_gets_every_series(
     cfg = with_metrics(write_config(tmp_path, [account("a", a.port)]), metrics=f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}/metrics"
     log = tmp_path / "daemon.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "popsync", "-c", str(cfg), "run"],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+    proc = start_daemon(cfg, log)
     try:
 
         def polled(name: str) -> Samples | None:
