@@ -47,6 +47,62 @@ copy_line(Pass *p, Py_ssize_t start, Py_ssize_t end, int line_start)
     }
 }
 
+/* What one pass found besides the output: see scan_doc. */
+typedef struct {
+    Py_ssize_t cut;      /* input octets that went to the output */
+    Py_ssize_t consumed; /* cut, plus the terminating line if done */
+    int done;
+    int next_line_start;
+} Outcome;
+
+/* The pass itself: plain C on plain memory (no Python object is touched, so
+ * it may run without the GIL). */
+static Outcome
+body_pass(Pass *p, int at_line_start, int crlf_to_lf, Py_ssize_t partial_flush)
+{
+    Outcome o = {0, 0, 0, 1};
+    Py_ssize_t pos = 0; /* start of the current line */
+    int line_start = at_line_start;
+
+    for (;;) {
+        const char *lf = memchr(p->in + pos, '\n', (size_t)(p->len - pos));
+        if (lf == NULL) {
+            break;
+        }
+        Py_ssize_t end = lf - p->in; /* the LF, pos <= end < len */
+        if (line_start && p->in[pos] == '.' &&
+            (end == pos + 1 || (end == pos + 2 && p->in[pos + 1] == '\r'))) {
+            o.done = 1; /* the terminating line: consume it, output nothing of it */
+            o.cut = pos;
+            o.consumed = end + 1;
+            return o;
+        }
+        Py_ssize_t text_end = end;
+        if (crlf_to_lf && end > pos && p->in[end - 1] == '\r') {
+            text_end = end - 1; /* CR LF -> LF */
+        }
+        copy_line(p, pos, text_end, line_start);
+        p->out[p->out_len++] = '\n';
+        pos = end + 1;
+        line_start = 1;
+    }
+    /* pos: the start of an unfinished line (or len).  Keep it for the next
+     * receive, unless it is too long to wait for. */
+    o.cut = pos;
+    o.next_line_start = pos > 0 || at_line_start;
+    if (p->len - pos > partial_flush) { /* so len >= 1: in[len - 1] exists */
+        o.cut = p->in[p->len - 1] == '\r' ? p->len - 1 : p->len;
+        copy_line(p, pos, o.cut, line_start);
+        o.next_line_start = 0;
+    }
+    o.consumed = o.cut;
+    return o;
+}
+
+/* Inputs at least this long are scanned without the GIL (other threads, such
+ * as other accounts' polls, run meanwhile); shorter ones are not worth it. */
+#define GIL_FREE_MIN 16384
+
 PyDoc_STRVAR(scan_doc,
 "scan(buf, at_line_start, crlf_to_lf, partial_flush)\n"
 "--\n\n"
@@ -74,51 +130,21 @@ scan(PyObject *module, PyObject *args)
         PyBuffer_Release(&view);
         return NULL;
     }
+    /* While the GIL is released, the buffer stays exported (it cannot be
+     * resized) and data is not yet visible to any other thread. */
     Pass p = {view.buf, view.len, PyBytes_AS_STRING(data), 0, 0};
-    Py_ssize_t pos = 0;      /* start of the current line */
-    int line_start = at_line_start;
-    int done = 0;
-    Py_ssize_t consumed = 0, cut = 0; /* cut: input octets that went to the output */
-
-    for (;;) {
-        const char *lf = memchr(p.in + pos, '\n', (size_t)(p.len - pos));
-        if (lf == NULL) {
-            break;
-        }
-        Py_ssize_t end = lf - p.in; /* the LF, pos <= end < len */
-        if (line_start && p.in[pos] == '.' &&
-            (end == pos + 1 || (end == pos + 2 && p.in[pos + 1] == '\r'))) {
-            done = 1; /* the terminating line: consume it, output nothing of it */
-            cut = pos;
-            consumed = end + 1;
-            break;
-        }
-        Py_ssize_t text_end = end;
-        if (crlf_to_lf && end > pos && p.in[end - 1] == '\r') {
-            text_end = end - 1; /* CR LF -> LF */
-        }
-        copy_line(&p, pos, text_end, line_start);
-        p.out[p.out_len++] = '\n';
-        pos = end + 1;
-        line_start = 1;
+    Outcome o;
+    if (view.len >= GIL_FREE_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        o = body_pass(&p, at_line_start, crlf_to_lf, partial_flush);
+        Py_END_ALLOW_THREADS
     }
-
-    int next_line_start = 1;
-    if (!done) {
-        /* pos: the start of an unfinished line (or len).  Keep it for the
-         * next receive, unless it is too long to wait for. */
-        cut = pos;
-        next_line_start = pos > 0 || at_line_start;
-        if (p.len - pos > partial_flush) {
-            cut = p.in[p.len - 1] == '\r' ? p.len - 1 : p.len;
-            copy_line(&p, pos, cut, line_start);
-            next_line_start = 0;
-        }
-        consumed = cut;
+    else {
+        o = body_pass(&p, at_line_start, crlf_to_lf, partial_flush);
     }
     PyBuffer_Release(&view);
-    assert(p.out_len <= cut && cut <= consumed);
-    if (p.out_len > cut) { /* cannot happen: see the top of this file */
+    assert(p.out_len <= o.cut && o.cut <= o.consumed);
+    if (p.out_len > o.cut) { /* cannot happen: see the top of this file */
         Py_DECREF(data);
         PyErr_SetString(PyExc_SystemError, "_bodypass: output longer than input");
         return NULL;
@@ -126,9 +152,9 @@ scan(PyObject *module, PyObject *args)
     if (_PyBytes_Resize(&data, p.out_len) < 0) {
         return NULL;
     }
-    return Py_BuildValue("(NnnOO)", data, cut - p.dots, consumed,
-                         done ? Py_True : Py_False,
-                         next_line_start ? Py_True : Py_False);
+    return Py_BuildValue("(NnnOO)", data, o.cut - p.dots, o.consumed,
+                         o.done ? Py_True : Py_False,
+                         o.next_line_start ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
