@@ -57,6 +57,18 @@ def test_one_scan_matches_the_reference(
     assert got == _scan_python(buf, at_line_start, crlf_to_lf, partial_flush)
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=bodies.filter(bool), at_line_start=st.booleans(), partial_flush=st.integers(2, 70))
+def test_a_large_scan_matches_the_reference(
+    data: bytes, at_line_start: bool, partial_flush: int
+) -> None:
+    # 16 KiB or more: the C pass runs with the GIL released.
+    buf = bytearray(data * (20_000 // len(data) + 1))
+    assert reader._scan_c is not None
+    got = reader._scan_c(buf, at_line_start, True, partial_flush)
+    assert got == _scan_python(buf, at_line_start, True, partial_flush)
+
+
 Chunks = list[tuple[bytes, int, bool]]
 
 
