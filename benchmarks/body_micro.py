@@ -8,6 +8,9 @@ per-byte work on the way from the socket to the disk.
 
     PYTHONPATH=. python benchmarks/body_micro.py [-n 20] [--size 2097152] [--chunk 262144]
 
+``--pure`` reads the bodies with the pure-Python reader even where the C
+accelerator (popsync/pop3/_bodypass.c) is built.
+
 ``--paired OTHER_TREE`` runs this tree and another checkout alternately in
 fresh processes (``--rounds`` times each, order swapped every round) and
 prints the median ratio of their times: below 1 means this tree is faster.
@@ -34,12 +37,18 @@ def wire_form(message: bytes) -> bytes:
     return b"+OK\r\n" + body + b"\r\n.\r\n"
 
 
-def run_once(count: int, size: int, chunk: int) -> float:
+def run_once(count: int, size: int, chunk: int, pure: bool = False) -> float:
     """Seconds to take *count* messages through the core into a Maildir."""
     from popsync.deliver.maildir.target import open_maildir_target
     from popsync.pop3 import BodyData, Connection, EndOfBody, Retr
     from popsync.pop3.connection import State
     from popsync.testing.samples import generate_messages
+
+    if pure:
+        from popsync.pop3 import reader
+
+        if hasattr(reader, "use_accelerator"):  # a tree from before the accelerator
+            reader.use_accelerator(False)
 
     stream = b"".join(wire_form(m) for m in generate_messages(count, size))
     with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
@@ -75,7 +84,7 @@ def run_once(count: int, size: int, chunk: int) -> float:
 
 def paired(other: Path, args: argparse.Namespace) -> None:
     argv = [str(Path(__file__).resolve()), "-n", str(args.n), "--size", str(args.size)]
-    argv += ["--chunk", str(args.chunk), "--seconds"]
+    argv += ["--chunk", str(args.chunk), "--seconds", *(["--pure"] if args.pure else [])]
     trees = [REPO_ROOT, other]
     times: dict[Path, list[float]] = {tree: [] for tree in trees}
     for round_ in range(args.rounds + 1):  # round 0 warms the page cache
@@ -100,6 +109,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20, help="messages (default 20)")
     parser.add_argument("--size", type=int, default=2 * 1024 * 1024, help="bytes per message")
     parser.add_argument("--chunk", type=int, default=256 * 1024, help="bytes per receive")
+    parser.add_argument("--pure", action="store_true", help="the pure-Python body reader")
     parser.add_argument("--paired", type=Path, default=None, help="another checkout to compare")
     parser.add_argument("--rounds", type=int, default=9, help="paired rounds (default 9)")
     parser.add_argument("--seconds", action="store_true", help="print only the seconds")
@@ -107,7 +117,7 @@ def main() -> None:
     if args.paired is not None:
         paired(args.paired, args)
         return
-    seconds = run_once(args.n, args.size, args.chunk)
+    seconds = run_once(args.n, args.size, args.chunk, args.pure)
     if args.seconds:
         print(f"{seconds:.6f}")
         return

@@ -10,7 +10,8 @@
 #      IMAP servers the delivery targets are tested against; dovecot-lda comes
 #      with dovecot-core), fetchmail, getmail6 and mpop (whose state files
 #      `popsync import` is tested against), postgresql (the real PostgreSQL
-#      the ledger tests also run on), python3 and python3-venv.  apt-get (after an
+#      the ledger tests also run on), python3 and python3-venv, gcc and
+#      python3-dev (to build the C body reader).  apt-get (after an
 #      "apt-get update") runs directly as root, through sudo otherwise.
 #   2. The virtualenv .venv in the repository (created or reused), with
 #      `pip install -e '.[test]'`.
@@ -61,6 +62,18 @@ fi
 # PostgreSQL (tests/servers/postgres.py starts a private cluster; the package's
 # own cluster is not used).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_install postgresql
+
+# A C compiler and the Python headers build the body reader's C accelerator
+# (popsync/pop3/_bodypass.c) during the install below; the tests fail under CI
+# without it.  gcc brings libasan and libubsan for its sanitizer test.
+build_packages=()
+command -v gcc >/dev/null || build_packages+=(gcc)
+"$python" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || build_packages+=(python3-dev)
+if [ "${#build_packages[@]}" -gt 0 ]; then
+    apt_install "${build_packages[@]}"
+fi
 
 # --- 2. virtualenv -----------------------------------------------------------
 

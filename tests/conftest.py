@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-pytest_plugins = ["tests.dovecot_fixtures", "tests.postgres_fixtures"]
+pytest_plugins = ["tests.dovecot_fixtures", "tests.postgres_fixtures", "tests.bodypass_fixtures"]
 
 
 @pytest.fixture(scope="session")

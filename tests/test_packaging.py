@@ -1,5 +1,6 @@
-"""The wheel ships the man pages and completion scripts, and ``pipx install``
-gives a working ``popsync`` whose man page ``man`` finds.
+"""The wheel ships the man pages, the completion scripts and the compiled body
+reader, and ``pipx install`` gives a working ``popsync`` whose man page
+``man`` finds.
 
 Both tests build from a copy of the source tree (never in the checkout, where
 setuptools would leave build/ behind) and need the network for pip's build
@@ -25,7 +26,15 @@ from popsync import __version__
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    "*.so",  # an in-place build: the wheel must compile its own
 )
 
 #: Where each generated file goes under the environment's prefix.
@@ -61,6 +70,10 @@ def test_the_wheel_holds_the_man_pages_and_completions(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         for inside, source in DATA_FILES.items():
             assert archive.read(data + inside) == (REPO / source).read_bytes(), inside
+        names = archive.namelist()
+    # The body reader's C accelerator, compiled, with its source and stub.
+    assert any(re.fullmatch(r"popsync/pop3/_bodypass\..*\.so", name) for name in names), names
+    assert {"popsync/pop3/_bodypass.c", "popsync/pop3/_bodypass.pyi"} <= set(names)
 
 
 def _pipx_version() -> tuple[int, ...] | None:

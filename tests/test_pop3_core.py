@@ -596,6 +596,7 @@ BODY_STORED = (
 )
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 @CHUNKINGS
 def test_retr_body_unstuffed_and_lf(chunks: Chunker) -> None:
     conn = logged_in()
@@ -614,6 +615,7 @@ def test_retr_body_unstuffed_and_lf(chunks: Chunker) -> None:
     assert conn.trailing_data == b"+OK extra"
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 @CHUNKINGS
 def test_empty_body_and_lf_terminator(chunks: Chunker) -> None:
     conn = logged_in()
@@ -629,6 +631,7 @@ def test_empty_body_and_lf_terminator(chunks: Chunker) -> None:
     ]
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 def test_body_limit_cuts_off() -> None:
     conn = logged_in()
     conn.send(Retr(1, limit=100))
@@ -639,6 +642,7 @@ def test_body_limit_cuts_off() -> None:
             pass
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 def test_long_body_line_is_streamed_with_bounded_buffer() -> None:
     conn = logged_in()
     conn.send(Retr(1))
@@ -662,6 +666,7 @@ def test_long_body_line_is_streamed_with_bounded_buffer() -> None:
     assert total == b"z" * (48 * 65536 - 1) + b"\n"
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 def test_crlf_split_across_partial_flush() -> None:
     reader = BodyReader(partial_flush=4)
     buf = bytearray(b"abcdef\r")
@@ -749,6 +754,7 @@ def stuff(body: bytes) -> bytes:
 line_bytes = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 @settings(max_examples=300, deadline=None)
 @given(
     lines=st.lists(line_bytes | st.sampled_from([b".", b"..", b".\x00", b""]), max_size=30),
@@ -819,6 +825,7 @@ def fuzz_step(conn: Connection) -> bool:
     return ev is not NEED_DATA and not isinstance(ev, ConnectionClosed)
 
 
+@pytest.mark.usefixtures("body_reader_impl")
 @settings(max_examples=600, deadline=None)
 @given(
     data=st.binary(max_size=600)

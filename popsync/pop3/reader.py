@@ -19,16 +19,20 @@ Contract (RFC 1939 §3):
   (:func:`take_listing_lines`), for the listing's own parser to bound and
   check as they stream; a listing is never held whole here.
 
-Speed: all work is done over the whole buffer in a few C-level passes per
-receive, never a Python call per line: one regex search finds the
-terminator in either line-end form, ``re.sub`` turns CRLF into LF, and a
-second ``re.subn`` unstuffs dots (and counts them) only when a ``\n.``
-occurs at all.
+Speed: a body is read by one pass over the receive buffer in C when the
+optional accelerator ``popsync.pop3._bodypass`` is built (it is, by any
+install with a C compiler; see setup.py), else by the pure-Python
+:func:`_scan_python`, which is the reference: the tests run both on the same
+random input and require the same results.  The Python version is never a
+Python call per line either: one regex search finds the terminator in either
+line-end form, ``re.sub`` turns CRLF into LF, and a second ``re.subn``
+unstuffs dots (and counts them) only when a ``\n.`` occurs at all.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from popsync.errors import RemoteProtocolError
@@ -101,6 +105,72 @@ def _unstuff(raw: bytes, at_line_start: bool, crlf_to_lf: bool) -> tuple[bytes, 
     return data, dots
 
 
+#: (data, octets, consumed, done, next_line_start) of one body read; see _scan_python.
+ScanResult = tuple[bytes, int, int, bool, bool]
+Scan = Callable[[bytearray, bool, bool, int], ScanResult]
+
+
+def _scan_python(
+    buf: bytearray, at_line_start: bool, crlf_to_lf: bool, partial_flush: int
+) -> ScanResult:
+    """Read what can be read of the body in *buf*; *buf* itself is not changed.
+
+    Returns the unstuffed data (LF line ends if *crlf_to_lf*), its size as
+    counted on the wire, how many octets of *buf* were consumed (the
+    terminating line included), whether the terminating line was seen, and
+    whether the next octet after the consumed ones starts a line.
+    The reference for the C accelerator's ``scan``, which returns the same.
+    """
+    term, term_len = _find_terminator(buf, at_line_start)
+    done = term >= 0
+    if done:
+        cut = term
+        next_line_start = True
+    else:
+        last_lf = buf.rfind(b"\n")
+        cut = last_lf + 1
+        next_line_start = cut > 0 or at_line_start
+        if len(buf) - cut > partial_flush:
+            # A very long line: stream it, but keep a trailing CR back so a
+            # CRLF split across receives is still recognised as one line end,
+            # and keep the line-start state honest (we are now mid-line).
+            cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+            next_line_start = False
+    with memoryview(buf) as view:  # one copy, not two (slice, then bytes)
+        raw = bytes(view[:cut])
+    data, dots = _unstuff(raw, at_line_start, crlf_to_lf) if raw else (b"", 0)
+    return data, len(raw) - dots, cut + term_len, done, next_line_start
+
+
+def _load_accelerator() -> Scan | None:
+    try:
+        from popsync.pop3._bodypass import scan
+    except ImportError:  # built without a C compiler: the pure-Python reader
+        return None
+    return scan
+
+
+_scan_c = _load_accelerator()
+_scan: Scan = _scan_python if _scan_c is None else _scan_c
+
+
+def accelerated() -> bool:
+    """Whether bodies are read by the C accelerator."""
+    return _scan is _scan_c
+
+
+def use_accelerator(on: bool) -> None:
+    """Read bodies with the C accelerator (*on*) or the pure-Python reference.
+
+    For tests and benchmarks; the default is the accelerator when it is built.
+    Raises :class:`RuntimeError` if *on* and the accelerator is not built.
+    """
+    global _scan  # noqa: PLW0603 -- one process-wide switch, read on every body read
+    if on and _scan_c is None:
+        raise RuntimeError("popsync.pop3._bodypass is not built")
+    _scan = _scan_c if on and _scan_c is not None else _scan_python
+
+
 class BodyReader:
     """Streams one multi-line body out of a receive buffer.
 
@@ -111,33 +181,24 @@ class BodyReader:
     __slots__ = ("at_line_start", "crlf_to_lf", "partial_flush")
 
     def __init__(self, *, crlf_to_lf: bool = True, partial_flush: int = PARTIAL_FLUSH) -> None:
+        """Raises :class:`ValueError` if *partial_flush* is below 2.
+
+        A shorter flush could stream a terminating ``.`` line (or its ``.CR``
+        start) before its line end arrives, and take it for stuffing.
+        """
+        if partial_flush < 2:
+            raise ValueError(f"partial_flush must be at least 2, not {partial_flush}")
         self.at_line_start = True
         self.crlf_to_lf = crlf_to_lf
         self.partial_flush = partial_flush
 
     def read(self, buf: bytearray) -> BodyChunk:
         """Consume what can be consumed of *buf*; the rest stays for later."""
-        term, term_len = _find_terminator(buf, self.at_line_start)
-        done = term >= 0
-        if done:
-            cut = term
-            next_line_start = True
-        else:
-            last_lf = buf.rfind(b"\n")
-            cut = last_lf + 1
-            next_line_start = cut > 0 or self.at_line_start
-            if len(buf) - cut > self.partial_flush:
-                # A very long line: stream it, but keep a trailing CR back so a
-                # CRLF split across receives is still recognised as one line end,
-                # and keep the line-start state honest (we are now mid-line).
-                cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
-                next_line_start = False
-        with memoryview(buf) as view:  # one copy, not two (slice, then bytes)
-            raw = bytes(view[:cut])
-        del buf[: cut + (term_len if done else 0)]
-        data, dots = _unstuff(raw, self.at_line_start, self.crlf_to_lf) if raw else (b"", 0)
-        self.at_line_start = next_line_start
-        return BodyChunk(data, len(raw) - dots, done)
+        data, octets, consumed, done, self.at_line_start = _scan(
+            buf, self.at_line_start, self.crlf_to_lf, self.partial_flush
+        )
+        del buf[:consumed]
+        return BodyChunk(data, octets, done)
 
 
 def take_listing_lines(buf: bytearray) -> tuple[bytes, bool]:
