@@ -251,12 +251,11 @@ def plan(
     skip: list[Skip] = []
     limit = policy.max_message_size
     deleting = policy.delete_after_days is not None
-    keys = list(_keys(messages))
     # A settled row matters only to a policy that deletes: without one, a
     # poll with nothing new looks at no message twice.
     todo = [
         (message, row)
-        for message, row in zip(messages, map(rows.get, keys), strict=True)
+        for message, row in zip(messages, map(rows.get, _keys(messages)), strict=True)
         if row is None or deleting or row.state not in _SETTLED
     ]
     new_ambiguous: set[bytes] = set()
@@ -282,7 +281,7 @@ def plan(
         (retry if detail is not None and detail.attempts else fetch).append(item)
     gone: tuple[Key, ...] = ()
     if deleting:
-        listed_keys = set(keys)
+        listed_keys = set(_keys(messages))
         gone = tuple(
             key
             for key, row in rows.items()
