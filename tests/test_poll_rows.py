@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from popsync.ledger import (
     SEEN_REFRESH,
@@ -259,3 +259,31 @@ def test_the_slim_read_walks_the_unique_key_index(tmp_path: Path) -> None:
     finally:
         ledger.close()
     assert columns == [["account", "uid", "occurrence"]], steps
+
+
+def test_the_rows_are_read_once_when_none_is_open(tmp_path: Path) -> None:
+    """The whole rows of open messages are read by key, and only if the slim
+    read found one: no second pass over every row of the account."""
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    statements: list[str] = []
+    try:
+        ledger.begin_fetch("acct", [intent(b"a"), intent(b"b")])
+        ledger.mark_delivered("acct", [done(b"a"), done(b"b")])
+        event.listen(
+            ledger.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
+        )
+        ledger.engine.dispose()  # new connections, traced
+
+        settled = ledger.poll_rows("acct", NOW)
+        settled_reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        ledger.begin_fetch("acct", [intent(b"c")])
+        statements.clear()
+        with_open = ledger.poll_rows("acct", NOW)
+        open_reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    finally:
+        ledger.close()
+    assert len(settled) == 2 and len(settled_reads) == 1, settled_reads
+    assert len(open_reads) == 2, open_reads
+    detail = with_open[(b"c", 0)].detail
+    assert detail is not None and detail.maildir_name == "name-c"
+    assert with_open[(b"a", 0)].detail is None

@@ -373,9 +373,20 @@ _POLL_SLIM: Final = (
     .where(_m.account == bindparam("account"))
     .order_by(_m.uid, _m.occurrence)
 )
-_POLL_OPEN: Final = select(*_ROW_COLUMNS).where(
-    _m.account == bindparam("account"), _m.state.in_(OPEN_STATES)
+_ROWS_BY_UID: Final = select(*_ROW_COLUMNS).where(
+    _m.account == bindparam("account"), _m.uid.in_(bindparam("uids", expanding=True))
 )
+
+
+def _whole_rows(conn: Connection, account: str, wanted: set[Key]) -> dict[Key, LedgerRow]:
+    """The whole rows of *account* among *wanted*, read by unique-id in bounded batches."""
+    out: dict[Key, LedgerRow] = {}
+    for chunk in _chunks(sorted({uid for uid, _ in wanted}), _IN_CHUNK):
+        params = {"account": account, "uids": list(chunk)}
+        for row in map(LedgerRow._make, conn.execute(_ROWS_BY_UID, params)):
+            if row.key in wanted:
+                out[row.key] = row
+    return out
 
 
 def _shapes() -> list[PollRow]:
@@ -413,7 +424,7 @@ class MessageStore(LedgerBase):
     ) -> dict[Key, PollRow]:
         """Every message row of *account* as a slim :class:`PollRow`, keyed by
         ``(uid, occurrence)``: one query for all rows (a few narrow columns)
-        and one for the whole rows of the open ones, in one read
+        and, if any row is open, the whole rows of those by key, in one read
         transaction.  ``stale`` is judged against *now*.
 
         Without *delivery_times* (for a policy that never deletes, which
@@ -447,8 +458,11 @@ class MessageStore(LedgerBase):
             finally:
                 if collecting:
                     gc.enable()
-            for full in map(LedgerRow._make, conn.execute(_POLL_OPEN, params)):
-                out[full.key] = out[full.key]._replace(detail=full)
+            # Open rows are found among the slim ones and read by key: a
+            # query by state would read every row of the account again.
+            opened = {key for key, row in out.items() if row.state in OPEN_STATES}
+            for key, full in _whole_rows(conn, account, opened).items():
+                out[key] = out[key]._replace(detail=full)
         return out
 
     def rows_by_key(self, account: str, keys: Iterable[Key]) -> dict[Key, LedgerRow]:
@@ -461,17 +475,8 @@ class MessageStore(LedgerBase):
         wanted = set(keys)
         if not wanted:
             return {}
-        uids = sorted({uid for uid, _ in wanted})
-        stmt = select(*_ROW_COLUMNS).where(
-            _m.account == account, _m.uid.in_(bindparam("uids", expanding=True))
-        )
-        out: dict[Key, LedgerRow] = {}
         with self._transaction(f"read the messages of account {account}", write=False) as conn:
-            for chunk in _chunks(uids, _IN_CHUNK):
-                for row in map(LedgerRow._make, conn.execute(stmt, {"uids": list(chunk)})):
-                    if row.key in wanted:
-                        out[row.key] = row
-        return out
+            return _whole_rows(conn, account, wanted)
 
     def remap_rows(self, account: str, sizes: Iterable[int]) -> list[LedgerRow]:
         """The ``delivered`` rows of *account* with a stable header digest and
