@@ -13,6 +13,7 @@ from the interpreter's own import report.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -112,16 +113,28 @@ def test_the_probe_sees_a_lazy_module_once_it_is_imported(tmp_path: Path) -> Non
 
 
 PROBE = """
-import gc, sys
+import gc, json, sys
 from popsync.cli import main
+early = []  # full collections before start-up froze anything
+
+
+def watch(phase, info):
+    if phase == "start" and info["generation"] == 2 and not gc.get_freeze_count():
+        early.append(1)
+
+
+gc.callbacks.append(watch)
 code = main(["-c", sys.argv[1], "sync", "--no-progress"])
-print(code, gc.get_freeze_count())
+print(json.dumps({"code": code, "frozen": gc.get_freeze_count(), "early": len(early),
+                  "enabled": gc.isenabled()}))
 """
 
 
-def test_sync_leaves_start_up_objects_out_of_the_cyclic_collector(synced_config: Path) -> None:
-    """Start-up's objects (modules, the config) are frozen before the poll, so
-    the collections that a large listing's tuples trigger do not walk them."""
+def test_sync_keeps_start_up_out_of_the_cyclic_collector(synced_config: Path) -> None:
+    """Start-up (modules, the config) runs with the cyclic collector off, and
+    what it made is frozen before the poll, so neither start-up nor the
+    collections a large listing's tuples trigger walk it; the collector is
+    on again for the poll."""
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(synced_config)],
         capture_output=True,
@@ -129,6 +142,8 @@ def test_sync_leaves_start_up_objects_out_of_the_cyclic_collector(synced_config:
         timeout=60,
         check=True,
     )
-    code, frozen = map(int, out.stdout.split()[-2:])
-    assert code == 0
-    assert frozen > 10_000
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    assert result["frozen"] > 10_000
+    assert result["early"] == 0
+    assert result["enabled"]
