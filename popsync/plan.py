@@ -165,24 +165,24 @@ def join_listings(
     # Every step is one C-level pass (map, zip, sorted, set): a mailbox of
     # 50,000 messages is joined on every poll.
     ordered = uidl if _ascending(uidl) else sorted(uidl)
-    msgs = list(map(_first, ordered))
-    uids = list(map(_second, ordered))
-    if len(set(uids)) == len(uids):  # the usual case: no UID listed twice
+    if len(set(map(_second, ordered))) == len(ordered):  # usual: no UID listed twice
         occurrences: Iterable[int] = itertools.repeat(0)
     else:
         seen: Counter[bytes] = Counter()
         occurrences = []
-        for uid in uids:
+        for uid in map(_second, ordered):
             occurrences.append(seen[uid])
             seen[uid] += 1
     if scan:
         sizes = dict(scan)
-        listed_sizes: Iterable[int | None] = map(sizes.get, msgs)
-        with_uid = set(msgs)
+        listed_sizes: Iterable[int | None] = map(sizes.get, map(_first, ordered))
+        with_uid = set(map(_first, ordered))
         waiting = sorted(msg for msg in sizes if msg not in with_uid)
     else:
         listed_sizes, waiting = itertools.repeat(None), []
-    entries = zip(msgs, uids, occurrences, listed_sizes, strict=False)
+    # Occurrences and sizes may be endless repeats: the listing sets the length.
+    pieces = (map(_first, ordered), map(_second, ordered), occurrences, listed_sizes)
+    entries = zip(*pieces, strict=False)
     return list(map(_new_message, itertools.repeat(ServerMessage), entries)), waiting
 
 
@@ -240,11 +240,13 @@ def plan(
     waiting: Sequence[int] = (),
 ) -> Plan:
     """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time)."""
-    uids = list(map(_second, messages))
-    if len(set(uids)) == len(uids):  # the usual case: no UID listed twice
-        ambiguous: frozenset[bytes] = frozenset()
+    # A UID listed twice has a second occurrence (join_listings numbers
+    # them): the usual listing, without one, needs no count of 50,000 UIDs.
+    if any(map(_occurrence, messages)):
+        counts = Counter(map(_second, messages))
+        ambiguous = frozenset(uid for uid, n in counts.items() if n > 1)
     else:
-        ambiguous = frozenset(uid for uid, n in Counter(uids).items() if n > 1)
+        ambiguous = frozenset()
     fetch: list[Fetch] = []
     retry: list[Fetch] = []  # failed before: after the others
     delete: list[Delete] = []
