@@ -844,8 +844,11 @@ class Poll:
         """Refresh ``last_seen`` of the listed rows last seen over
         :data:`popsync.ledger.SEEN_REFRESH` ago (judged as the rows were read): a poll of a mailbox
         seen within a day writes nothing."""
-        keys = ((m.uid, m.occurrence) for m in messages)
-        stale = [key for key in keys if (row := rows.get(key)) is not None and row.stale]
+        stale = [
+            (uid, occurrence)
+            for _, uid, occurrence, _ in messages
+            if (row := rows.get((uid, occurrence))) is not None and row.stale
+        ]
         if stale:
             self.ledger.touch_seen(self.name, stale, now)
 
