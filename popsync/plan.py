@@ -239,7 +239,11 @@ def plan(
     policy: Policy,
     waiting: Sequence[int] = (),
 ) -> Plan:
-    """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time)."""
+    """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time).
+
+    *messages* are numbered as :func:`join_listings` numbers them: the
+    copies of a UID listed more than once have occurrences 0, 1, ...
+    """
     # A UID listed twice has a second occurrence (join_listings numbers
     # them): the usual listing, without one, needs no count of 50,000 UIDs.
     if any(map(_occurrence, messages)):
