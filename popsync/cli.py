@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -290,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911, PLR0912 - 
             return run_demo(Path(args.dir) if args.dir else None, run_command=main)
         if args.command == "completion":
             return _completion(args.shell)
-        config = _load(args.config)
+        with _start_up(freeze=args.command == "sync"):
+            config = _load(args.config)
         if args.command == "check":
             return _check(config, online=args.online)
         if args.command == "serverinfo":
@@ -365,6 +368,29 @@ def _say(text: str, **fields: object) -> None:
     from popsync.logs import REPORT_LOGGER
 
     logging.getLogger(REPORT_LOGGER).info("%s", text, extra=fields)
+
+
+@contextmanager
+def _start_up(*, freeze: bool) -> Iterator[None]:
+    """Import modules and load the config with the cyclic collector off.
+
+    What start-up makes (modules, classes, the config) lives as long as the
+    process: collections during it free nothing, yet walk an ever larger
+    heap (about 80 ms of a sync's start-up).  With *freeze*, it is then
+    left out of later collections too (:func:`gc.freeze`): a poll of a
+    large mailbox builds tens of thousands of tuples, and each collection
+    of the oldest generation they trigger would walk every module again.
+    The collector is enabled again on the way out, if it was.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _config_path(cli_value: str | None) -> Path:
@@ -506,14 +532,16 @@ def _auth(config: Config, name: str, *, wait: float) -> int:
 
 
 def _sync(config: Config, names: list[str], *, progress: bool, refetch: bool = False) -> int:
-    from popsync.sync import REFETCH_NEEDS_MAILDIR, run_account
+    with _start_up(freeze=True):
+        from popsync.sync import REFETCH_NEEDS_MAILDIR, run_account
 
     accounts = config.select(names) if names else list(config.accounts)
     if refetch and (others := [a for a in accounts if a.target != "maildir"]):
         for account in others:
             _problem(f"{account.name}: {REFETCH_NEEDS_MAILDIR} (it delivers to {account.target})")
         return EXIT_USAGE
-    ledger = _open_ledger(config)
+    with _start_up(freeze=True):
+        ledger = _open_ledger(config)
     failed = 0
     try:
         for account in accounts:

@@ -44,10 +44,11 @@ Rules (docs/design.md §4):
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import Counter
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from popsync.ledger import Key, LedgerRow, MessageState
 
@@ -161,23 +162,48 @@ def join_listings(
 
     Returns (entries in message-number order, numbers listed by LIST only).
     """
-    sizes = dict(scan)
-    ordered = sorted(uidl)  # linear when already in order, as servers send it
-    msgs = [msg for msg, _ in ordered]
-    uids = [uid for _, uid in ordered]
-    if len(set(uids)) == len(uids):  # the usual case: no UID listed twice
+    # Every step is one C-level pass (map, zip, sorted, set): a mailbox of
+    # 50,000 messages is joined on every poll.
+    ordered = uidl if _ascending(uidl) else sorted(uidl)
+    if len(set(map(_second, ordered))) == len(ordered):  # usual: no UID listed twice
         occurrences: Iterable[int] = itertools.repeat(0)
     else:
         seen: Counter[bytes] = Counter()
         occurrences = []
-        for uid in uids:
+        for uid in map(_second, ordered):
             occurrences.append(seen[uid])
             seen[uid] += 1
-    entries = zip(msgs, uids, occurrences, map(sizes.get, msgs), strict=False)
-    messages = list(map(ServerMessage._make, entries))
-    with_uid = set(msgs)
-    waiting = sorted(msg for msg in sizes if msg not in with_uid)
-    return messages, waiting
+    if scan:
+        sizes = dict(scan)
+        listed_sizes: Iterable[int | None] = map(sizes.get, map(_first, ordered))
+        with_uid = set(map(_first, ordered))
+        waiting = sorted(msg for msg in sizes if msg not in with_uid)
+    else:
+        listed_sizes, waiting = itertools.repeat(None), []
+    # Occurrences and sizes may be endless repeats: the listing sets the length.
+    pieces = (map(_first, ordered), map(_second, ordered), occurrences, listed_sizes)
+    entries = zip(*pieces, strict=False)
+    return list(map(_new_message, itertools.repeat(ServerMessage), entries)), waiting
+
+
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+_new_message = tuple.__new__  # ServerMessage._make without its Python-level call
+
+
+def _ascending(entries: Sequence[tuple[int, bytes]]) -> bool:
+    """Whether the message numbers of *entries* rise strictly (as servers list them)."""
+    nums = list(map(_first, entries))
+    return all(map(operator.lt, nums, itertools.islice(nums, 1, None)))
+
+
+def _keys(messages: Sequence[ServerMessage]) -> Iterator[Key]:
+    """The ledger key of each message, in order (C-level, no per-message bytecode)."""
+    return zip(map(_second, messages), map(_occurrence, messages), strict=True)
+
+
+_occurrence = operator.itemgetter(2)
+_SETTLED: Final = frozenset({"delivered", "deleted"})
 
 
 def _due(row: KnownRow, policy: Policy) -> bool:
@@ -198,14 +224,13 @@ def needs_size(
     and delivered ones whose deletion is due (the size check).  A poll where
     this is empty -- the usual mirror poll with nothing new -- needs no LIST.
     """
-    wanted = []
     deleting = policy.delete_after_days is not None
-    get_row = rows.get
-    for msg, uid, occurrence, _ in messages:
-        row = get_row((uid, occurrence))
-        if row is None or row.state in ("fetching", "skipped") or (deleting and _due(row, policy)):
-            wanted.append(msg)
-    return wanted
+    found = map(rows.get, _keys(messages))
+    return [
+        message.msg
+        for message, row in zip(messages, found, strict=True)
+        if row is None or row.state not in _SETTLED or (deleting and _due(row, policy))
+    ]
 
 
 def plan(
@@ -214,29 +239,38 @@ def plan(
     policy: Policy,
     waiting: Sequence[int] = (),
 ) -> Plan:
-    """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time)."""
-    counts = Counter(uid for _, uid, _, _ in messages)
-    ambiguous = frozenset(uid for uid, n in counts.items() if n > 1)
+    """Decide the poll.  Pure: no I/O, no clock (``policy.now`` is the time).
+
+    *messages* are numbered as :func:`join_listings` numbers them: the
+    copies of a UID listed more than once have occurrences 0, 1, ...
+    """
+    # A UID listed twice has a second occurrence (join_listings numbers
+    # them): the usual listing, without one, needs no count of 50,000 UIDs.
+    if any(map(_occurrence, messages)):
+        counts = Counter(map(_second, messages))
+        ambiguous = frozenset(uid for uid, n in counts.items() if n > 1)
+    else:
+        ambiguous = frozenset()
     fetch: list[Fetch] = []
     retry: list[Fetch] = []  # failed before: after the others
     delete: list[Delete] = []
     skip: list[Skip] = []
-    listed_keys: set[Key] = set()
     limit = policy.max_message_size
     deleting = policy.delete_after_days is not None
-    get_row = rows.get
+    # A settled row matters only to a policy that deletes: without one, a
+    # poll with nothing new looks at no message twice.
+    todo = [
+        (message, row)
+        for message, row in zip(messages, map(rows.get, _keys(messages)), strict=True)
+        if row is None or deleting or row.state not in _SETTLED
+    ]
     new_ambiguous: set[bytes] = set()
-    for message in messages:
-        _, uid, occurrence, size = message
-        key = (uid, occurrence)
-        listed_keys.add(key)
-        row = get_row(key)
+    for message, row in todo:
+        _, uid, _, size = message
         if row is None and uid in ambiguous:
             new_ambiguous.add(uid)
-        state = row.state if row is not None else None
-        if state in ("delivered", "deleted"):
-            assert row is not None
-            if deleting and uid not in ambiguous and size is not None and _due(row, policy):
+        if row is not None and row.state in _SETTLED:
+            if uid not in ambiguous and size is not None and _due(row, policy):
                 delete.append(Delete(message, row))
             continue
         detail = _open(row) if row is not None else None
@@ -251,11 +285,14 @@ def plan(
             delete_after=policy.delete_after_days == 0 and uid not in ambiguous,
         )
         (retry if detail is not None and detail.attempts else fetch).append(item)
-    gone = tuple(
-        key
-        for key, row in rows.items()
-        if deleting and row.state == "delivered" and key not in listed_keys and _due(row, policy)
-    )
+    gone: tuple[Key, ...] = ()
+    if deleting:
+        listed_keys = set(_keys(messages))
+        gone = tuple(
+            key
+            for key, row in rows.items()
+            if row.state == "delivered" and key not in listed_keys and _due(row, policy)
+        )
     ordered = [*fetch, *sorted(retry, key=lambda f: (_open(rows[_key(f)]).attempts, f.message.msg))]
     cap = policy.fetch_limit
     deferred = 0 if cap is None else max(0, len(ordered) - cap)

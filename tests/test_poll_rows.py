@@ -8,13 +8,14 @@ Tests that take ``ledger`` run on a SQLite file and on the private PostgreSQL
 from __future__ import annotations
 
 import gc
+import re
 import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from popsync.ledger import (
     SEEN_REFRESH,
@@ -233,3 +234,56 @@ def test_a_poll_refreshes_only_rows_last_seen_over_a_day_ago(
     assert {k: v for k, v in after.items() if k[0] != uids[0]} == {
         k: v for k, v in before.items() if k[0] != uids[0]
     }
+
+
+def test_the_slim_read_walks_the_unique_key_index(tmp_path: Path) -> None:
+    """Left to itself SQLite reads the slim rows through the (account,
+    maildir_name) index, fetching the table row by row in name order (hashed
+    names: all over the table), about twice as slow for 50,000 rows as in
+    unique-key order, in which a mailbox's rows were mostly written."""
+    from popsync.ledger.messages import _POLL_SLIM
+
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        with ledger.engine.connect() as conn:
+            compiled = _POLL_SLIM.compile(dialect=conn.dialect)
+            params = tuple(
+                {"account": "acct", "cutoff": NOW}[n] for n in compiled.positiontup or ()
+            )
+            steps = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled.string}", params).all()
+            used = [m.group(1) for *_, detail in steps if (m := re.search(r"INDEX (\w+)", detail))]
+            columns = [
+                [info[2] for info in conn.exec_driver_sql(f"PRAGMA index_info({name})")]
+                for name in used
+            ]
+    finally:
+        ledger.close()
+    assert columns == [["account", "uid", "occurrence"]], steps
+
+
+def test_the_rows_are_read_once_when_none_is_open(tmp_path: Path) -> None:
+    """The whole rows of open messages are read by key, and only if the slim
+    read found one: no second pass over every row of the account."""
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    statements: list[str] = []
+    try:
+        ledger.begin_fetch("acct", [intent(b"a"), intent(b"b")])
+        ledger.mark_delivered("acct", [done(b"a"), done(b"b")])
+        event.listen(
+            ledger.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append)
+        )
+        ledger.engine.dispose()  # new connections, traced
+
+        settled = ledger.poll_rows("acct", NOW)
+        settled_reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        ledger.begin_fetch("acct", [intent(b"c")])
+        statements.clear()
+        with_open = ledger.poll_rows("acct", NOW)
+        open_reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    finally:
+        ledger.close()
+    assert len(settled) == 2 and len(settled_reads) == 1, settled_reads
+    assert len(open_reads) == 2, open_reads
+    detail = with_open[(b"c", 0)].detail
+    assert detail is not None and detail.maildir_name == "name-c"
+    assert with_open[(b"a", 0)].detail is None
