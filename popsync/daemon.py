@@ -116,6 +116,7 @@ from popsync.config import Account, Config, load_config
 from popsync.errors import ConfigError, PopsyncError, ServerError, TimeoutError_
 from popsync.ledger import Ledger
 from popsync.ledger.leases import Claim
+from popsync.ledger.rowcache import KnownRows
 from popsync.locks import AccountBusy
 from popsync.oauth.errors import NeedsAuthorization
 from popsync.session import Session, SessionOptions
@@ -463,6 +464,9 @@ class Daemon:
         self._active: Counter[str] = Counter()
         self._in_flight: Counter[str] = Counter()
         self._generation = 0
+        #: Each account's ledger rows between its polls, checked against the
+        #: ledger's per-account generation at every poll.
+        self._known = KnownRows()
         self._stopping = False
         self._requests = _Requests()
         self.started = threading.Event()
@@ -750,6 +754,7 @@ class Daemon:
                 lock_wait=False,
                 session_factory=lambda opts: self._open_session(opts, watch.attach),
                 should_stop=lambda: self._stopping or name in self._lost,
+                known=self._known,
             )
         except Exception as exc:  # a bug, not a fault: keep the daemon (and the others) alive
             log.exception(
@@ -1191,6 +1196,7 @@ class Daemon:
                 elif state.schedule.paused:
                     paused.append(name)
         self._config = new
+        self._known.forget(removed)
         if self._lease_mode:
             reset = [n for n in changed if not self._in_flight[n]]
 
