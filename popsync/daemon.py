@@ -80,6 +80,13 @@ Contract
   config does not list is given back unpolled.  On SQLite the daemon works
   as described above: one host, where the lock file already keeps processes
   apart, and APScheduler's jobs need no database round trip when idle.
+* **Known rows** (:class:`popsync.ledger.rowcache.KnownRows`): the daemon
+  keeps each account's slim ledger rows between polls, so a poll of a large
+  mailbox with nothing new does not read them all again.  Each poll first
+  compares the account's generation in the ledger (bumped by every write to
+  its messages, by any process or worker) with the one the rows are at, and
+  reads them afresh if it differs; the poll's own writes patch them.  A
+  reload drops the rows of removed accounts.
 * **Logging**: one line per poll (account, result, counts, next poll) and one
   per problem, with ``account`` and ``event`` fields for ``--log-format
   json``.  Error texts come escaped from :mod:`popsync.sync`; no secret is
