@@ -185,3 +185,22 @@ def test_two_workers_on_postgresql_see_each_others_polls(
     counts = retrs.counts()
     assert max(counts.values()) == 1, "a message was fetched twice"
     assert_exactly_once(workers[0].config.select(["a"])[0].maildir, mail)
+
+
+def test_a_reload_drops_the_rows_of_removed_accounts(
+    tmp_path: Path,
+    server: Callable[..., POP3TestServer],
+    daemons: Callable[..., Harness],
+) -> None:
+    srv = server(messages(2, 6), exclusive_lock=False)
+    both = [account("a", srv.port, interval=3600), account("b", srv.port, interval=3600)]
+    cfg = write_config(tmp_path, both, ledger_url=f"sqlite:///{tmp_path / 'ledger.db'}")
+    h = daemons(cfg)
+    h.wait_polls("a", 1, timeout=30)
+    h.wait_polls("b", 1, timeout=30)
+    poll_now(h, "a")
+    poll_now(h, "b")
+    assert h.daemon._known.accounts() == {"a", "b"}
+    write_config(tmp_path, both[:1], ledger_url=f"sqlite:///{tmp_path / 'ledger.db'}")
+    h.daemon.request_reload()
+    wait_until(lambda: h.daemon._known.accounts() == {"a"}, what="b's rows dropped")
