@@ -852,11 +852,11 @@ class Poll:
         """Refresh ``last_seen`` of the listed rows last seen over
         :data:`popsync.ledger.SEEN_REFRESH` ago (judged as the rows were read): a poll of a mailbox
         seen within a day writes nothing."""
-        stale = [
-            (uid, occurrence)
-            for _, uid, occurrence, _ in messages
-            if (row := rows.get((uid, occurrence))) is not None and row.stale
-        ]
+        # Usually no row is stale: one pass over the rows, none over the listing.
+        old = {key for key, row in rows.items() if row.stale}
+        if not old:
+            return
+        stale = [(uid, occ) for _, uid, occ, _ in messages if (uid, occ) in old]
         if stale:
             self.ledger.touch_seen(self.name, stale, now)
 
