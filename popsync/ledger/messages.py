@@ -386,8 +386,8 @@ PATCH_LIMIT: Final = 2000
 
 class Watcher(Protocol):
     """Told of every committed write of the account it watches (see
-    :meth:`MessageStore.watching`); implemented by
-    :class:`popsync.ledger.rowcache.KnownRows`."""
+    :meth:`MessageStore.watching`); :mod:`popsync.ledger.rowcache` has one
+    per account it keeps rows of."""
 
     def written(self, before: Generation, after: Generation, patch: Patch | None) -> None:
         """A write moved the account from *before* to *after*; *patch* holds
