@@ -80,6 +80,13 @@ Contract
   config does not list is given back unpolled.  On SQLite the daemon works
   as described above: one host, where the lock file already keeps processes
   apart, and APScheduler's jobs need no database round trip when idle.
+* **Known rows** (:class:`popsync.ledger.rowcache.KnownRows`): the daemon
+  keeps each account's slim ledger rows between polls, so a poll of a large
+  mailbox with nothing new does not read them all again.  Each poll first
+  compares the account's generation in the ledger (bumped by every write to
+  its messages, by any process or worker) with the one the rows are at, and
+  reads them afresh if it differs; the poll's own writes patch them.  A
+  reload drops the rows of removed accounts.
 * **Logging**: one line per poll (account, result, counts, next poll) and one
   per problem, with ``account`` and ``event`` fields for ``--log-format
   json``.  Error texts come escaped from :mod:`popsync.sync`; no secret is
@@ -116,6 +123,7 @@ from popsync.config import Account, Config, load_config
 from popsync.errors import ConfigError, PopsyncError, ServerError, TimeoutError_
 from popsync.ledger import Ledger
 from popsync.ledger.leases import Claim
+from popsync.ledger.rowcache import KnownRows
 from popsync.locks import AccountBusy
 from popsync.oauth.errors import NeedsAuthorization
 from popsync.session import Session, SessionOptions
@@ -463,6 +471,9 @@ class Daemon:
         self._active: Counter[str] = Counter()
         self._in_flight: Counter[str] = Counter()
         self._generation = 0
+        #: Each account's ledger rows between its polls, checked against the
+        #: ledger's per-account generation at every poll.
+        self._known = KnownRows()
         self._stopping = False
         self._requests = _Requests()
         self.started = threading.Event()
@@ -750,6 +761,7 @@ class Daemon:
                 lock_wait=False,
                 session_factory=lambda opts: self._open_session(opts, watch.attach),
                 should_stop=lambda: self._stopping or name in self._lost,
+                known=self._known,
             )
         except Exception as exc:  # a bug, not a fault: keep the daemon (and the others) alive
             log.exception(
@@ -1191,6 +1203,7 @@ class Daemon:
                 elif state.schedule.paused:
                     paused.append(name)
         self._config = new
+        self._known.forget(removed)
         if self._lease_mode:
             reset = [n for n in changed if not self._in_flight[n]]
 

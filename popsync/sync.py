@@ -100,6 +100,7 @@ from popsync.session import RetrRequest, Session, SessionOptions
 from popsync.textfmt import format_size
 
 if TYPE_CHECKING:
+    from popsync.ledger.rowcache import KnownRows
     from popsync.refetch import Lost
 
 log = logging.getLogger("popsync.sync")
@@ -296,6 +297,7 @@ class Poll:
         should_stop: Callable[[], bool],
         state_dir: Path,
         refetch: bool = False,
+        known: KnownRows | None = None,
     ) -> None:
         self.account = account
         self.state_dir = state_dir
@@ -315,6 +317,8 @@ class Poll:
         #: ``--refetch`` asked and not yet done (done once per poll).
         self.refetch_asked = self.refetch_pending = refetch
         self.reopened: list[Key] = []
+        #: The daemon's rows kept between polls (None: read them each time).
+        self.known = known
 
     def run(self, open_session: Callable[[SessionOptions], Session]) -> None:
         """One session, or a few: a message cut off for running past its size
@@ -406,9 +410,13 @@ class Poll:
 
     def load(self) -> dict[Key, PollRow]:
         """The account's rows as the poll compares them: slim, whole only
-        where still open (:meth:`Ledger.poll_rows`)."""
+        where still open (:meth:`Ledger.poll_rows`); in the daemon, the rows
+        it kept if the ledger's generation says they are current
+        (:class:`popsync.ledger.rowcache.KnownRows`).  Never modified."""
         # A policy that never deletes never asks when mail was delivered.
         deletes = self.account.delete_after_days is not None
+        if self.known is not None:
+            return self.known.rows(self.ledger, self.name, self.now(), delivery_times=deletes)
         return self.ledger.poll_rows(self.name, self.now(), delivery_times=deletes)
 
     def recover(self, rows: dict[Key, PollRow]) -> dict[Key, PollRow]:
@@ -844,11 +852,11 @@ class Poll:
         """Refresh ``last_seen`` of the listed rows last seen over
         :data:`popsync.ledger.SEEN_REFRESH` ago (judged as the rows were read): a poll of a mailbox
         seen within a day writes nothing."""
-        stale = [
-            (uid, occurrence)
-            for _, uid, occurrence, _ in messages
-            if (row := rows.get((uid, occurrence))) is not None and row.stale
-        ]
+        # Usually no row is stale: one pass over the rows, none over the listing.
+        old = {key for key, row in rows.items() if row.stale}
+        if not old:
+            return
+        stale = [(uid, occ) for _, uid, occ, _ in messages if (uid, occ) in old]
         if stale:
             self.ledger.touch_seen(self.name, stale, now)
 
@@ -938,6 +946,7 @@ def run_account(
     session_factory: Callable[[SessionOptions], Session] = Session.open,
     should_stop: Callable[[], bool] = lambda: False,
     refetch: bool = False,
+    known: KnownRows | None = None,
 ) -> PollReport:
     """Poll *account* once; never raises for faults of the network, server or disk.
 
@@ -946,6 +955,8 @@ def run_account(
     With *refetch* (``sync --refetch``, Maildir targets only) the poll also
     fetches again the delivered messages whose copy is missing or damaged
     (:mod:`popsync.refetch`); :attr:`PollReport.refetched` says how many.
+    With *known* (the daemon) the account's rows are kept between polls and
+    validated against the ledger's generation at each one.
     """
     report = PollReport(account.name)
     started = time.monotonic()
@@ -953,6 +964,8 @@ def run_account(
     try:
         with ExitStack() as stack:
             stack.enter_context(ledger.account_lock(state_dir, account.name, wait=lock_wait))
+            if known is not None:
+                stack.enter_context(known.watching(ledger, account.name))
             poll_id = ledger.start_poll(account.name, now())
             target = stack.enter_context(
                 open_target(account, state_dir=state_dir, warn=lambda text: warn(report, text))
@@ -967,6 +980,7 @@ def run_account(
                 should_stop=should_stop,
                 state_dir=state_dir,
                 refetch=refetch,
+                known=known,
             )
             poll.run(session_factory)
         report.ok = True

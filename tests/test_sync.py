@@ -289,7 +289,12 @@ def test_lost_ledger_is_not_an_empty_mailbox(make_env: Any, tmp_path: Path) -> N
     else:
         engine = create_engine(env.config.ledger_url)
         with engine.begin() as conn:
-            conn.execute(text("DROP TABLE messages, polls, accounts, alembic_version"))
+            conn.execute(
+                text(
+                    "DROP TABLE messages, polls, accounts, message_generations, alembic_version;"
+                    "DROP FUNCTION popsync_bump_generation"
+                )
+            )
         engine.dispose()
     env.ledger = Ledger.open(env.config.ledger_url)
     report = env.poll()

@@ -6,6 +6,7 @@ Public API (see :mod:`popsync.ledger.store` for the contract, and
     ledger = Ledger.open("sqlite:////var/lib/popsync/ledger.db")
     rows = ledger.rows("home")                  # {(uid, occurrence): LedgerRow}
     slim = ledger.poll_rows("home", now)        # {(uid, occurrence): PollRow}
+    ledger.generation("home")                   # (epoch, n): moves with every write
     ledger.begin_fetch("home", [FetchIntent(...)])
     ledger.mark_delivered("home", [Delivered(...)])
     ledger.mark_deleted("home", [(uid, occurrence)], at=now)

@@ -68,6 +68,9 @@ class LedgerBase:
         # the lock each thread's poll holds (its writes check it is still held).
         self._locks: Engine | None = None
         self._held = threading.local()
+        # The account whose message writes this thread reports to a watcher
+        # (popsync.ledger.messages.MessageStore.watching).
+        self._watches = threading.local()
 
     # -- life cycle --------------------------------------------------------
 

@@ -95,7 +95,7 @@ __all__ = [
 #: The newest schema revision this popsync knows (the head of
 #: ``migrations/versions``; a test keeps the two equal). Opening a ledger that
 #: is already there skips importing Alembic, which keeps start-up fast.
-SCHEMA_REVISION: Final = "0007"
+SCHEMA_REVISION: Final = "0008"
 
 #: How long a connection waits for another writer before giving up.
 BUSY_TIMEOUT_MS: Final = 10_000

@@ -17,10 +17,12 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, TypeVar
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import (
+    ClauseElement,
     Connection,
     bindparam,
     case,
@@ -29,12 +31,14 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    text,
     update,
 )
 
 from popsync.errors import LedgerError
 from popsync.ledger.base import LedgerBase
-from popsync.ledger.models import MESSAGE_STATES, MessageState, messages
+from popsync.ledger.generations import BUMP_POSTGRESQL, BUMPED_SETTING, Generation
+from popsync.ledger.models import MESSAGE_STATES, MessageState, message_generations, messages
 
 #: ``last_seen`` is refreshed at most this often (seconds), so a poll that
 #: finds nothing new does not rewrite every row of a large mailbox.
@@ -130,6 +134,17 @@ class PollRow(NamedTuple):
 
 #: The states whose rows :meth:`MessageStore.poll_rows` loads whole.
 OPEN_STATES: Final = ("fetching", "skipped")
+
+
+def poll_row_of(row: LedgerRow, now: float, *, delivery_times: bool = True) -> PollRow:
+    """The slim row :meth:`MessageStore.poll_rows` would give for *row* at *now*."""
+    return PollRow(
+        row.state,
+        row.delivered_at if delivery_times else None,
+        row.named,
+        row.last_seen < now - SEEN_REFRESH,
+        row if row.state in OPEN_STATES else None,
+    )
 
 
 _ROW_COLUMNS: Final = tuple(_messages.c[name] for name in LedgerRow._fields)
@@ -403,6 +418,64 @@ def _shapes() -> list[PollRow]:
 _SHAPES: Final = _shapes()
 
 
+# The account's generation (popsync.ledger.generations); a write of a watched
+# account locks it first on PostgreSQL, so no other writer's bump slips in.
+_g = message_generations.c
+_GENERATION: Final = select(_g.epoch, _g.generation).where(_g.account == bindparam("account"))
+_GENERATION_LOCKED: Final = _GENERATION.with_for_update()
+_BUMP: Final = text(BUMP_POSTGRESQL)
+_SAY_BUMPED: Final = text(f"SET LOCAL {BUMPED_SETTING} = 'on'")
+
+#: A watched write that changes more rows than this makes the cache reload
+#: instead (a first sync): re-reading them costs as much.
+PATCH_LIMIT: Final = 2000
+
+
+class Watcher(Protocol):
+    """Told of every committed write of the account it watches (see
+    :meth:`MessageStore.watching`); :mod:`popsync.ledger.rowcache` has one
+    per account it keeps rows of."""
+
+    def written(self, before: Generation, after: Generation, patch: Patch | None) -> None:
+        """A write moved the account from *before* to *after*; *patch* holds
+        every row it changed (None: it cannot say, the watcher must reload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """The rows one write transaction changed: the keys they had before, and
+    the whole rows as committed (by their keys now)."""
+
+    removed: frozenset[Key]
+    rows: dict[Key, LedgerRow]
+
+
+@dataclass(slots=True)
+class _Writes:
+    """What a write transaction of a watched account did, noted as it runs.
+
+    Every batched write is one row per parameter set (by ``b_id``, or an
+    insert naming ``b_uid`` and ``b_occ``, occurrence 0 if absent), and each
+    changed row bumps the generation once: so ``count`` must equal the bumps
+    seen at the end, or something wrote that was not noted and the cache
+    must reload.  ``keys_of``: the key each row id had when the transaction
+    read it (:meth:`MessageStore._prior`).
+    """
+
+    count: int = 0
+    ids: set[int] = field(default_factory=set)
+    inserted: set[Key] = field(default_factory=set)
+    keys_of: dict[int, Key] = field(default_factory=dict)
+
+    def note(self, params: list[dict[str, Any]]) -> None:
+        for p in params:
+            self.count += 1
+            if "b_id" in p:
+                self.ids.add(p["b_id"])
+            else:
+                self.inserted.add((p["b_uid"], p.get("b_occ", 0)))
+
+
 class MessageStore(LedgerBase):
     """The ``messages`` table: one row per server message (occurrence) seen."""
 
@@ -418,6 +491,45 @@ class MessageStore(LedgerBase):
             # Positional construction: columns are selected in field order.
             make = LedgerRow._make
             return {(r[2], r[3]): make(r) for r in result}
+
+    def generation(self, account: str) -> Generation:
+        """The account's ``(epoch, generation)`` (:mod:`popsync.ledger.generations`):
+        it changes with every write to the account's messages, by anyone.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        with self._transaction(f"read the generation of account {account}", write=False) as conn:
+            return self._generation(conn, account, lock=False)
+
+    def poll_rows_at(
+        self, account: str, now: float, *, delivery_times: bool = True
+    ) -> tuple[dict[Key, PollRow], Generation]:
+        """:meth:`poll_rows`, and the generation they are at.
+
+        The generation is read first: on PostgreSQL each statement sees what
+        was committed when it began, so a write committed between the two
+        reads leaves an older generation with newer rows -- a cache holding
+        them then reloads once more, never the other way round.
+
+        Raises:
+            LedgerError: the database cannot be read.
+        """
+        with self._transaction(f"read the messages of account {account}", write=False) as conn:
+            generation = self._generation(conn, account, lock=False)
+            return self._poll_rows(conn, account, now, delivery_times), generation
+
+    @contextmanager
+    def watching(self, account: str, watcher: Watcher) -> Iterator[None]:
+        """Within the block, tell *watcher* of each write this thread makes to
+        *account*'s messages, with the rows it changed (:class:`Watcher`)."""
+        state = self._watches
+        outer = getattr(state, "watch", None)
+        state.watch = (account, watcher)
+        try:
+            yield
+        finally:
+            state.watch = outer
 
     def poll_rows(
         self, account: str, now: float, *, delivery_times: bool = True
@@ -436,33 +548,38 @@ class MessageStore(LedgerBase):
         Raises:
             LedgerError: the database cannot be read.
         """
+        with self._transaction(f"read the messages of account {account}", write=False) as conn:
+            return self._poll_rows(conn, account, now, delivery_times)
+
+    def _poll_rows(
+        self, conn: Connection, account: str, now: float, delivery_times: bool
+    ) -> dict[Key, PollRow]:
         params = {"account": account, "cutoff": now - SEEN_REFRESH}
         shapes = _SHAPES
         make = PollRow._make
-        with self._transaction(f"read the messages of account {account}", write=False) as conn:
-            rows = self._select_raw(conn, _POLL_SLIM, params)
-            # The rows hold no reference cycles: the cyclic collector's
-            # passes over a heap growing by 50,000 tuples are pure cost.
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                if delivery_times:
-                    out = {}
-                    for uid, occ, code, at in rows:
-                        shape = shapes[code]
-                        out[uid, occ] = (
-                            shape if at is None else make((shape[0], at, shape[2], shape[3], None))
-                        )
-                else:
-                    out = {(uid, occ): shapes[code] for uid, occ, code, _ in rows}
-            finally:
-                if collecting:
-                    gc.enable()
-            # Open rows are found among the slim ones and read by key: a
-            # query by state would read every row of the account again.
-            opened = {key for key, row in out.items() if row.state in OPEN_STATES}
-            for key, full in _whole_rows(conn, account, opened).items():
-                out[key] = out[key]._replace(detail=full)
+        rows = self._select_raw(conn, _POLL_SLIM, params)
+        # The rows hold no reference cycles: the cyclic collector's
+        # passes over a heap growing by 50,000 tuples are pure cost.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            if delivery_times:
+                out = {}
+                for uid, occ, code, at in rows:
+                    shape = shapes[code]
+                    out[uid, occ] = (
+                        shape if at is None else make((shape[0], at, shape[2], shape[3], None))
+                    )
+            else:
+                out = {(uid, occ): shapes[code] for uid, occ, code, _ in rows}
+        finally:
+            if collecting:
+                gc.enable()
+        # Open rows are found among the slim ones and read by key: a
+        # query by state would read every row of the account again.
+        opened = {key for key, row in out.items() if row.state in OPEN_STATES}
+        for key, full in _whole_rows(conn, account, opened).items():
+            out[key] = out[key]._replace(detail=full)
         return out
 
     def rows_by_key(self, account: str, keys: Iterable[Key]) -> dict[Key, LedgerRow]:
@@ -544,6 +661,92 @@ class MessageStore(LedgerBase):
             count, earliest = conn.execute(stmt).one()
         return int(count), None if earliest is None else float(earliest)
 
+    # -- watched writes (popsync.ledger.generations, "The poll's own writes") --
+
+    def _generation(self, conn: Connection, account: str, *, lock: bool) -> Generation:
+        stmt = _GENERATION_LOCKED if lock else _GENERATION
+        row = conn.execute(stmt, {"account": account}).first()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    @contextmanager
+    def _write(self, what: str, account: str) -> Iterator[Connection]:
+        """A write transaction on *account*'s messages.
+
+        It moves the account's generation on: on SQLite the triggers bump it
+        per row; on PostgreSQL it is bumped here, once, and the trigger is
+        told to skip this transaction (:mod:`popsync.ledger.generations`).
+        If this thread watches the account (:meth:`watching`), its watcher
+        hears of the write once it has committed, with the generations
+        before and after and the rows it changed, all read inside it.
+        """
+        watch: tuple[str, Watcher] | None = getattr(self._watches, "watch", None)
+        watched = watch is not None and watch[0] == account
+        with self._transaction(what, write=True) as conn:
+            before = self._generation(conn, account, lock=True) if watched else None
+            if conn.dialect.name == "postgresql":
+                conn.execute(_SAY_BUMPED)
+                conn.execute(_BUMP, {"account": account})
+            if not watched:
+                yield conn
+                return
+            writes = self._watches.writes = _Writes()
+            try:
+                yield conn
+            finally:
+                self._watches.writes = None
+            after = self._generation(conn, account, lock=False)
+            patch = self._patch(conn, account, writes, before, after)
+        assert watch is not None
+        watch[1].written(before, after, patch)
+
+    def _patch(
+        self,
+        conn: Connection,
+        account: str,
+        writes: _Writes,
+        before: Generation,
+        after: Generation,
+    ) -> Patch | None:
+        """The rows *writes* changed, re-read; None if they may not be all."""
+        # SQLite: one bump per row changed; PostgreSQL: the one bump of _write.
+        bumps = 1 if conn.dialect.name == "postgresql" else writes.count
+        if before is None or after is None or before[0] != after[0]:
+            return None  # the account's counter was created (or re-created)
+        if after[1] - before[1] != bumps or writes.count > PATCH_LIMIT:
+            return None
+        if writes.count == 0:
+            return Patch(frozenset(), {})
+        removed = {writes.keys_of.get(row_id) for row_id in writes.ids}
+        if None in removed:
+            return None  # a row changed whose key before is not known
+        rows: dict[Key, LedgerRow] = {}
+        by_id = select(*_ROW_COLUMNS).where(_m.id.in_(bindparam("ids", expanding=True)))
+        for ids in _chunks(sorted(writes.ids), _IN_CHUNK):
+            for row in map(LedgerRow._make, conn.execute(by_id, {"ids": list(ids)})):
+                rows[row.key] = row
+        by_uid = select(*_ROW_COLUMNS).where(
+            _m.account == account, _m.uid.in_(bindparam("uids", expanding=True))
+        )
+        for uids in _chunks(sorted({uid for uid, _ in writes.inserted}), _IN_CHUNK):
+            for row in map(LedgerRow._make, conn.execute(by_uid, {"uids": list(uids)})):
+                if row.key in writes.inserted:
+                    rows[row.key] = row
+        return Patch(frozenset(k for k in removed if k is not None), rows)
+
+    def _executemany(
+        self, conn: Connection, stmt: ClauseElement, params: list[dict[str, Any]]
+    ) -> None:
+        super()._executemany(conn, stmt, params)
+        writes: _Writes | None = getattr(self._watches, "writes", None)
+        if writes is not None:
+            writes.note(params)
+
+    def _noted(self, keys_of: dict[int, Key]) -> None:
+        """Remember which key each row id had, for a watched write's patch."""
+        writes: _Writes | None = getattr(self._watches, "writes", None)
+        if writes is not None:
+            writes.keys_of.update(keys_of)
+
     def _prior(self, conn: Connection, account: str, keys: Sequence[Key]) -> dict[Key, _Prior]:
         """The existing rows of *account* among *keys*."""
         wanted = set(keys)
@@ -560,6 +763,7 @@ class MessageStore(LedgerBase):
             for uid, occ, *rest in result:
                 if (uid, occ) in wanted:
                     out[(uid, occ)] = _Prior(*rest)
+        self._noted({prior.id: key for key, prior in out.items()})
         return out
 
     def begin_fetch(self, account: str, items: Sequence[FetchIntent]) -> None:
@@ -579,7 +783,7 @@ class MessageStore(LedgerBase):
         keys = _unique_keys(account, ((i.uid, i.occurrence) for i in items))
         if not keys:
             return
-        with self._transaction(f"record fetches for account {account}", write=True) as conn:
+        with self._write(f"record fetches for account {account}", account) as conn:
             prior = self._prior(conn, account, keys)
             new: list[dict[str, Any]] = []
             again: list[dict[str, Any]] = []
@@ -629,7 +833,7 @@ class MessageStore(LedgerBase):
             for digest in (item.sha256, item.header_sha256, item.stable_sha256):
                 if digest is not None and not _SHA256_HEX.fullmatch(digest):
                     raise LedgerError(f"account {account}: {digest!r} is not a SHA-256 hex digest")
-        with self._transaction(f"record deliveries for account {account}", write=True) as conn:
+        with self._write(f"record deliveries for account {account}", account) as conn:
             prior = self._prior(conn, account, keys)
             params: list[dict[str, Any]] = []
             for item, key in zip(items, keys, strict=True):
@@ -672,7 +876,7 @@ class MessageStore(LedgerBase):
         wanted = _unique_keys(account, keys)
         if not wanted:
             return
-        with self._transaction(f"record deletions for account {account}", write=True) as conn:
+        with self._write(f"record deletions for account {account}", account) as conn:
             prior = self._prior(conn, account, wanted)
             params: list[dict[str, Any]] = []
             for key in wanted:
@@ -701,7 +905,7 @@ class MessageStore(LedgerBase):
         if not keys:
             return
         what = f"record skipped messages for account {account}"
-        with self._transaction(what, write=True) as conn:
+        with self._write(what, account) as conn:
             prior = self._prior(conn, account, keys)
             new: list[dict[str, Any]] = []
             again: list[dict[str, Any]] = []
@@ -737,9 +941,7 @@ class MessageStore(LedgerBase):
         keys = _unique_keys(account, (key for key, _ in items))
         if not keys:
             return
-        with self._transaction(
-            f"record delivery intents for account {account}", write=True
-        ) as conn:
+        with self._write(f"record delivery intents for account {account}", account) as conn:
             prior = self._prior(conn, account, keys)
             params: list[dict[str, Any]] = []
             for key, intent in items:
@@ -765,7 +967,7 @@ class MessageStore(LedgerBase):
         wanted = _unique_keys(account, keys)
         if not wanted:
             return
-        with self._transaction(f"record failed fetches for account {account}", write=True) as conn:
+        with self._write(f"record failed fetches for account {account}", account) as conn:
             prior = self._prior(conn, account, wanted)
             params = [
                 {"b_id": row.id, "b_now": now}
@@ -787,9 +989,7 @@ class MessageStore(LedgerBase):
         keys = _unique_keys(account, (key for key, _ in items))
         if not keys:
             return
-        with self._transaction(
-            f"record withheld deletions for account {account}", write=True
-        ) as conn:
+        with self._write(f"record withheld deletions for account {account}", account) as conn:
             prior = self._prior(conn, account, keys)
             params = [
                 {"b_id": row.id, "b_reason": reason}
@@ -812,9 +1012,7 @@ class MessageStore(LedgerBase):
         wanted = _unique_keys(account, keys)
         if not wanted:
             return
-        with self._transaction(
-            f"retire reused unique-ids for account {account}", write=True
-        ) as conn:
+        with self._write(f"retire reused unique-ids for account {account}", account) as conn:
             prior = self._prior(conn, account, wanted)
             params: list[dict[str, Any]] = []
             for key in wanted:
@@ -841,9 +1039,7 @@ class MessageStore(LedgerBase):
         news = _unique_keys(account, (new for _, new in pairs))
         if not olds:
             return
-        with self._transaction(
-            f"record renumbered unique-ids for account {account}", write=True
-        ) as conn:
+        with self._write(f"record renumbered unique-ids for account {account}", account) as conn:
             prior = self._prior(conn, account, [*olds, *news])
             params: list[dict[str, Any]] = []
             for old, new in zip(olds, news, strict=True):
@@ -894,9 +1090,7 @@ class MessageStore(LedgerBase):
         taken = select(_m.maildir_name).where(
             _m.account == account, _m.maildir_name.in_(bindparam("names", expanding=True))
         )
-        with self._transaction(
-            f"reopen messages to refetch for account {account}", write=True
-        ) as conn:
+        with self._write(f"reopen messages to refetch for account {account}", account) as conn:
             if conn.execute(taken, {"names": names}).first() is not None:
                 raise LedgerError(f"account {account}: a name chosen for a refetch is taken")
             prior = self._prior(conn, account, keys)
@@ -942,7 +1136,8 @@ class MessageStore(LedgerBase):
         if not keys:
             return []
         what = f"adopt unique-ids for account {account}"
-        with self._transaction(what, write=not dry_run) as conn:
+        txn = self._transaction(what, write=False) if dry_run else self._write(what, account)
+        with txn as conn:
             prior = self._prior(conn, account, keys)
             fresh = [uid for uid, occ in keys if (uid, occ) not in prior]
             if not dry_run:
@@ -973,8 +1168,9 @@ class MessageStore(LedgerBase):
             _m.account == account, _m.last_seen < now - SEEN_REFRESH
         )
         what = f"update last-seen times for account {account}"
-        with self._transaction(what, write=True) as conn:
+        with self._write(what, account) as conn:
             stale = {(uid, occ): row_id for uid, occ, row_id in conn.execute(stale_stmt)}
+            self._noted({row_id: key for key, row_id in stale.items()})
             params = [{"b_id": stale[k], "b_now": now} for k in set(keys) if k in stale]
             self._executemany(conn, _TOUCH, params)
             return len(params)

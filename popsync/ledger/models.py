@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -42,9 +43,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     false,
     text,
 )
+
+from popsync.ledger.generations import POSTGRESQL_DDL, SQLITE_DDL
 
 __all__ = [
     "MESSAGE_STATES",
@@ -52,6 +56,7 @@ __all__ = [
     "MessageState",
     "PollResult",
     "accounts",
+    "message_generations",
     "messages",
     "metadata",
     "polls",
@@ -180,3 +185,23 @@ accounts = Table(
     Column("login_delay", Integer),
     Column("paused", Boolean, nullable=False, server_default=false()),
 )
+
+#: Each account's message generation (migration 0008, see
+#: popsync.ledger.generations): bumped by triggers on every write to its
+#: ``messages`` rows, so a cache of those rows can tell whether it is current.
+message_generations = Table(
+    "message_generations",
+    metadata,
+    Column("account", String(255), primary_key=True),
+    # Random, chosen when the row is created: a re-created row never repeats
+    # an old (epoch, generation) pair.
+    Column("epoch", String(36), nullable=False),
+    Column("generation", BigInteger, nullable=False),
+)
+
+# The triggers that bump it, created with the tables on a fresh ledger
+# (migration 0008 creates the same ones on an upgraded one).
+for _dialect, _statements in (("sqlite", SQLITE_DDL), ("postgresql", POSTGRESQL_DDL)):
+    for _sql in _statements:
+        _trigger = DDL(_sql).execute_if(dialect=_dialect)  # type: ignore[no-untyped-call]
+        event.listen(metadata, "after_create", _trigger)
