@@ -34,6 +34,12 @@ from tests.test_daemon import (
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.fixture(autouse=True)
+def keep_small_accounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests use accounts of a few messages: keep their rows too."""
+    monkeypatch.setattr("popsync.ledger.rowcache.MIN_ROWS", 0)
+
+
 @pytest.fixture
 def server() -> Iterator[Callable[..., POP3TestServer]]:
     started: list[POP3TestServer] = []

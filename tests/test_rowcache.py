@@ -31,6 +31,12 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+@pytest.fixture(autouse=True)
+def keep_small_accounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests use accounts of a few messages: keep their rows too."""
+    monkeypatch.setattr("popsync.ledger.rowcache.MIN_ROWS", 0)
+
+
 @pytest.fixture
 def ledger(ledger_url: str):
     led = Ledger.open(ledger_url)
@@ -273,3 +279,28 @@ def test_an_account_without_messages_is_not_kept(ledger: Ledger) -> None:
     known = KnownRows()
     assert known.rows(ledger, "empty", NOW, delivery_times=True) == {}
     assert known.accounts() == set()
+
+
+def test_accounts_below_min_rows_are_read_every_poll(ledger: Ledger) -> None:
+    known = KnownRows(min_rows=1000)
+    seed(ledger, "a")
+    known.rows(ledger, "a", NOW, delivery_times=True)
+    known.rows(ledger, "a", NOW, delivery_times=True)
+    assert known.reads == 2 and known.hits == 0
+    assert known.accounts() == set()
+
+
+def test_past_max_rows_the_least_recently_polled_rows_are_dropped(ledger: Ledger) -> None:
+    for name in ("a", "b", "c"):
+        seed(ledger, name)
+    per_account = len(ledger.poll_rows("a", NOW))
+    known = KnownRows(min_rows=0, max_rows=2 * per_account)
+    known.rows(ledger, "a", NOW, delivery_times=True)
+    known.rows(ledger, "b", NOW, delivery_times=True)
+    known.rows(ledger, "a", NOW, delivery_times=True)  # a is now the more recent
+    known.rows(ledger, "c", NOW, delivery_times=True)
+    assert known.accounts() == {"a", "c"}
+    # An account larger than the whole budget is never kept.
+    small = KnownRows(min_rows=0, max_rows=per_account - 1)
+    small.rows(ledger, "a", NOW, delivery_times=True)
+    assert small.accounts() == set()

@@ -26,7 +26,11 @@ nothing changed:
 * **Replaced, not changed.**  The dict a poll got is never modified: a patch
   builds a new one, so a poll's view stays what it read.
 * **Bounded.**  Per account the same slim rows ``poll_rows`` returns (about
-  150-250 bytes per known message), only for accounts the daemon polls;
+  150-250 bytes per known message), only for accounts the daemon polls
+  that hold at least :data:`MIN_ROWS` messages (a smaller account is read
+  in a few milliseconds anyway), and no more than :data:`MAX_ROWS` rows in
+  all: past that the least recently polled accounts' rows are dropped (a
+  worker on a shared ledger may poll thousands of accounts over time).
   :meth:`KnownRows.forget` drops accounts removed from the config.  Rows
   are read afresh at least every :data:`MAX_AGE` seconds, so a row's
   ``stale`` flag (``last_seen`` older than a day) is at most that late.
@@ -49,11 +53,17 @@ from popsync.ledger.messages import SEEN_REFRESH, Key, Patch, PollRow, poll_row_
 if TYPE_CHECKING:
     from popsync.ledger.store import Ledger
 
-__all__ = ["MAX_AGE", "KnownRows"]
+__all__ = ["MAX_AGE", "MAX_ROWS", "MIN_ROWS", "KnownRows"]
 
 #: Kept rows are read afresh at least this often (seconds), so ``stale``
 #: (judged against the time they were read) is never more than this late.
 MAX_AGE: Final = SEEN_REFRESH / 24
+
+#: Accounts with fewer known messages than this are read afresh every poll.
+MIN_ROWS: Final = 1000
+
+#: At most this many rows are kept over all accounts (about 150-250 MB).
+MAX_ROWS: Final = 1_000_000
 
 
 @dataclass
@@ -68,6 +78,9 @@ class _Entry:
     #: ``stale`` against.
     read_at: float = 0.0
     now: float = 0.0
+    #: When a poll last used the entry (a counter, for dropping the least
+    #: recently polled first).
+    used: int = 0
 
     def usable(self, now: float, delivery_times: bool) -> bool:
         return (
@@ -111,9 +124,13 @@ class _EntryWatcher:
 class KnownRows:
     """Each polled account's slim rows, between polls (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, min_rows: int | None = None, max_rows: int | None = None) -> None:
+        """*min_rows*, *max_rows*: default :data:`MIN_ROWS`, :data:`MAX_ROWS`."""
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        self._min_rows = MIN_ROWS if min_rows is None else min_rows
+        self._max_rows = MAX_ROWS if max_rows is None else max_rows
+        self._clock = 0
         #: Polls served from kept rows, and whole reads (for tests and benchmarks).
         self.hits = 0
         self.reads = 0
@@ -123,7 +140,33 @@ class KnownRows:
             entry = self._entries.get(account)
             if entry is None:
                 entry = self._entries[account] = _Entry()
+            self._clock += 1
+            entry.used = self._clock
             return entry
+
+    def _make_room(self, keep: _Entry, wanted: int) -> bool:
+        """Drop the least recently polled accounts' rows until *wanted* more
+        fit under the budget; False if they cannot (then nothing is kept).
+
+        Another account's rows are dropped only if its lock is free at once
+        (a poll holding it is using them): never waiting for a second lock
+        while holding one, no two threads can deadlock here.
+        """
+        if wanted > self._max_rows:
+            return False
+        with self._lock:
+            kept = [e for e in self._entries.values() if e is not keep and e.rows is not None]
+        total = sum(len(e.rows or ()) for e in kept)
+        for other in sorted(kept, key=lambda e: e.used):
+            if total + wanted <= self._max_rows:
+                break
+            if other.lock.acquire(blocking=False):
+                try:
+                    total -= len(other.rows or ())
+                    other.drop()
+                finally:
+                    other.lock.release()
+        return total + wanted <= self._max_rows
 
     def rows(
         self, ledger: Ledger, account: str, now: float, *, delivery_times: bool
@@ -145,7 +188,11 @@ class KnownRows:
             entry.drop()
             rows, generation = ledger.poll_rows_at(account, now, delivery_times=delivery_times)
             self.reads += 1
-            if generation is not None:
+            if (
+                generation is not None
+                and len(rows) >= self._min_rows
+                and self._make_room(entry, len(rows))
+            ):
                 entry.rows, entry.generation = rows, generation
                 entry.delivery_times = delivery_times
                 entry.read_at = entry.now = now
