@@ -41,8 +41,10 @@ thread, which is how a watchdog frees a session stuck in a read.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -113,6 +115,14 @@ from popsync.transport import Deadline, Transport, answers_tls
 #: Most challenges one AUTH exchange may send before we give up on it.
 MAX_AUTH_ROUNDS = 8
 
+#: The pipelining window on a fast link, and the least the measured one gets.
+BASE_WINDOW = 32
+#: The most commands ever in flight (the ``pipeline_window`` key's maximum).
+MAX_WINDOW = 256
+#: Small messages per second a quick client stores: what the window must keep
+#: coming to hide the round trip (a few KiB each, into a Maildir).
+SMALL_MESSAGES_PER_SECOND = 3200.0
+
 log = logging.getLogger("popsync.session")
 steps = logging.getLogger("popsync.steps")  # -v steps, -vv dialog (popsync.logs)
 
@@ -132,6 +142,21 @@ def _scram_refusal(method: AuthMethod, exc: ServerError) -> bool:
     return method in _SCRAM and (exc.code is None or exc.code.top == "AUTH")
 
 
+def auto_window(round_trip: float | None) -> int:
+    """The pipelining window for a link whose round trip is *round_trip* seconds.
+
+    :meth:`Session.retrieve` refills the window once half of it is answered,
+    so that half must last one round trip for replies never to stop: the
+    window holds two round trips of small messages at the pace a quick client
+    stores them.  Never below :data:`BASE_WINDOW` (what a fast link gets; an
+    unknown round trip too) nor above :data:`MAX_WINDOW`.
+    """
+    if round_trip is None:
+        return BASE_WINDOW
+    wanted = math.ceil(2 * SMALL_MESSAGES_PER_SECOND * round_trip)
+    return max(BASE_WINDOW, min(MAX_WINDOW, wanted))
+
+
 @dataclass(frozen=True, slots=True)
 class SessionOptions:
     host: str
@@ -144,7 +169,9 @@ class SessionOptions:
     #: Seconds one read, and one status line, may take.
     timeout: float = 60.0
     max_line: int = 64 * 1024
-    pipeline_window: int = 32
+    #: Commands in flight with PIPELINING; None: chosen from the round trip
+    #: (see :func:`auto_window`).
+    pipeline_window: int | None = None
     #: Seconds the whole session may last from the connect on (None: no limit).
     poll_timeout: float | None = None
     #: Bytes/s a listing or body must average once ``timeout`` has passed.
@@ -207,6 +234,10 @@ class Session:
         self.greeting = b""
         self._clock = ReplyClock(options.timeout, options.min_rate)
         self._in_stream = False  # a multi-line reply's +OK is in; its lines are due
+        #: The shortest time a lone command waited for its status line, in
+        #: seconds: the link's round trip plus the server's least think time.
+        self.round_trip: float | None = None
+        self._window: int | None = None  # chosen at the first pipelined command
         self._owner = threading.get_ident()  # the thread that may close the socket
 
     # -- opening -------------------------------------------------------------
@@ -478,9 +509,10 @@ class Session:
             # RFC 5034 §4: too long for the command line; send it on request.
             command = Auth(name, None)
             pending_initial = initial
-        self.transport.send(self.conn.send(command))
-        for _ in range(MAX_AUTH_ROUNDS):
-            event = self._next()
+        event = self._exchange(command)
+        for round_ in range(MAX_AUTH_ROUNDS):
+            if round_:
+                event = self._next()
             if isinstance(event, Challenge):
                 challenge = decode_challenge(event.data)
                 if pending_initial is not None:
@@ -497,8 +529,7 @@ class Session:
         raise RemoteProtocolError(f"AUTH {name}: too many challenges")
 
     def _expect_ok(self, command: Command, *, login: bool = False) -> bytes:
-        self.transport.send(self.conn.send(command))
-        event = self._next()
+        event = self._exchange(command)
         if login:
             self._check_login_reply(event)
             assert isinstance(event, Ok)
@@ -529,7 +560,6 @@ class Session:
         final list, built once.
         """
         command = Uidl()
-        self.transport.send(self.conn.send(command))
         listing = self._listing_reply(command)
         assert isinstance(listing, UidListing)
         self._step("uidl", f"UIDL: {len(listing.entries)} message(s)", count=len(listing.entries))
@@ -543,12 +573,11 @@ class Session:
         """
         if msgs is None:
             command = List()
-            self.transport.send(self.conn.send(command))
             listing = self._listing_reply(command)
             assert isinstance(listing, ScanListing)
             self._step("list", f"LIST: {len(listing.entries)} size(s)", count=len(listing.entries))
             return listing.entries
-        window = self.options.pipeline_window if self.conn.pipelining else 1
+        window = self.window()
         sizes: list[tuple[int, int]] = []
         todo = iter(msgs)
         while True:
@@ -567,7 +596,8 @@ class Session:
                 raise RemoteProtocolError("unexpected reply to LIST")
 
     def _listing_reply(self, command: Command) -> Listing:
-        event = self._next()
+        """Send *command* alone and return its listing; ServerError on ``-ERR``."""
+        event = self._exchange(command)
         if isinstance(event, Err):
             # Keep the stream in step for a pipelined follower before raising.
             raise ServerError(command.name, event.text, event.code)
@@ -578,7 +608,7 @@ class Session:
     def retrieve(self, requests: Iterable[RetrRequest], sink: RetrieveSink) -> None:
         """RETR (or TOP) every request into *sink*, with DELEs the sink allows.
 
-        Up to ``pipeline_window`` commands are in flight.  Before each send
+        Up to :meth:`window` commands are in flight.  Before each send
         the session asks :meth:`RetrieveSink.take_deletes` for the DELEs the
         sink now allows (it allows one only once its copy is durable and
         recorded), so they ride the same pipeline; their replies go to
@@ -594,7 +624,7 @@ class Session:
         ``+OK``/``-ERR`` has arrived, and after the last request a ``NOOP``
         provides that reply.
         """
-        window = self.options.pipeline_window if self.conn.pipelining else 1
+        window = self.window()
         # Refill only once half the window is answered: commands then leave
         # in batches (one send, one segment, one wake-up of the server per
         # half window) instead of one RETR per reply.  Without pipelining
@@ -608,6 +638,37 @@ class Session:
             if not self.conn.pending:
                 return
             run.dispatch(self._next())
+
+    def window(self) -> int:
+        """How many commands to keep in flight: 1 without PIPELINING, else the
+        account's ``pipeline_window``, else :func:`auto_window` of the round
+        trip measured so far.
+
+        Chosen once, at the first call after login, and logged (``-v``).
+        """
+        if self._window is None:
+            self._window = self._choose_window()
+        return self._window
+
+    def _choose_window(self) -> int:
+        configured = self.options.pipeline_window
+        if not self.conn.pipelining:
+            self._step("window", "no PIPELINING: one command at a time", window=1)
+            return 1
+        rtt = self.round_trip
+        shown = "unknown" if rtt is None else f"{rtt * 1000:.1f} ms"
+        rtt_ms = None if rtt is None else round(rtt * 1000, 3)
+        if configured is not None:
+            window, how = configured, "configured"
+        else:
+            window, how = auto_window(rtt), "from the round trip"
+        self._step(
+            "window",
+            f"pipeline window {window} ({how}; round trip {shown})",
+            window=window,
+            round_trip_ms=rtt_ms,
+        )
+        return window
 
     def quit(self) -> None:
         """QUIT: the server now enters UPDATE and removes what was DELEd (RFC 1939 §6).
@@ -699,8 +760,7 @@ class Session:
 
     def _command(self, command: Command) -> tuple[bytes, ...] | Err:
         """Send a lone command and return its listing (multi-line) or Err."""
-        self.transport.send(self.conn.send(command))
-        event = self._next()
+        event = self._exchange(command)
         if isinstance(event, Err):
             return event
         if not command.multiline():
@@ -708,6 +768,22 @@ class Session:
         listing = self._next()
         assert isinstance(listing, CapaListing)  # the one listing sent this way
         return listing.lines
+
+    def _exchange(self, command: Command) -> Event:
+        """Send *command* and return the first event of its reply.
+
+        When nothing else is in flight, the wait for that status line is a
+        sample of the round trip: :attr:`round_trip` keeps the shortest.
+        """
+        lone = not self.conn.pending
+        sent = time.monotonic()
+        self.transport.send(self.conn.send(command))
+        event = self._next()
+        if lone:
+            waited = time.monotonic() - sent
+            if self.round_trip is None or waited < self.round_trip:
+                self.round_trip = waited
+        return event
 
     def _next(self) -> Event:
         """The next event, reading from the transport as needed.

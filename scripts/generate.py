@@ -449,6 +449,7 @@ KEY_DEFAULT = {
     "Account.port": "default: 995 with tls: implicit, else 110",
     "ImapTarget.port": "default: 993 with tls: implicit, else 143",
     "poll_timeout": "default: 1h, and never less than timeout",
+    "pipeline_window": "default: from the round trip",
     "Config.accounts": "required, at least one",
 }
 
@@ -509,7 +510,9 @@ KEY_TEXT = {
     "bytes per second on average: a server that trickles data cannot hold popsync up.",
     "max_line_length": "The longest reply line accepted (at least 1024 bytes).",
     "pipeline_window": "How many commands popsync sends ahead when the server offers "
-    "PIPELINING (RFC 2449), 1 to 256.",
+    "PIPELINING (RFC 2449), 1 to 256. Unset, each session measures the round trip "
+    "before its first RETR and picks 32 on a fast link, more on a slow one (about two "
+    "round trips of small messages, at most 256); -v logs the choice.",
     "ImapTarget.host": "The IMAP server's host name or IP address.",
     "ImapTarget.tls": "implicit: TLS from the first byte; starttls: plain, then STARTTLS "
     "(RFC 3501); none: no TLS (needs allow_plaintext: true).",

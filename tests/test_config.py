@@ -114,7 +114,7 @@ def test_defaults_and_derived_values(tmp_path: Path, clean_env: Path) -> None:
     assert account.delete_after_days is None
     assert account.max_message_size is None
     assert (account.interval, account.timeout) == (300, 60.0)
-    assert (account.max_line_length, account.pipeline_window) == (65536, 32)
+    assert (account.max_line_length, account.pipeline_window) == (65536, None)
     state = clean_env / ".local/state/popsync"
     assert config.ledger_url == f"sqlite:///{state}/ledger.db"
     assert config.ledger_url.startswith("sqlite:////")

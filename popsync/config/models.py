@@ -73,7 +73,6 @@ __all__ = [
     "DEFAULT_INTERVAL",
     "DEFAULT_MAX_LINE_LENGTH",
     "DEFAULT_MIN_RATE",
-    "DEFAULT_PIPELINE_WINDOW",
     "DEFAULT_POLL_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "PASSWORD_COMMAND_TIMEOUT",
@@ -85,7 +84,6 @@ __all__ = [
 DEFAULT_INTERVAL: Final = 300
 DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_MAX_LINE_LENGTH: Final = 65536
-DEFAULT_PIPELINE_WINDOW: Final = 32
 #: Longest one poll may stay connected.  An hour: a first sync of a large
 #: mailbox over a slow link may need that, and cutting it is harmless anyway
 #: (what was stored stays stored; the next poll goes on from there), while a
@@ -139,7 +137,8 @@ class Account(TlsControls, SecretSource, TlsLoginRules):
     poll_timeout: Timeout = DEFAULT_POLL_TIMEOUT
     min_rate: Rate = DEFAULT_MIN_RATE
     max_line_length: LineLength = DEFAULT_MAX_LINE_LENGTH
-    pipeline_window: Window = DEFAULT_PIPELINE_WINDOW
+    # Absent: each session picks it from the round trip it measures.
+    pipeline_window: Window | None = None
     # Declared last: its validator sees every other key (the secret rule).
     oauth2: OAuth2Settings | None = Field(default=None, validate_default=True)
 
