@@ -43,13 +43,13 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from typing import TYPE_CHECKING
 
 from popsync import failpoints
 from popsync.config import Account
@@ -106,7 +106,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("popsync.sync")
 steps = logging.getLogger("popsync.steps")  # -v (popsync.logs)
-T = TypeVar("T")
 
 #: A body may exceed its LIST size by half as much again plus this much
 #: (servers that count a line end as one octet report less than arrives).
@@ -361,11 +360,13 @@ class Poll:
     def session(
         self, open_session: Callable[[SessionOptions], Session], secret: str, *, again: bool
     ) -> None:
-        # 1: the ledger is read while the server logs us in and lists its
-        # mail: for a large account both take about as long.
-        loading = Background(self.load, "ledger read")
         gate = DeleGate()
-        with loading.joined_on_error(), self.connect(open_session, secret, again=again) as session:
+        # 1: the ledger is read while the server logs us in and lists its
+        # mail: for a large account both take about as long.  Leaving the
+        # block waits for the read, so nothing of a failed poll runs on.
+        reader = ThreadPoolExecutor(1, thread_name_prefix="popsync-ledger-read")
+        loading = reader.submit(self.load)
+        with reader, self.connect(open_session, secret, again=again) as session:
             uidl = session.uidl()  # 2
             rows = self.recover(loading.result())  # 1
             now = self.now()
@@ -890,41 +891,6 @@ class Poll:
 
     def warn(self, text: str) -> None:
         warn(self.report, text)
-
-
-class Background(Generic[T]):
-    """*fn* run on a thread of its own from construction: :meth:`result`
-    waits for it and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[[], T], what: str) -> None:
-        self._fn = fn
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"popsync {what}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as exc:  # handed to the caller of result()
-            self._error = exc
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return cast(T, self._value)
-
-    @contextlib.contextmanager
-    def joined_on_error(self) -> Iterator[None]:
-        """On an exception inside the block, wait for the thread before it
-        propagates (its own outcome then goes unreported): nothing of the
-        poll is left running once the poll has failed."""
-        try:
-            yield
-        except BaseException:
-            self._thread.join()
-            raise
 
 
 def warn(report: PollReport, text: str) -> None:
