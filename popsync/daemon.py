@@ -777,6 +777,9 @@ class Daemon:
                 with self._lock:
                     self._active[name] -= 1
                     self._overruns.discard(watch)
+                    removed = name not in self._states
+                if removed:  # a reload dropped it while it polled: the poll kept rows again
+                    self._known.forget([name])
                 self._wake()  # the main loop may be waiting for polls to end
 
     def _next_wake(self) -> float | None:
