@@ -2,7 +2,7 @@
 
     python benchmarks/daemon_polls.py                          # 100 accounts x 100 known
     python benchmarks/daemon_polls.py --accounts 1 --messages 50000 --interval 2
-    python benchmarks/daemon_polls.py --paired /work/main --rounds 5   # this tree vs another
+    python benchmarks/daemon_polls.py --paired ../other-checkout --rounds 5   # this tree vs another
 
 The project's POP3 test server (``popsync.testing.server``, in this process)
 serves one maildrop per account, each holding ``--messages`` messages that
